@@ -1,0 +1,174 @@
+"""What every channel adapter is, and what the base does for it.
+
+An adapter declares its limits as class attributes and writes only ``_send`` (the partner request
+and the mapping of its response) and, where the partner sends receipts to a webhook,
+``parse_receipts``. The base does rate limiting, timing, logging, metrics and the classification
+of errors into per-message results: ``RetryableError`` → retry, ``PermanentError`` → rejected.
+Adapters know nothing of Kafka or the store; their HTTP session, clock and settings are injected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import aiohttp
+from aiolimiter import AsyncLimiter
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from gateway import metrics
+from gateway.errors import AuthError, ConfigError, PermanentError, RetryableError
+from gateway.logging import get_logger
+from gateway.models import Status
+from gateway.settings import describe_validation_error
+
+log = get_logger(__name__)
+
+
+class ChannelSettings(BaseModel):
+    """Settings every adapter has; an adapter extends this with its own keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    adapter: str
+    rate_per_s: float = Field(1000.0, gt=0)
+    burst: int = Field(500, ge=1)
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class SignedChannelSettings(ChannelSettings):
+    """For partners that sign with a shared secret (from the environment or a file, never YAML)."""
+
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One rendered message for one recipient; ``delivery_id`` is also its idempotency key."""
+
+    delivery_id: str
+    address: str
+    parts: Mapping[str, str]
+    language: str
+    advisory_id: str
+    version: int
+    priority: int
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    delivery_id: str
+    outcome: Literal["accepted", "retry", "rejected"]
+    partner_id: str | None = None
+    reason: str | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A partner's word on one message, mapped to our status."""
+
+    delivery_id: str
+    status: Status
+    partner_id: str | None = None
+
+
+class Adapter(ABC):
+    name: ClassVar[str]
+    kind: ClassVar[str]  # push | sms | email: chooses templates and the recipient's address
+    parts: ClassVar[tuple[str, ...]]
+    limits: ClassVar[Mapping[str, int]] = {}
+    max_batch: ClassVar[int] = 1
+    settings_model: ClassVar[type[ChannelSettings]] = ChannelSettings
+
+    def __init__(
+        self,
+        channel: str,
+        settings: ChannelSettings,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.channel = channel
+        self.settings = settings
+        self.session = session
+        self.clock = clock
+        self.batch_size = min(self.max_batch, settings.burst)
+        self._limiter = AsyncLimiter(settings.burst, settings.burst / settings.rate_per_s)
+
+    async def send(self, batch: Sequence[Message]) -> list[Result]:
+        """Send up to ``batch_size`` messages; every message gets exactly one result."""
+        await self._limiter.acquire(len(batch))
+        started = self.clock()
+        try:
+            results = await self._send(batch)
+        except RetryableError as e:
+            results = [Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch]
+        except PermanentError as e:
+            results = [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch]
+        elapsed = self.clock() - started
+        answered = {r.delivery_id for r in results}
+        results += [Result(m.delivery_id, "retry", reason="no result from partner")
+                    for m in batch if m.delivery_id not in answered]
+        metrics.channel_request_seconds.labels(self.channel).observe(elapsed)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        for outcome, n in counts.items():
+            metrics.channel_messages_total.labels(self.channel, outcome).inc(n)
+        log.info("channel.batch_sent", channel=self.channel, count=len(batch),
+                 elapsed_ms=round(elapsed * 1000, 1), **counts)
+        return results
+
+    @abstractmethod
+    async def _send(self, batch: Sequence[Message]) -> list[Result]:
+        """The partner-specific request; raise RetryableError / PermanentError for the whole batch."""
+
+    def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
+        """Verify and parse a receipt webhook call; raise AuthError if it is not the partner's."""
+        raise AuthError(f"channel {self.channel!r} takes no receipt webhooks")
+
+    async def close(self) -> None:
+        """Release partner connections the adapter opened itself."""
+
+
+def load_settings(model: type[ChannelSettings], channel: str, raw: Mapping[str, Any]) -> ChannelSettings:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e, prefix=f"channels.{channel}")) from e
+
+
+# -- HMAC request signatures (shared by adapters, sandboxes and receipt webhooks) -------------
+
+SIGNATURE_HEADER = "X-Signature"
+TIMESTAMP_HEADER = "X-Timestamp"
+MAX_SKEW_S = 300
+
+
+def hmac_headers(secret: str, body: bytes, at: float | None = None) -> dict[str, str]:
+    """Headers that sign ``body``: v1=HMAC-SHA256(secret, "<timestamp>." + body)."""
+    ts = str(int(time.time() if at is None else at))
+    mac = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: f"v1={mac}"}
+
+
+def verify_hmac(secret: str, body: bytes, headers: Mapping[str, str], at: float | None = None) -> None:
+    """Raise AuthError unless ``headers`` sign ``body`` with ``secret`` within the allowed clock skew."""
+    ts = headers.get(TIMESTAMP_HEADER, "")
+    given = headers.get(SIGNATURE_HEADER, "")
+    if not ts.isdigit() or not given.startswith("v1="):
+        raise AuthError("missing or malformed signature headers")
+    if abs((time.time() if at is None else at) - int(ts)) > MAX_SKEW_S:
+        raise AuthError("signature timestamp outside the allowed window")
+    expected = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, given[3:]):
+        raise AuthError("signature does not match")

@@ -1,0 +1,146 @@
+"""The composition root: the only place that wires settings, store, broker, adapters and loops.
+
+``Gateway.start()`` brings up what the configured roles need; ``stop()`` finishes in-flight work
+(the loops end after their current batch and commit), then closes everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from channels import registry
+from channels.base import Adapter, load_settings
+from gateway import kafka
+from gateway.api import build_app
+from gateway.broker import EmbeddedBroker
+from gateway.dispatch import Dispatcher
+from gateway.intake import Intake
+from gateway.logging import get_logger
+from gateway.planner import Planner
+from gateway.receipts import ReceiptWebhook
+from gateway.rendering import Renderer
+from gateway.settings import Settings
+from gateway.signing import Verifier
+from gateway.store import Store
+
+log = get_logger(__name__)
+
+
+def build_adapters(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Adapter]:
+    adapters: dict[str, Adapter] = {}
+    for channel, raw in settings.channels.items():
+        cls = registry.adapter_class(str(raw.get("adapter", channel)))
+        adapters[channel] = cls(channel, load_settings(cls.settings_model, channel, raw), session)
+    return adapters
+
+
+def channel_specs(adapters: Mapping[str, Adapter]) -> dict[str, tuple[str, tuple[str, ...], Mapping[str, int]]]:
+    return {name: (a.kind, a.parts, a.limits) for name, a in adapters.items()}
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.broker: EmbeddedBroker | None = None
+        self.bootstrap_servers = settings.kafka.bootstrap_servers or ""
+        self.store: Store | None = None
+        self.http_port: int | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._consumers: list[AIOKafkaConsumer] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self.adapters: dict[str, Adapter] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        if not self.bootstrap_servers:
+            self.broker = EmbeddedBroker()
+            await self.broker.start()
+            self.bootstrap_servers = self.broker.bootstrap_servers
+        self.store = await Store.open(s.store.url)
+        await kafka.ensure_topics(self.bootstrap_servers, s.kafka)
+        self._producer = kafka.producer(self.bootstrap_servers)
+        await self._producer.start()
+        self._session = aiohttp.ClientSession()
+        self.adapters = build_adapters(s, self._session)
+        renderer = Renderer(s.rendering.templates_path(), s.rendering.default_language)
+        kinds = {name: a.kind for name, a in self.adapters.items()}
+        routes: list[web.RouteDef] = []
+
+        if "intake" in s.gateway.roles:
+            verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
+            planner = Planner(self.store, self._producer, s.kafka.topic_deliveries, s.planner.chunk_size, kinds)
+            intake = Intake(self.store, planner, renderer, verifier, self._producer, s.kafka.topic_dlq,
+                            channel_specs(self.adapters))
+            consumer = await self._consumer(s.kafka.topic_advisories, s.kafka.intake_group)
+            self._tasks.append(asyncio.create_task(intake.run(consumer, self.stopping), name="intake"))
+        if "dispatch" in s.gateway.roles:
+            dispatcher = Dispatcher(self.store, renderer, self.adapters, s.dispatch)
+            consumer = await self._consumer(s.kafka.topic_deliveries, s.kafka.dispatch_group)
+            self._tasks.append(asyncio.create_task(dispatcher.run(consumer, self.stopping), name="dispatch"))
+        if "receipts" in s.gateway.roles:
+            routes += ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events).routes()
+
+        self._runner = web.AppRunner(build_app(self.store, routes), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.http.host, s.http.port)
+        await site.start()
+        self.http_port = int(self._runner.addresses[0][1])
+        log.info("gateway.started", roles=list(s.gateway.roles), bootstrap_servers=self.bootstrap_servers,
+                 port=self.http_port, channels=sorted(self.adapters))
+
+    async def _consumer(self, topic: str, group: str) -> AIOKafkaConsumer:
+        consumer = kafka.consumer(self.bootstrap_servers, topic, group, self.settings.kafka)
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
+
+    @property
+    def public_url(self) -> str:
+        return self.settings.http.public_url or f"http://{self.settings.http.host}:{self.http_port}"
+
+    async def wait(self) -> None:
+        """Until a loop fails (re-raised) or stop() is called."""
+        if not self._tasks:
+            await self.stopping.wait()
+            return
+        stop_waiter = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait([*self._tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+        stop_waiter.cancel()
+        for task in done:
+            if task is not stop_waiter and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Let the loops finish their current batch and commit, then close everything."""
+        self.stopping.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for consumer in self._consumers:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        for adapter in self.adapters.values():
+            await adapter.close()
+        if self._session is not None:
+            await self._session.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.broker is not None:
+            await self.broker.stop()
+        log.info("gateway.stopped")

@@ -1,0 +1,246 @@
+"""``broadcast-gateway``: run, broker, sandbox, publish, recipients import, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway import kafka
+from gateway import logging as gw_logging
+from gateway.errors import ConfigError, InputError
+from gateway.settings import Settings, load_settings
+
+SIGNING_KEY_ENV = "GATEWAY_SIGNING_KEY"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings([Path(p) for p in args.config or []])
+    gw_logging.configure(settings.logging.level, settings.logging.format)
+    return settings
+
+
+async def _until_signal(main: Coroutine[Any, Any, None], on_signal: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await main
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+async def _run(settings: Settings) -> None:
+    from gateway.app import Gateway
+
+    gateway = Gateway(settings)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gateway.stopping.set)
+    try:
+        await gateway.wait()
+    finally:
+        await gateway.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    asyncio.run(_run(_settings(args)))
+    return 0
+
+
+# -- broker ---------------------------------------------------------------------------------------
+
+async def _broker(settings: Settings, port: int | None) -> None:
+    from gateway.broker import EmbeddedBroker
+
+    async with EmbeddedBroker(port=port) as broker:
+        await kafka.ensure_topics(broker.bootstrap_servers, settings.kafka)
+        print(f"Kafka (Tansu, memory only) at {broker.bootstrap_servers}", flush=True)
+        print(f"  export GATEWAY__KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
+        stop = asyncio.Event()
+        await _until_signal(stop.wait(), stop.set)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    asyncio.run(_broker(_settings(args), args.port))
+    return 0
+
+
+# -- sandbox --------------------------------------------------------------------------------------
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from gateway.sandbox.server import serve
+
+    _settings(args)  # configures logging
+    secret = os.environ.get("SANDBOX_PUSH_SECRET") or os.environ.get("GATEWAY__CHANNELS__PUSH__SECRET")
+    if not secret:
+        raise ConfigError("sandbox: set SANDBOX_PUSH_SECRET (the push partner's shared secret)")
+    asyncio.run(serve(args.host, args.port, secret, args.receipt_url, args.receipt_delay))
+    return 0
+
+
+# -- publish --------------------------------------------------------------------------------------
+
+def load_advisory_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from e
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: an advisory is a mapping")
+    # YAML turns timestamps into datetimes; the wire form is JSON text
+    return dict(json.loads(json.dumps(data, default=lambda v: v.isoformat())))
+
+
+async def publish(bootstrap_servers: str, topic: str, record: dict[str, Any]) -> None:
+    producer = kafka.producer(bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, json.dumps(record, ensure_ascii=False).encode(),
+                                     key=str(record.get("id", "")).encode())
+    finally:
+        await producer.stop()
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from gateway.intake import parse
+    from gateway.signing import sign
+
+    settings = _settings(args)
+    record = load_advisory_file(Path(args.file))
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if args.key_file:
+        key = Path(args.key_file).read_text(encoding="utf-8").strip()
+    if key:
+        record = sign(record, key)
+    adv = parse(record)
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap_servers: not set; publish needs a running broker "
+                          "(see `broadcast-gateway broker`)")
+    asyncio.run(publish(settings.kafka.bootstrap_servers, settings.kafka.topic_advisories, record))
+    print(f"published {adv.key} to {settings.kafka.topic_advisories}"
+          f"{'' if record.get('signature') else ' (unsigned)'}")
+    return 0
+
+
+# -- recipients import ----------------------------------------------------------------------------
+
+async def _import(settings: Settings, path: Path) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from gateway.directory import RowError, import_file
+    from gateway.store import Store
+
+    store = await Store.open(settings.store.url)
+    err = sys.stderr
+
+    def on_error(e: RowError) -> None:
+        print(f"{path.name}:{e.line}: {e.reason}", file=err)
+
+    try:
+        with Progress(TextColumn("importing"), BarColumn(), TextColumn("{task.completed} rows"),
+                      transient=True, disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task("rows", total=None)
+            report = await import_file(store, path, lambda n: progress.advance(task, n), on_error)
+    finally:
+        await store.close()
+    print(f"loaded {report.loaded} recipients; {report.failed} rows skipped")
+    return 0 if report.failed == 0 else 1
+
+
+def cmd_recipients(args: argparse.Namespace) -> int:
+    return asyncio.run(_import(_settings(args), Path(args.file)))
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+async def _status(settings: Settings, advisory_id: str | None) -> dict[str, Any]:
+    from gateway.store import Store
+
+    store = await Store.open(settings.store.url)
+    try:
+        return {"advisory_id": advisory_id, "by_channel": await store.counts(advisory_id)}
+    finally:
+        await store.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(json.dumps(asyncio.run(_status(_settings(args), args.advisory)), indent=2))
+    return 0
+
+
+# -- demo -----------------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return asyncio.run(run_demo(args.recipients, args.json, args.timeout))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="broadcast-gateway", description=__doc__)
+    p.add_argument("--config", action="append", metavar="FILE", help="extra YAML configuration (repeatable)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the gateway service (SIGTERM finishes in-flight work)").set_defaults(
+        func=cmd_run)
+
+    b = sub.add_parser("broker", help="run the embedded Kafka broker (Tansu) alone")
+    b.add_argument("--port", type=int, default=None)
+    b.set_defaults(func=cmd_broker)
+
+    s = sub.add_parser("sandbox", help="run the sandbox partners (push) in this process")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8700)
+    s.add_argument("--receipt-url", default=None, help="the gateway's push receipt webhook")
+    s.add_argument("--receipt-delay", type=float, default=0.5, help="seconds before a receipt is sent")
+    s.set_defaults(func=cmd_sandbox)
+
+    pub = sub.add_parser("publish", help="validate an advisory (JSON or YAML) and put it on the topic")
+    pub.add_argument("file")
+    pub.add_argument("--key-file", help=f"Ed25519 private key (base64) to sign with; or ${SIGNING_KEY_ENV}")
+    pub.set_defaults(func=cmd_publish)
+
+    r = sub.add_parser("recipients", help="the recipient directory")
+    rsub = r.add_subparsers(dest="action", required=True)
+    ri = rsub.add_parser("import", help="import CSV or JSON Lines; bad rows are reported and skipped")
+    ri.add_argument("file")
+    ri.set_defaults(func=cmd_recipients)
+
+    st = sub.add_parser("status", help="delivery counts per channel and status")
+    st.add_argument("advisory", nargs="?")
+    st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("demo", help="broker + sandbox + gateway + 10,000 recipients + one evacuation advisory")
+    d.add_argument("--recipients", type=int, default=10_000)
+    d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    d.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, InputError) as e:
+        print(f"broadcast-gateway: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

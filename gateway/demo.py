@@ -1,0 +1,200 @@
+"""``broadcast-gateway demo``: the whole house on one machine, in one command.
+
+Embedded broker, SQLite in a temporary folder, the sandbox partner as its own process, the gateway
+in this process; a generated directory (kk, ru, en) streamed to CSV and imported; the evacuation
+advisory signed and published; live progress until every delivery is final; then a summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import random
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from gateway import logging as gw_logging
+from gateway.app import Gateway
+from gateway.broker import EmbeddedBroker, free_port
+from gateway.cli import publish
+from gateway.directory import import_file
+from gateway.models import FINAL, PENDING, Status, now
+from gateway.sandbox.process import SandboxProcess
+from gateway.settings import PROJECT_ROOT, Settings, load_settings
+from gateway.signing import new_key, sign
+from gateway.store import Store
+
+DEMO_ADVISORY = PROJECT_ROOT / "config" / "demo-advisory.yaml"
+FIELDS = ["id", "languages", "phone", "email", "app_user", "country", "region", "tags", "opt_outs"]
+LANGUAGE_CHAINS = [("kk|ru", 30), ("kk", 15), ("ru", 40), ("en", 10), ("de|en", 5)]
+
+
+def write_recipients(path: Path, n: int, country: str, seed: int = 7) -> None:
+    """A synthetic directory of ``n`` recipients, written row by row (never held in memory)."""
+    rng = random.Random(seed)
+    chains, weights = zip(*LANGUAGE_CHAINS, strict=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(FIELDS)
+        for i in range(n):
+            rid = f"r{i:07d}"
+            w.writerow([
+                rid,
+                rng.choices(chains, weights)[0],
+                f"+7701{rng.randrange(10**7):07d}",
+                f"citizen{i}@example.kz" if rng.random() < 0.6 else "",
+                f"app-{rid}",
+                country,
+                rng.choice(["capital", "north", "south"]),
+                "registered" if rng.random() < 0.8 else "registered|consular-list",
+                "",
+            ])
+
+
+def demo_advisory() -> dict[str, Any]:
+    record: dict[str, Any] = yaml.safe_load(DEMO_ADVISORY.read_text(encoding="utf-8"))
+    issued = now()
+    record["issued_at"] = issued.isoformat()
+    record["expires_at"] = (issued + timedelta(hours=6)).isoformat()
+    return record
+
+
+def _table(counts: dict[str, dict[str, int]], expected: int, elapsed: float) -> Table:
+    statuses = [s.value for s in Status]
+    table = Table(title=f"demo-evac-001 — {expected} recipients — {elapsed:5.1f}s")
+    table.add_column("channel")
+    for s in statuses:
+        table.add_column(s, justify="right")
+    for channel, by_status in sorted(counts.items()):
+        table.add_row(channel, *(str(by_status.get(s, 0)) for s in statuses))
+    return table
+
+
+async def _watch(
+    gateway: Gateway, advisory_id: str, expected: int, timeout: float, console: Console, live: bool
+) -> tuple[dict[str, dict[str, int]], float | None, float | None]:
+    """Poll the store until every delivery is final (or timeout); returns counts and the two timings."""
+    assert gateway.store is not None
+    started = time.monotonic()
+    all_sent = all_final = None
+    counts: dict[str, dict[str, int]] = {}
+    pending = {s.value for s in PENDING}
+    final = {s.value for s in FINAL}
+    last_print = 0.0
+    with Live(console=console, refresh_per_second=4, transient=False) if live else _Null() as display:
+        while time.monotonic() - started < timeout:
+            counts = await gateway.store.counts(advisory_id)
+            elapsed = time.monotonic() - started
+            by_status: Counter[str] = Counter()
+            for per in counts.values():
+                by_status.update(per)
+            total = sum(by_status.values())
+            if live:
+                display.update(_table(counts, expected, elapsed))
+            elif elapsed - last_print >= 5:
+                last_print = elapsed
+                console.print(f"{elapsed:6.1f}s {dict(by_status)}")
+            if total >= expected:
+                if all_sent is None and not any(by_status[s] for s in pending):
+                    all_sent = elapsed
+                if all(s in final for s in by_status):
+                    all_final = elapsed
+                    break
+            await asyncio.sleep(0.25)  # refresh rate of the progress display
+    return counts, all_sent, all_final
+
+
+class _Null:
+    def __enter__(self) -> _Null:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def update(self, _: object) -> None:
+        return None
+
+
+def demo_settings(workdir: Path, bootstrap: str, http_port: int, sandbox_url: str, secret: str,
+                  sender: str, public_key: str) -> Settings:
+    env = {
+        "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{workdir / 'gateway.db'}",
+        "GATEWAY__HTTP__PORT": str(http_port),
+        "GATEWAY__CHANNELS__PUSH__BASE_URL": sandbox_url,
+        "GATEWAY__CHANNELS__PUSH__SECRET": secret,
+        "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({sender: public_key}),
+        "GATEWAY__LOGGING__LEVEL": "warning",
+    }
+    return load_settings(environ={**os.environ, **env})
+
+
+async def run_demo(n: int, as_json: bool, timeout: float) -> int:
+    console = Console(stderr=True)
+    gw_logging.configure("warning", "auto")
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    secret = secrets.token_urlsafe(32)
+    private_key, public_key = new_key()
+    record = demo_advisory()
+    country = record["audience"]["countries"][0]
+    t_start = time.monotonic()
+    async with EmbeddedBroker() as broker:
+        http_port = free_port()
+        receipt_url = f"http://127.0.0.1:{http_port}/receipts/push"
+        async with SandboxProcess(secret, receipt_url) as sandbox:
+            settings = demo_settings(workdir, broker.bootstrap_servers, http_port, sandbox.url, secret,
+                                     record["sender"], public_key)
+            console.print(f"[bold]broker[/] {broker.bootstrap_servers}  [bold]sandbox[/] {sandbox.url}  "
+                          f"[bold]store[/] {workdir / 'gateway.db'}")
+            csv_path = workdir / "recipients.csv"
+            await asyncio.to_thread(write_recipients, csv_path, n, country)
+            store = await Store.open(settings.store.url)
+            try:
+                report = await import_file(store, csv_path)
+            finally:
+                await store.close()
+            console.print(f"imported {report.loaded} recipients ({report.failed} bad rows)")
+            gateway = Gateway(settings)
+            await gateway.start()
+            try:
+                await publish(broker.bootstrap_servers, settings.kafka.topic_advisories,
+                              sign(record, private_key))
+                console.print(f"published {record['id']} (signed by {record['sender']})")
+                counts, all_sent, all_final = await _watch(
+                    gateway, record["id"], report.loaded, timeout, console, console.is_terminal and not as_json
+                )
+                sandbox_stats = await sandbox.stats()
+            finally:
+                await gateway.stop()
+    deliveries: Counter[str] = Counter()
+    for per in counts.values():
+        deliveries.update(per)
+    summary = {
+        "recipients": report.loaded,
+        "deliveries": dict(deliveries),
+        "by_channel": counts,
+        "seconds_to_all_sent": None if all_sent is None else round(all_sent, 2),
+        "seconds_to_all_delivered": None if all_final is None else round(all_final, 2),
+        "seconds_total": round(time.monotonic() - t_start, 2),
+        "sandbox": sandbox_stats,
+    }
+    ok = all_final is not None and deliveries[Status.DELIVERED] + deliveries[Status.READ] == report.loaded
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        console.print_json(json.dumps(summary))
+        console.print("[green]every delivery delivered[/]" if ok else "[red]not every delivery was delivered[/]")
+    return 0 if ok else 1

@@ -1,0 +1,76 @@
+"""Every error the gateway raises on purpose, and what the caller should do next.
+
+::
+
+    GatewayError
+    ├── ConfigError            a key or value in configuration is wrong: fix it, start again
+    ├── InputError             an advisory or recipient is unusable: report it, keep the rest
+    │   ├── DecodeError        not JSON / YAML / XML we can read
+    │   ├── SchemaError        decoded, but a field is missing or wrong (names the field)
+    │   ├── SignatureError     unsigned, unknown sender, or the signature does not verify
+    │   ├── ExpiredError       expires_at is already past
+    │   ├── ContentError       unknown template, missing language content, render failure
+    │   └── AuthError          a partner's webhook call is not signed by that partner (HTTP 401)
+    └── ChannelError           a channel could not take a message
+        ├── RetryableError     try again later (optionally not before ``retry_after`` seconds)
+        └── PermanentError     the partner will never take it: mark the delivery failed
+
+Retry is decided by class, never by parsing a message.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """Configuration is invalid; the message names the key."""
+
+
+class InputError(GatewayError):
+    """Bad input: goes to a dead-letter place with this message as its reason."""
+
+    kind = "invalid"
+
+
+class DecodeError(InputError):
+    kind = "decode"
+
+
+class SchemaError(InputError):
+    kind = "schema"
+
+
+class SignatureError(InputError):
+    kind = "signature"
+
+
+class ExpiredError(InputError):
+    kind = "expired"
+
+
+class ContentError(InputError):
+    kind = "content"
+
+
+class AuthError(InputError):
+    kind = "auth"
+
+
+class ChannelError(GatewayError):
+    """A channel could not take a message."""
+
+
+class RetryableError(ChannelError):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class PermanentError(ChannelError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

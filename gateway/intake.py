@@ -1,0 +1,156 @@
+"""Intake: advisories topic → decode → validate → verify signature → store → plan → commit.
+
+A record that is not a usable advisory goes to the dead-letter topic with its original bytes and
+the reason (headers ``reason``, ``error``, ``source``), and its offset is committed: the service
+never dies of input. An offset is committed only after the advisory and its whole delivery plan are
+durable, so a crash replays the record; replays are harmless (the advisory is stored once, planned
+once, and delivery ids are deterministic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from pydantic import ValidationError
+
+from gateway import metrics
+from gateway.errors import DecodeError, ExpiredError, InputError, SchemaError
+from gateway.logging import get_logger
+from gateway.models import Advisory, now
+from gateway.planner import Planner
+from gateway.rendering import Renderer
+from gateway.settings import describe_validation_error
+from gateway.signing import Verifier
+from gateway.store import Store
+
+log = get_logger(__name__)
+
+RETRY_DELAY_S = 2.0
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """Bytes from the topic → a JSON object, or DecodeError saying why not."""
+    text = raw.lstrip()
+    if text.startswith(b"<"):
+        raise DecodeError("CAP 1.2 XML advisories are not accepted yet; send the JSON form")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DecodeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise DecodeError(f"an advisory is a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse(record: Mapping[str, Any]) -> Advisory:
+    try:
+        return Advisory.model_validate(record)
+    except ValidationError as e:
+        raise SchemaError(describe_validation_error(e)) from e
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        planner: Planner,
+        renderer: Renderer,
+        verifier: Verifier | None,
+        producer: AIOKafkaProducer,
+        dlq_topic: str,
+        channel_specs: Mapping[str, tuple[str, tuple[str, ...], Mapping[str, int]]],
+    ) -> None:
+        self.store = store
+        self.planner = planner
+        self.renderer = renderer
+        self.verifier = verifier
+        self.producer = producer
+        self.dlq_topic = dlq_topic
+        self.channel_specs = channel_specs
+
+    def validate(self, raw: bytes) -> tuple[Advisory, dict[str, Any]]:
+        """Everything that can be judged from the record alone; raises an InputError."""
+        record = decode(raw)
+        adv = parse(record)
+        if self.verifier is not None:
+            self.verifier.verify(record)
+        if adv.msg_type != "cancel":
+            if adv.expires_at <= now():
+                raise ExpiredError(f"expires_at: {adv.expires_at.isoformat()} is already past")
+            unknown = [c for c in adv.channels if c not in self.channel_specs]
+            if unknown:
+                raise SchemaError(f"channels: not configured here: {', '.join(unknown)}")
+            if adv.audience.segments:
+                raise SchemaError("audience.segments: partner-side segments are not supported yet")
+            self.renderer.check(adv, {c: self.channel_specs[c] for c in adv.channels})
+        return adv, record
+
+    async def handle(self, raw: bytes) -> str:
+        """Process one record; returns the outcome for the log. Input problems raise InputError."""
+        adv, record = self.validate(raw)
+        if adv.msg_type == "cancel":
+            await self.store.save_advisory(adv, record)
+            cancelled = 0
+            for ref in adv.references:
+                cancelled += await self.store.cancel_advisory(ref.split("@", 1)[0])
+            log.info("advisory.cancel_applied", advisory_id=adv.id, references=list(adv.references), count=cancelled)
+            return "cancel"
+        state = await self.store.get_advisory_state(adv.id, adv.version)
+        if state is not None and state[1]:
+            log.info("advisory.duplicate", advisory_id=adv.id, version=adv.version)
+            return "duplicate"
+        if state is not None and state[0] == "cancelled":
+            return "cancelled"
+        await self.store.save_advisory(adv, record)
+        log.info("advisory.accepted", advisory_id=adv.id, version=adv.version, sender=adv.sender)
+        planned = await self.planner.plan(adv)
+        await self.store.mark_planned(adv.id, adv.version)
+        log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=planned)
+        return "planned"
+
+    async def dead_letter(self, msg: ConsumerRecord, error: InputError) -> None:
+        reason = str(error)
+        headers = [
+            ("reason", reason.encode()),
+            ("error", error.kind.encode()),
+            ("source", f"{msg.topic}/{msg.partition}/{msg.offset}".encode()),
+        ]
+        await self.producer.send_and_wait(self.dlq_topic, msg.value, key=msg.key, headers=headers)
+        metrics.advisories_total.labels("dead_letter").inc()
+        log.warning("advisory.dead_lettered", error=error.kind, reason=reason, offset=msg.offset,
+                    partition=msg.partition)
+
+    async def process(self, msg: ConsumerRecord) -> None:
+        try:
+            outcome = await self.handle(msg.value or b"")
+            metrics.advisories_total.labels(outcome).inc()
+        except InputError as e:
+            await self.dead_letter(msg, e)
+
+    async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
+        """Consume until ``stopping`` is set; every record is either planned or dead-lettered, then committed."""
+        while not stopping.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=16)
+            for tp, records in batches.items():
+                for msg in records:
+                    if not await self._process_durably(consumer, tp, msg, stopping):
+                        return
+
+    async def _process_durably(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, msg: ConsumerRecord, stopping: asyncio.Event
+    ) -> bool:
+        """Process then commit one record; on an infrastructure error wait and try the same record again."""
+        while True:
+            try:
+                await self.process(msg)
+                await asyncio.shield(consumer.commit({tp: msg.offset + 1}))
+                return True
+            except Exception as e:  # the store or broker failed, not the input: keep the record, retry
+                log.error("intake.retrying", error=f"{type(e).__name__}: {e}", offset=msg.offset)
+                if stopping.is_set():
+                    return False
+                await asyncio.sleep(RETRY_DELAY_S)

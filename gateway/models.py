@@ -1,0 +1,220 @@
+"""The advisory and recipient contracts (DESIGN.md), validated; the delivery state machine."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_LANG = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Audience(_Model):
+    countries: tuple[str, ...] = ()
+    regions: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    segments: tuple[str, ...] = ()
+
+    @field_validator("countries")
+    @classmethod
+    def _country_codes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for code in v:
+            if len(code) != 2 or not code.isalpha():
+                raise ValueError(f"{code!r} is not an ISO 3166 alpha-2 country code")
+        return tuple(c.upper() for c in v)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Audience:
+        if not (self.countries or self.regions or self.tags or self.segments):
+            raise ValueError("name at least one of countries, regions, tags or segments")
+        return self
+
+
+class Content(_Model):
+    """Inline text for one language; used for every channel (title is also the e-mail subject)."""
+
+    title: str = Field(min_length=1, max_length=200)
+    body: str = Field(min_length=1, max_length=4000)
+
+
+class Advisory(_Model):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
+    version: int = Field(1, ge=1)
+    msg_type: Literal["alert", "update", "cancel"] = "alert"
+    sender: str = Field(min_length=1, max_length=200)
+    issued_at: datetime
+    expires_at: datetime
+    severity: Literal["extreme", "severe", "moderate", "minor", "unknown"] = "unknown"
+    urgency: Literal["immediate", "expected", "future", "past", "unknown"] = "unknown"
+    certainty: Literal["observed", "likely", "possible", "unlikely", "unknown"] = "unknown"
+    category: str = "safety"
+    audience: Audience
+    channels: tuple[str, ...] = Field(min_length=1)
+    languages: tuple[str, ...] = ()
+    template: str | None = Field(None, pattern=r"^[a-z0-9_\-]+$")
+    data: dict[str, Any] = Field(default_factory=dict)
+    content: dict[str, Content] = Field(default_factory=dict)
+    references: tuple[str, ...] = ()
+    signature: str | None = None
+
+    @field_validator("issued_at", "expires_at")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("must include a timezone (e.g. 2026-11-25T10:00:00Z)")
+        return v.astimezone(UTC)
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("a channel may appear only once in the cascade")
+        return v
+
+    @field_validator("languages")
+    @classmethod
+    def _langs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(lang.lower() for lang in v)
+
+    @model_validator(mode="after")
+    def _content_source(self) -> Advisory:
+        if self.msg_type == "cancel":
+            if not self.references:
+                raise ValueError("a cancel must name the advisory it cancels in references")
+            return self
+        if (self.template is None) == (not self.content):
+            raise ValueError("give either template (with data) or inline content, not both or neither")
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}@v{self.version}"
+
+    @property
+    def priority(self) -> int:
+        """0 for life-safety (overtakes), 1 for the rest."""
+        return 0 if self.urgency == "immediate" or self.severity == "extreme" else 1
+
+
+class Recipient(_Model):
+    id: str = Field(min_length=1, max_length=128)
+    languages: tuple[str, ...] = ()
+    phone: str | None = None
+    email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    app_user: str | None = Field(None, max_length=256)
+    country: str | None = Field(None, min_length=2, max_length=2)
+    region: str | None = None
+    tags: tuple[str, ...] = ()
+    opt_outs: tuple[str, ...] = ()
+
+    @field_validator("languages", "tags", "opt_outs", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        """CSV cells hold lists as 'kk|ru'."""
+        if isinstance(v, str):
+            return tuple(p.strip() for p in v.split("|") if p.strip())
+        return v
+
+    @field_validator("languages")
+    @classmethod
+    def _lower_langs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(x.lower() for x in v)
+
+    @field_validator("tags")
+    @classmethod
+    def _tag_chars(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for tag in v:
+            if "," in tag:
+                raise ValueError(f"tag {tag!r} may not contain a comma")
+        return v
+
+    @field_validator("country")
+    @classmethod
+    def _upper_country(cls, v: str | None) -> str | None:
+        return v.upper() if v else v
+
+    @field_validator("phone")
+    @classmethod
+    def _e164(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        try:
+            number = phonenumbers.parse(v, None)
+        except phonenumbers.NumberParseException as e:
+            raise ValueError(f"not an international phone number: {e}") from e
+        if not phonenumbers.is_valid_number(number):
+            raise ValueError("not a valid phone number")
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+    @field_validator("email", "app_user", "region", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    def address(self, channel: str) -> str | None:
+        """The recipient's address on a channel kind, or None."""
+        kind = channel_kind(channel)
+        return {"push": self.app_user, "sms": self.phone, "email": self.email}.get(kind)
+
+
+def channel_kind(channel: str) -> str:
+    """'sms-http' and 'smpp' are SMS; channel names are otherwise their kind."""
+    if channel in {"smpp"} or channel.startswith("sms"):
+        return "sms"
+    return channel.split("-", 1)[0]
+
+
+class Status(enum.StrEnum):
+    PLANNED = "planned"
+    QUEUED = "queued"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+    @property
+    def rank(self) -> int:
+        """Progress order; a status never moves to a lower rank (late receipts are harmless)."""
+        return _RANK[self]
+
+
+FINAL = frozenset({Status.DELIVERED, Status.READ, Status.FAILED, Status.EXPIRED, Status.CANCELLED, Status.SKIPPED})
+PENDING = frozenset({Status.PLANNED, Status.QUEUED})
+_RANK = {
+    Status.PLANNED: 0,
+    Status.QUEUED: 1,
+    Status.SENT: 2,
+    Status.FAILED: 3,
+    Status.DELIVERED: 4,
+    Status.READ: 5,
+    Status.EXPIRED: 6,
+    Status.CANCELLED: 6,
+    Status.SKIPPED: 6,
+}
+
+
+def delivery_id(advisory_id: str, version: int, recipient_id: str, channel: str) -> str:
+    """Deterministic id, also the idempotency key: a replay re-creates the same key, never a new one."""
+    raw = f"{advisory_id}\x1f{version}\x1f{recipient_id}\x1f{channel}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,73 @@
+"""Receipts: a partner's signed webhook call → verify → map to delivery status → store → events.
+
+A call that is not signed by the partner is answered 401 and changes nothing. Receipts move a
+delivery only forward (``Status.rank``), so duplicate and out-of-order receipts are harmless. Each
+applied receipt is published on ``delivery-events`` keyed by delivery id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+
+from channels.base import Adapter
+from gateway import metrics
+from gateway.api import problem
+from gateway.errors import AuthError, InputError
+from gateway.logging import get_logger
+from gateway.models import now
+from gateway.store import Outcome, Store
+
+log = get_logger(__name__)
+
+MAX_BODY = 4 * 1024 * 1024
+
+
+class ReceiptWebhook:
+    def __init__(
+        self, store: Store, adapters: Mapping[str, Adapter], producer: AIOKafkaProducer, events_topic: str
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.producer = producer
+        self.events_topic = events_topic
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/receipts/{channel}", self.handle)]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        channel = request.match_info["channel"]
+        adapter = self.adapters.get(channel)
+        if adapter is None:
+            return problem(404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel")
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes")
+        body = await request.read()
+        try:
+            found = adapter.parse_receipts(body, request.headers)
+        except AuthError as e:
+            log.warning("receipt.rejected", channel=channel, reason=str(e))
+            return problem(401, "Unauthenticated", str(e))
+        except InputError as e:
+            return problem(400, "Malformed receipts", str(e), field="receipts")
+        outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
+        moved = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
+        at = now().isoformat()
+        sends = [
+            await self.producer.send(
+                self.events_topic,
+                json.dumps({"delivery_id": o.delivery_id, "channel": channel, "status": o.status.value,
+                            "partner_id": o.partner_id, "at": at}).encode(),
+                key=o.delivery_id.encode(),
+            )
+            for o in outcomes
+        ]
+        await asyncio.gather(*sends)
+        for o in outcomes:
+            metrics.receipts_total.labels(channel, o.status.value).inc()
+        log.info("receipts.applied", channel=channel, count=len(outcomes), moved=moved)
+        return web.json_response({"received": len(outcomes), "moved": moved})

@@ -1,0 +1,141 @@
+"""Localized rendering: ``templates/<name>/<lang>/<kind>.<part>.j2`` or inline per-language content.
+
+The language is the first of recipient chain → advisory chain → configured default that the
+template (or inline content) has for the channel kind. A rendering is cached per advisory version ×
+language × channel kind, and done per recipient only when the template reads ``recipient``.
+Templates run sandboxed with strict undefined variables: a missing value is an error, never a blank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from gateway.errors import ContentError
+from gateway.models import Advisory, Recipient
+
+# inline content (title, body) stands in for every part a channel asks for
+_INLINE = {"title": "title", "body": "body", "subject": "title", "text": "body"}
+
+
+class Renderer:
+    def __init__(self, templates_dir: Path, default_language: str) -> None:
+        self.templates_dir = templates_dir
+        self.default_language = default_language
+        self.env = SandboxedEnvironment(
+            loader=jinja2.FileSystemLoader(str(templates_dir)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=lambda name: bool(name and name.endswith(".html.j2")),
+            keep_trailing_newline=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._cache: dict[tuple[str, str, str], dict[str, str]] = {}
+        self._per_recipient: dict[tuple[str, str, str], bool] = {}
+        self._languages: dict[tuple[str, str, tuple[str, ...]], frozenset[str]] = {}
+
+    # -- what exists --------------------------------------------------------------------------
+
+    def template_exists(self, name: str) -> bool:
+        return (self.templates_dir / name).is_dir()
+
+    def languages(self, adv: Advisory, kind: str, parts: Sequence[str]) -> frozenset[str]:
+        """Languages in which this advisory can be rendered for a channel kind."""
+        if adv.template is None:
+            return frozenset(adv.content)
+        key = (adv.template, kind, tuple(parts))
+        if key not in self._languages:
+            base = self.templates_dir / adv.template
+            found = {
+                d.name for d in base.iterdir() if d.is_dir() and all((d / f"{kind}.{p}.j2").is_file() for p in parts)
+            } if base.is_dir() else set()
+            self._languages[key] = frozenset(found)
+        return self._languages[key]
+
+    def choose_language(
+        self, adv: Advisory, recipient: Recipient | None, kind: str, parts: Sequence[str]
+    ) -> str | None:
+        available = self.languages(adv, kind, parts)
+        chain: Iterable[str] = (*(recipient.languages if recipient else ()), *adv.languages, self.default_language)
+        return next((lang for lang in chain if lang in available), None)
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def _uses_recipient(self, template: str, lang: str, kind: str, parts: Sequence[str]) -> bool:
+        key = (template, lang, kind)
+        if key not in self._per_recipient:
+            uses = False
+            for part in parts:
+                name = f"{template}/{lang}/{kind}.{part}.j2"
+                source, _, _ = self.env.loader.get_source(self.env, name)  # type: ignore[union-attr]
+                uses = uses or "recipient" in jinja2.meta.find_undeclared_variables(self.env.parse(source))
+            self._per_recipient[key] = uses
+        return self._per_recipient[key]
+
+    def render(
+        self, adv: Advisory, lang: str, kind: str, parts: Sequence[str], recipient: Recipient | None = None
+    ) -> dict[str, str]:
+        """The rendered parts; raises ContentError naming template, language and channel."""
+        if adv.template is None:
+            content = adv.content[lang]
+            return {p: getattr(content, _INLINE[p]) for p in parts}
+        per_recipient = self._uses_recipient(adv.template, lang, kind, parts)
+        cache_key = (adv.key, lang, kind)
+        if not per_recipient and cache_key in self._cache:
+            return self._cache[cache_key]
+        context: dict[str, Any] = {
+            **adv.data,
+            "advisory": adv.model_dump(exclude={"data", "content", "signature"}),
+            "language": lang,
+        }
+        if per_recipient:
+            if recipient is None:
+                recipient = Recipient.model_construct(id="(preview)", languages=(lang,))
+            context["recipient"] = recipient.model_dump(exclude={"phone", "email", "opt_outs"})
+        out = {}
+        for part in parts:
+            name = f"{adv.template}/{lang}/{kind}.{part}.j2"
+            try:
+                out[part] = self.env.get_template(name).render(context).strip()
+            except jinja2.TemplateError as e:
+                raise ContentError(f"template {name}: {e}") from e
+        if not per_recipient:
+            self._cache[cache_key] = out
+        return out
+
+    def forget(self, adv: Advisory) -> None:
+        """Drop cached renderings of an advisory version (when it is final)."""
+        for key in [k for k in self._cache if k[0] == adv.key]:
+            del self._cache[key]
+
+    # -- intake check -------------------------------------------------------------------------
+
+    def check(self, adv: Advisory, channels: Mapping[str, tuple[str, Sequence[str], Mapping[str, int]]]) -> None:
+        """Prove at intake that every channel renders, in the default language at least, within limits.
+
+        ``channels`` maps channel name → (kind, parts, {part: max characters}).
+        """
+        if adv.template is not None and not self.template_exists(adv.template):
+            raise ContentError(f"template: unknown template {adv.template!r}")
+        for channel, (kind, parts, limits) in channels.items():
+            available = self.languages(adv, kind, parts)
+            if self.default_language not in available:
+                where = f"template {adv.template!r}" if adv.template else "content"
+                raise ContentError(
+                    f"{where}: no {self.default_language!r} (default language) text for channel {channel!r}; "
+                    f"have {sorted(available) or 'none'}"
+                )
+            for lang in sorted(available):
+                rendered = self.render(adv, lang, kind, parts)
+                for part, text in rendered.items():
+                    limit = limits.get(part)
+                    if limit is not None and len(text) > limit:
+                        raise ContentError(
+                            f"{part} for language {lang!r} on channel {channel!r} is {len(text)} characters; "
+                            f"the limit is {limit}"
+                        )

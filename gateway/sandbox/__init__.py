@@ -1,0 +1,1 @@
+"""Sandbox partners: real protocols over real sockets, for the demo, the tests and drills."""

@@ -1,0 +1,71 @@
+"""Start ``broadcast-gateway sandbox`` as its own process and talk to its control API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+
+class SandboxProcess:
+    def __init__(self, secret: str, receipt_url: str | None = None, receipt_delay_s: float = 0.5) -> None:
+        self.secret = secret
+        self.receipt_url = receipt_url
+        self.receipt_delay_s = receipt_delay_s
+        self.port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        cmd = [sys.executable, "-m", "gateway", "sandbox", "--port", "0",
+               "--receipt-delay", str(self.receipt_delay_s)]
+        if self.receipt_url:
+            cmd += ["--receipt-url", self.receipt_url]
+        env = {**os.environ, "SANDBOX_PUSH_SECRET": self.secret, "GATEWAY__LOGGING__LEVEL": "warning"}
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=env
+        )
+        assert self._proc.stdout is not None
+        line = await asyncio.wait_for(self._proc.stdout.readline(), 30)
+        if not line:
+            raise RuntimeError(f"sandbox exited with {await self._proc.wait()} before it was ready")
+        self.port = int(json.loads(line)["http_port"])
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+            await self._proc.wait()
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session, session.request(
+            method, self.url + path, json=body, timeout=aiohttp.ClientTimeout(total=10)
+        ) as resp:
+            resp.raise_for_status()
+            result: dict[str, Any] = await resp.json()
+            return result
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("GET", "/stats")
+
+    async def faults(self, channel: str = "push", **fault: Any) -> dict[str, Any]:
+        return await self._call("POST", f"/control/{channel}/faults", fault)
+
+    async def configure(self, channel: str = "push", **config: Any) -> dict[str, Any]:
+        return await self._call("POST", f"/control/{channel}/config", config)
+
+    async def __aenter__(self) -> SandboxProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

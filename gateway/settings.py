@@ -1,0 +1,199 @@
+"""Typed settings, loaded once at start-up.
+
+Sources, later ones winning: ``config/gateway.yaml`` (the embedded defaults), any extra YAML files
+named with ``--config``, then environment variables ``GATEWAY__SECTION__KEY`` (values parsed as
+YAML). Unknown keys and invalid values stop start-up with a :class:`ConfigError` that names the key.
+Secrets (keys named ``secret`` or ``password``) are refused in YAML files: they come from the
+environment or from a ``*_file`` key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
+ENV_PREFIX = "GATEWAY__"
+SECRET_KEYS = frozenset({"secret", "password"})
+
+Role = Literal["intake", "dispatch", "receipts"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Section):
+    roles: tuple[Role, ...] = ("intake", "dispatch", "receipts")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str | None = None
+    topic_advisories: str = "advisories"
+    topic_deliveries: str = "deliveries"
+    topic_events: str = "delivery-events"
+    topic_dlq: str = "advisories.dlq"
+    partitions: int = Field(4, ge=1, le=256)
+    intake_group: str = "gateway-intake"
+    dispatch_group: str = "gateway-dispatch"
+    session_timeout_ms: int = Field(6000, ge=1000)
+
+
+class StoreSettings(_Section):
+    url: str = "sqlite+aiosqlite:///var/gateway.db"
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = None
+
+
+class IntakeSettings(_Section):
+    require_signature: bool = True
+    trusted_keys: dict[str, str] = Field(default_factory=dict)
+
+
+class RenderingSettings(_Section):
+    templates_dir: Path = Path("templates")
+    default_language: str = Field("en", min_length=2)
+
+    def templates_path(self) -> Path:
+        """The templates folder; a relative path is taken from the project root."""
+        path = self.templates_dir
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+class PlannerSettings(_Section):
+    chunk_size: int = Field(500, ge=1, le=10_000)
+
+
+class DispatchSettings(_Section):
+    max_attempts: int = Field(5, ge=1)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    chunks_in_flight: int = Field(4, ge=1, le=64)
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    gateway: GatewaySection = GatewaySection()
+    kafka: KafkaSettings = KafkaSettings()
+    store: StoreSettings = StoreSettings()
+    http: HttpSettings = HttpSettings()
+    intake: IntakeSettings = IntakeSettings()
+    rendering: RenderingSettings = RenderingSettings()
+    planner: PlannerSettings = PlannerSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    # channel name -> that adapter's own settings, validated by the adapter's settings model
+    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    logging: LoggingSettings = LoggingSettings()
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _refuse_secrets(data: Any, source: Path, path: tuple[str, ...] = ()) -> None:
+    if not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        here = (*path, str(key))
+        if str(key) in SECRET_KEYS and value is not None:
+            raise ConfigError(
+                f"{'.'.join(here)}: secrets may not be written in {source}; set "
+                f"{ENV_PREFIX}{'__'.join(p.upper() for p in here)} or {'.'.join(here)}_file"
+            )
+        _refuse_secrets(value, source, here)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    _refuse_secrets(data, path)
+    return data
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{name}: value is not valid YAML: {e}") from e
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: conflicts with another GATEWAY__ variable")
+        node[keys[-1]] = value
+    return out
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the key: ``kafka.partitions: Input should be ...``."""
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        else:
+            lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    extra_files: list[Path] | None = None,
+    environ: Mapping[str, str] | None = None,
+    base_file: Path = DEFAULT_CONFIG,
+) -> Settings:
+    """Read, merge and validate every source; raise ConfigError naming the bad key."""
+    data = _read_yaml(base_file)
+    for path in extra_files or []:
+        data = _merge(data, _read_yaml(path))
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from e
+
+
+def read_secret(section: str, value: str | None, file: Path | None) -> str | None:
+    """A secret from its value (environment) or from its file; never both."""
+    if value is not None and file is not None:
+        raise ConfigError(f"{section}.secret and {section}.secret_file are both set; keep one")
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"{section}.secret_file: cannot read {file}: {e.strerror}") from e
+    return value

@@ -1,0 +1,368 @@
+"""Durable state: advisories, recipients, deliveries, receipts (SQLAlchemy Core, async).
+
+SQLite (aiosqlite, WAL) by default; PostgreSQL (asyncpg) with the same queries. Status changes are
+guarded by rank (``Status.rank``) in the WHERE clause, so a late or repeated write never moves a
+delivery backwards and concurrent writers cannot undo each other.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from gateway.models import PENDING, Advisory, Recipient, Status, now
+
+metadata = sa.MetaData()
+
+advisories = sa.Table(
+    "advisories",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("msg_type", sa.String(16), nullable=False),
+    sa.Column("sender", sa.String(200), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, server_default="active"),
+    sa.Column("planned", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("body", sa.JSON, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+recipients = sa.Table(
+    "recipients",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("languages", sa.String(100), nullable=False, server_default=""),
+    sa.Column("phone", sa.String(32)),
+    sa.Column("email", sa.String(320)),
+    sa.Column("app_user", sa.String(256)),
+    sa.Column("country", sa.String(2), index=True),
+    sa.Column("region", sa.String(100)),
+    # ",tag1,tag2," so that a LIKE '%,tag,%' matches whole tags on every database
+    sa.Column("tags", sa.String(1000), nullable=False, server_default=""),
+    sa.Column("opt_outs", sa.String(200), nullable=False, server_default=""),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("advisory_id", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("recipient_id", sa.String(128), nullable=False),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # Status.rank of status: writes are guarded by "rank < new rank", so nothing moves backwards
+    sa.Column("rank", sa.SmallInteger, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("partner_id", sa.String(128)),
+    sa.Column("reason", sa.String(500)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
+    sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
+)
+
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", sa.String(32), nullable=False, index=True),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("partner_id", sa.String(128)),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """A pending delivery joined with what rendering and the adapter need."""
+
+    delivery_id: str
+    recipient: Recipient
+    channel: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    delivery_id: str
+    status: Status
+    partner_id: str | None = None
+    reason: str | None = None
+
+
+def _recipient_row(r: Recipient, at: datetime) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "languages": "|".join(r.languages),
+        "phone": r.phone,
+        "email": r.email,
+        "app_user": r.app_user,
+        "country": r.country,
+        "region": r.region,
+        "tags": "," + ",".join(r.tags) + "," if r.tags else "",
+        "opt_outs": "|".join(r.opt_outs),
+        "updated_at": at,
+    }
+
+
+def _recipient_from_row(row: Mapping[str, Any]) -> Recipient:
+    return Recipient.model_construct(
+        id=row["id"],
+        languages=tuple(x for x in row["languages"].split("|") if x),
+        phone=row["phone"],
+        email=row["email"],
+        app_user=row["app_user"],
+        country=row["country"],
+        region=row["region"],
+        tags=tuple(x for x in row["tags"].split(",") if x),
+        opt_outs=tuple(x for x in row["opt_outs"].split("|") if x),
+    )
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+
+    @classmethod
+    async def open(cls, url: str) -> Store:
+        """Connect and create the schema if missing."""
+        if url.startswith("sqlite"):
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+
+            @event.listens_for(engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: Any, _: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+        else:
+            engine = create_async_engine(url, pool_size=10)
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def _insert(self, table: sa.Table) -> Any:
+        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+
+    # -- recipients ---------------------------------------------------------------------------
+
+    async def upsert_recipients(self, batch: Sequence[Recipient]) -> None:
+        if not batch:
+            return
+        at = now()
+        stmt = self._insert(recipients)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[recipients.c.id],
+            set_={c.name: stmt.excluded[c.name] for c in recipients.columns if c.name != "id"},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt, [_recipient_row(r, at) for r in batch])
+
+    async def count_recipients(self) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).select_from(recipients))).scalar_one())
+
+    async def audience_page(
+        self, countries: Sequence[str], regions: Sequence[str], tags: Sequence[str], after: str, limit: int
+    ) -> list[Recipient]:
+        """One page of the audience, in id order after ``after`` (keyset paging: nothing held open)."""
+        q = sa.select(recipients).where(recipients.c.id > after).order_by(recipients.c.id).limit(limit)
+        if countries:
+            q = q.where(recipients.c.country.in_(list(countries)))
+        if regions:
+            q = q.where(recipients.c.region.in_(list(regions)))
+        if tags:
+            q = q.where(sa.or_(*(recipients.c.tags.contains(f",{t},", autoescape=True) for t in tags)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [_recipient_from_row(r) for r in rows]
+
+    # -- advisories ---------------------------------------------------------------------------
+
+    async def get_advisory_state(self, advisory_id: str, version: int) -> tuple[str, bool] | None:
+        """(state, planned) of a stored advisory version, or None."""
+        q = sa.select(advisories.c.state, advisories.c.planned).where(
+            advisories.c.id == advisory_id, advisories.c.version == version
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(q)).first()
+        return None if row is None else (str(row.state), bool(row.planned))
+
+    async def save_advisory(self, adv: Advisory, raw: Mapping[str, Any]) -> None:
+        """Store an advisory version once; storing it again changes nothing."""
+        stmt = (
+            self._insert(advisories)
+            .values(
+                id=adv.id,
+                version=adv.version,
+                msg_type=adv.msg_type,
+                sender=adv.sender,
+                priority=adv.priority,
+                expires_at=adv.expires_at,
+                body=dict(raw),
+                received_at=now(),
+            )
+            .on_conflict_do_nothing()
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def load_advisory(self, advisory_id: str, version: int) -> tuple[Advisory, str] | None:
+        q = sa.select(advisories.c.body, advisories.c.state).where(
+            advisories.c.id == advisory_id, advisories.c.version == version
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(q)).first()
+        if row is None:
+            return None
+        return Advisory.model_validate(row.body), str(row.state)
+
+    async def mark_planned(self, advisory_id: str, version: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(advisories)
+                .where(advisories.c.id == advisory_id, advisories.c.version == version)
+                .values(planned=True)
+            )
+
+    async def cancel_advisory(self, advisory_id: str) -> int:
+        """Mark every version cancelled and its pending deliveries cancelled; returns how many."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(advisories).where(advisories.c.id == advisory_id).values(state="cancelled")
+            )
+            result = await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.advisory_id == advisory_id, deliveries.c.status.in_([s.value for s in PENDING]))
+                .values(status=Status.CANCELLED.value, rank=Status.CANCELLED.rank, reason="advisory cancelled",
+                        updated_at=now())
+            )
+        return int(result.rowcount)
+
+    # -- deliveries ---------------------------------------------------------------------------
+
+    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert planned deliveries; rows that exist already (a replay) are left as they are."""
+        if not rows:
+            return
+        at = now()
+        stmt = self._insert(deliveries).on_conflict_do_nothing()
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt, [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows])
+
+    async def mark_queued(self, ids: Sequence[str]) -> None:
+        await self.record(Outcome(i, Status.QUEUED) for i in ids)
+
+    async def pending_work(self, ids: Sequence[str]) -> list[WorkItem]:
+        """The deliveries among ``ids`` that are still to be sent, with their recipients."""
+        q = (
+            sa.select(deliveries.c.id.label("delivery_id"), deliveries.c.channel, deliveries.c.attempts, recipients)
+            .join(recipients, recipients.c.id == deliveries.c.recipient_id)
+            .where(deliveries.c.id.in_(list(ids)), deliveries.c.status.in_([s.value for s in PENDING]))
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).mappings().all()
+        return [WorkItem(r["delivery_id"], _recipient_from_row(r), r["channel"], r["attempts"]) for r in rows]
+
+    async def record(self, outcomes: Iterable[Outcome], attempted: bool = False) -> int:
+        """Move deliveries forward; a write that would move one backwards is ignored. Returns rows moved."""
+        async with self.engine.begin() as conn:
+            return await self._record_in(conn, outcomes, attempted)
+
+    async def _record_in(self, conn: AsyncConnection, outcomes: Iterable[Outcome], attempted: bool) -> int:
+        by_status: dict[Status, list[dict[str, Any]]] = defaultdict(list)
+        for o in outcomes:
+            by_status[o.status].append({"b_id": o.delivery_id, "b_partner": o.partner_id, "b_reason": o.reason})
+        at = now()
+        moved = 0
+        for status, params in by_status.items():
+            moved += await self._move(conn, status, params, at, attempted)
+        return moved
+
+    async def _move(
+        self, conn: AsyncConnection, status: Status, params: list[dict[str, Any]], at: datetime, attempted: bool
+    ) -> int:
+        values: dict[str, Any] = {
+            "status": status.value,
+            "rank": status.rank,
+            "updated_at": at,
+            "partner_id": sa.func.coalesce(sa.bindparam("b_partner"), deliveries.c.partner_id),
+            "reason": sa.bindparam("b_reason"),
+        }
+        if attempted:
+            values["attempts"] = deliveries.c.attempts + 1
+        stmt = (
+            sa.update(deliveries)
+            .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.rank < status.rank)
+            .values(**values)
+        )
+        result = await conn.execute(stmt, params)
+        return int(result.rowcount)
+
+    async def note_retry(self, ids: Sequence[str], reason: str) -> None:
+        """Count an attempt that will be retried; the status stays pending."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.id.in_(list(ids)), deliveries.c.status.in_([s.value for s in PENDING]))
+                .values(attempts=deliveries.c.attempts + 1, reason=reason, updated_at=now())
+            )
+
+    async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> int:
+        """Record receipts and move their deliveries forward. Returns how many deliveries moved."""
+        if not items:
+            return 0
+        at = now()
+        async with self.engine.begin() as conn:
+            moved = await self._record_in(conn, items, attempted=False)
+            await conn.execute(
+                sa.insert(receipts),
+                [
+                    {
+                        "delivery_id": o.delivery_id,
+                        "channel": channel,
+                        "status": o.status.value,
+                        "partner_id": o.partner_id,
+                        "received_at": at,
+                    }
+                    for o in items
+                ],
+            )
+        return moved
+
+    async def delivery_status(self, delivery_id: str) -> str | None:
+        async with self.engine.connect() as conn:
+            return (
+                await conn.execute(sa.select(deliveries.c.status).where(deliveries.c.id == delivery_id))
+            ).scalar_one_or_none()
+
+    async def counts(self, advisory_id: str | None = None) -> dict[str, dict[str, int]]:
+        """channel -> status -> count, for one advisory or for all."""
+        q = sa.select(deliveries.c.channel, deliveries.c.status, sa.func.count()).group_by(
+            deliveries.c.channel, deliveries.c.status
+        )
+        if advisory_id is not None:
+            q = q.where(deliveries.c.advisory_id == advisory_id)
+        out: dict[str, dict[str, int]] = defaultdict(dict)
+        async with self.engine.connect() as conn:
+            for channel, status, n in (await conn.execute(q)).all():
+                out[channel][status] = int(n)
+        return dict(out)
