@@ -111,21 +111,31 @@ class Adapter(ABC):
         try:
             results = await self._send(batch)
         except RetryableError as e:
-            results = [Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch]
+            results = [
+                Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch
+            ]
         except PermanentError as e:
             results = [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch]
         elapsed = self.clock() - started
         answered = {r.delivery_id for r in results}
-        results += [Result(m.delivery_id, "retry", reason="no result from partner")
-                    for m in batch if m.delivery_id not in answered]
+        results += [
+            Result(m.delivery_id, "retry", reason="no result from partner")
+            for m in batch
+            if m.delivery_id not in answered
+        ]
         metrics.channel_request_seconds.labels(self.channel).observe(elapsed)
         counts: dict[str, int] = {}
         for r in results:
             counts[r.outcome] = counts.get(r.outcome, 0) + 1
         for outcome, n in counts.items():
             metrics.channel_messages_total.labels(self.channel, outcome).inc(n)
-        log.info("channel.batch_sent", channel=self.channel, count=len(batch),
-                 elapsed_ms=round(elapsed * 1000, 1), **counts)
+        log.info(
+            "channel.batch_sent",
+            channel=self.channel,
+            count=len(batch),
+            elapsed_ms=round(elapsed * 1000, 1),
+            **counts,
+        )
         return results
 
     @abstractmethod

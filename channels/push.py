@@ -54,8 +54,8 @@ class PushAdapter(Adapter):
         secret = read_secret(f"channels.{self.channel}", raw, self.push_settings.secret_file)
         if not secret:
             raise ConfigError(
-                f"channels.{self.channel}.secret: not set; set GATEWAY__CHANNELS__{self.channel.upper()}__SECRET "
-                f"or channels.{self.channel}.secret_file"
+                f"channels.{self.channel}.secret: not set; set "
+                f"GATEWAY__CHANNELS__{self.channel.upper()}__SECRET or channels.{self.channel}.secret_file"
             )
         self._secret = secret
         self._url = self.push_settings.base_url.rstrip("/") + "/v1/messages:batch"
@@ -85,7 +85,9 @@ class PushAdapter(Adapter):
         try:
             async with self.session.post(self._url, data=body, headers=headers, timeout=timeout) as resp:
                 if resp.status == 429 or resp.status >= 500:
-                    raise RetryableError(f"partner answered {resp.status}", _retry_after(resp.headers.get("Retry-After")))
+                    raise RetryableError(
+                        f"partner answered {resp.status}", _retry_after(resp.headers.get("Retry-After"))
+                    )
                 if resp.status != 200:
                     text = (await resp.text())[:200]
                     raise PermanentError(f"partner answered {resp.status}: {text}")
@@ -102,8 +104,12 @@ class PushAdapter(Adapter):
             return Result(key, "accepted", partner_id=str(item.get("message_id")))
         if status == "rejected":
             return Result(key, "rejected", reason=str(item.get("reason", "rejected by partner")))
-        return Result(key, "retry", reason=str(item.get("reason", "partner asked to retry")),
-                      retry_after=_retry_after(item.get("retry_after_s")))
+        return Result(
+            key,
+            "retry",
+            reason=str(item.get("reason", "partner asked to retry")),
+            retry_after=_retry_after(item.get("retry_after_s")),
+        )
 
     def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
         verify_hmac(self._secret, body, headers)

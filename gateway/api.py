@@ -30,15 +30,18 @@ def build_app(store: Store, extra_routes: list[web.RouteDef]) -> web.Application
         advisory_id = request.match_info["advisory_id"]
         counts = await store.counts(advisory_id)
         if not counts:
-            return problem(404, "Unknown advisory", f"no deliveries for advisory {advisory_id!r}",
-                           field="advisory_id")
+            return problem(
+                404, "Unknown advisory", f"no deliveries for advisory {advisory_id!r}", field="advisory_id"
+            )
         return web.json_response({"advisory_id": advisory_id, "by_channel": counts})
 
     app = web.Application(client_max_size=4 * 1024 * 1024)
-    app.add_routes([
-        web.get("/healthz", health),
-        web.get("/metrics", prometheus),
-        web.get("/advisories/{advisory_id}/status", status),
-        *extra_routes,
-    ])
+    app.add_routes(
+        [
+            web.get("/healthz", health),
+            web.get("/metrics", prometheus),
+            web.get("/advisories/{advisory_id}/status", status),
+            *extra_routes,
+        ]
+    )
     return app

@@ -41,7 +41,9 @@ def build_adapters(settings: Settings, session: aiohttp.ClientSession) -> dict[s
     return adapters
 
 
-def channel_specs(adapters: Mapping[str, Adapter]) -> dict[str, tuple[str, tuple[str, ...], Mapping[str, int]]]:
+def channel_specs(
+    adapters: Mapping[str, Adapter],
+) -> dict[str, tuple[str, tuple[str, ...], Mapping[str, int]]]:
     return {name: (a.kind, a.parts, a.limits) for name, a in adapters.items()}
 
 
@@ -78,9 +80,18 @@ class Gateway:
 
         if "intake" in s.gateway.roles:
             verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
-            planner = Planner(self.store, self._producer, s.kafka.topic_deliveries, s.planner.chunk_size, kinds)
-            intake = Intake(self.store, planner, renderer, verifier, self._producer, s.kafka.topic_dlq,
-                            channel_specs(self.adapters))
+            planner = Planner(
+                self.store, self._producer, s.kafka.topic_deliveries, s.planner.chunk_size, kinds
+            )
+            intake = Intake(
+                self.store,
+                planner,
+                renderer,
+                verifier,
+                self._producer,
+                s.kafka.topic_dlq,
+                channel_specs(self.adapters),
+            )
             consumer = await self._consumer(s.kafka.topic_advisories, s.kafka.intake_group)
             self._tasks.append(asyncio.create_task(intake.run(consumer, self.stopping), name="intake"))
         if "dispatch" in s.gateway.roles:
@@ -95,8 +106,13 @@ class Gateway:
         site = web.TCPSite(self._runner, s.http.host, s.http.port)
         await site.start()
         self.http_port = int(self._runner.addresses[0][1])
-        log.info("gateway.started", roles=list(s.gateway.roles), bootstrap_servers=self.bootstrap_servers,
-                 port=self.http_port, channels=sorted(self.adapters))
+        log.info(
+            "gateway.started",
+            roles=list(s.gateway.roles),
+            bootstrap_servers=self.bootstrap_servers,
+            port=self.http_port,
+            channels=sorted(self.adapters),
+        )
 
     async def _consumer(self, topic: str, group: str) -> AIOKafkaConsumer:
         consumer = kafka.consumer(self.bootstrap_servers, topic, group, self.settings.kafka)

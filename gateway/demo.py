@@ -51,17 +51,19 @@ def write_recipients(path: Path, n: int, country: str, seed: int = 7) -> None:
         w.writerow(FIELDS)
         for i in range(n):
             rid = f"r{i:07d}"
-            w.writerow([
-                rid,
-                rng.choices(chains, weights)[0],
-                f"+7701{rng.randrange(10**7):07d}",
-                f"citizen{i}@example.kz" if rng.random() < 0.6 else "",
-                f"app-{rid}",
-                country,
-                rng.choice(["capital", "north", "south"]),
-                "registered" if rng.random() < 0.8 else "registered|consular-list",
-                "",
-            ])
+            w.writerow(
+                [
+                    rid,
+                    rng.choices(chains, weights)[0],
+                    f"+7701{rng.randrange(10**7):07d}",
+                    f"citizen{i}@example.kz" if rng.random() < 0.6 else "",
+                    f"app-{rid}",
+                    country,
+                    rng.choice(["capital", "north", "south"]),
+                    "registered" if rng.random() < 0.8 else "registered|consular-list",
+                    "",
+                ]
+            )
 
 
 def demo_advisory() -> dict[str, Any]:
@@ -84,7 +86,7 @@ def _table(counts: dict[str, dict[str, int]], expected: int, elapsed: float) -> 
 
 
 async def _watch(
-    gateway: Gateway, advisory_id: str, expected: int, timeout: float, console: Console, live: bool
+    gateway: Gateway, advisory_id: str, expected: int, deadline_s: float, console: Console, live: bool
 ) -> tuple[dict[str, dict[str, int]], float | None, float | None]:
     """Poll the store until every delivery is final (or timeout); returns counts and the two timings."""
     assert gateway.store is not None
@@ -95,7 +97,7 @@ async def _watch(
     final = {s.value for s in FINAL}
     last_print = 0.0
     with Live(console=console, refresh_per_second=4, transient=False) if live else _Null() as display:
-        while time.monotonic() - started < timeout:
+        while time.monotonic() - started < deadline_s:
             counts = await gateway.store.counts(advisory_id)
             elapsed = time.monotonic() - started
             by_status: Counter[str] = Counter()
@@ -128,8 +130,9 @@ class _Null:
         return None
 
 
-def demo_settings(workdir: Path, bootstrap: str, http_port: int, sandbox_url: str, secret: str,
-                  sender: str, public_key: str) -> Settings:
+def demo_settings(
+    workdir: Path, bootstrap: str, http_port: int, sandbox_url: str, secret: str, sender: str, public_key: str
+) -> Settings:
     env = {
         "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{workdir / 'gateway.db'}",
@@ -142,7 +145,7 @@ def demo_settings(workdir: Path, bootstrap: str, http_port: int, sandbox_url: st
     return load_settings(environ={**os.environ, **env})
 
 
-async def run_demo(n: int, as_json: bool, timeout: float) -> int:
+async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
     console = Console(stderr=True)
     gw_logging.configure("warning", "auto")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
@@ -155,10 +158,19 @@ async def run_demo(n: int, as_json: bool, timeout: float) -> int:
         http_port = free_port()
         receipt_url = f"http://127.0.0.1:{http_port}/receipts/push"
         async with SandboxProcess(secret, receipt_url) as sandbox:
-            settings = demo_settings(workdir, broker.bootstrap_servers, http_port, sandbox.url, secret,
-                                     record["sender"], public_key)
-            console.print(f"[bold]broker[/] {broker.bootstrap_servers}  [bold]sandbox[/] {sandbox.url}  "
-                          f"[bold]store[/] {workdir / 'gateway.db'}")
+            settings = demo_settings(
+                workdir,
+                broker.bootstrap_servers,
+                http_port,
+                sandbox.url,
+                secret,
+                record["sender"],
+                public_key,
+            )
+            console.print(
+                f"[bold]broker[/] {broker.bootstrap_servers}  [bold]sandbox[/] {sandbox.url}  "
+                f"[bold]store[/] {workdir / 'gateway.db'}"
+            )
             csv_path = workdir / "recipients.csv"
             await asyncio.to_thread(write_recipients, csv_path, n, country)
             store = await Store.open(settings.store.url)
@@ -170,11 +182,17 @@ async def run_demo(n: int, as_json: bool, timeout: float) -> int:
             gateway = Gateway(settings)
             await gateway.start()
             try:
-                await publish(broker.bootstrap_servers, settings.kafka.topic_advisories,
-                              sign(record, private_key))
+                await publish(
+                    broker.bootstrap_servers, settings.kafka.topic_advisories, sign(record, private_key)
+                )
                 console.print(f"published {record['id']} (signed by {record['sender']})")
                 counts, all_sent, all_final = await _watch(
-                    gateway, record["id"], report.loaded, timeout, console, console.is_terminal and not as_json
+                    gateway,
+                    record["id"],
+                    report.loaded,
+                    deadline_s,
+                    console,
+                    console.is_terminal and not as_json,
                 )
                 sandbox_stats = await sandbox.stats()
             finally:
@@ -196,5 +214,7 @@ async def run_demo(n: int, as_json: bool, timeout: float) -> int:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         console.print_json(json.dumps(summary))
-        console.print("[green]every delivery delivered[/]" if ok else "[red]not every delivery was delivered[/]")
+        console.print(
+            "[green]every delivery delivered[/]" if ok else "[red]not every delivery was delivered[/]"
+        )
     return 0 if ok else 1

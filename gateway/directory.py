@@ -49,7 +49,7 @@ def _csv_rows(f: IO[str]) -> Iterator[tuple[int, dict[str, Any] | str]]:
     reader = csv.DictReader(f)
     for row in reader:
         if None in row:
-            yield reader.line_num, f"{len(row[None])} more cells than the header has columns"  # type: ignore[index]
+            yield reader.line_num, f"{len(row[None])} more cells than the header has columns"
             continue
         yield reader.line_num, {k: v for k, v in row.items() if v not in (None, "")}
 

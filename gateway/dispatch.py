@@ -88,7 +88,9 @@ class Dispatcher:
         address = item.recipient.address(adapter.kind)
         if address is None:
             raise ContentError(f"recipient has no {adapter.kind} address")
-        return Message(item.delivery_id, address, parts, lang, adv.id, adv.version, adv.priority, adv.expires_at)
+        return Message(
+            item.delivery_id, address, parts, lang, adv.id, adv.version, adv.priority, adv.expires_at
+        )
 
     async def handle_chunk(self, chunk: Chunk) -> None:
         loaded = await self._advisory(chunk)
@@ -97,7 +99,9 @@ class Dispatcher:
             return
         adv, state = loaded
         if state == "cancelled":
-            await self.store.record(Outcome(i, Status.CANCELLED, reason="advisory cancelled") for i in chunk.ids)
+            await self.store.record(
+                Outcome(i, Status.CANCELLED, reason="advisory cancelled") for i in chunk.ids
+            )
             return
         if adv.expires_at <= now():
             await self.store.record(Outcome(i, Status.EXPIRED, reason="advisory expired") for i in chunk.ids)
@@ -130,7 +134,8 @@ class Dispatcher:
                 with attempt:
                     if adv.expires_at <= now():
                         await self.store.record(
-                            Outcome(m.delivery_id, Status.EXPIRED, reason="advisory expired") for m in remaining
+                            Outcome(m.delivery_id, Status.EXPIRED, reason="advisory expired")
+                            for m in remaining
                         )
                         return
                     results = await adapter.send(remaining)
@@ -138,7 +143,9 @@ class Dispatcher:
                     await self.store.record(final, attempted=True)
                     retry = [r for r in results if r.outcome == "retry"]
                     if retry:
-                        await self.store.note_retry([r.delivery_id for r in retry], retry[0].reason or "retry")
+                        await self.store.note_retry(
+                            [r.delivery_id for r in retry], retry[0].reason or "retry"
+                        )
                         keep = {r.delivery_id for r in retry}
                         remaining = [m for m in remaining if m.delivery_id in keep]
                         after = max((r.retry_after or 0.0) for r in retry) or None
@@ -146,8 +153,13 @@ class Dispatcher:
         except RetryableError as e:
             reason = f"attempts exhausted ({self.settings.max_attempts}): {e.reason}"
             await self.store.record(Outcome(m.delivery_id, Status.FAILED, reason=reason) for m in remaining)
-            log.warning("delivery.failed", channel=adapter.channel, advisory_id=adv.id, count=len(remaining),
-                        reason=reason)
+            log.warning(
+                "delivery.failed",
+                channel=adapter.channel,
+                advisory_id=adv.id,
+                count=len(remaining),
+                reason=reason,
+            )
 
     async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
         """Consume chunks until ``stopping``; commit only after each fetched set is recorded."""
@@ -171,4 +183,3 @@ class Dispatcher:
             log.error("dispatch.bad_chunk", error=str(e))
             return
         await self.handle_chunk(chunk)
-

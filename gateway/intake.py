@@ -97,7 +97,12 @@ class Intake:
             cancelled = 0
             for ref in adv.references:
                 cancelled += await self.store.cancel_advisory(ref.split("@", 1)[0])
-            log.info("advisory.cancel_applied", advisory_id=adv.id, references=list(adv.references), count=cancelled)
+            log.info(
+                "advisory.cancel_applied",
+                advisory_id=adv.id,
+                references=list(adv.references),
+                count=cancelled,
+            )
             return "cancel"
         state = await self.store.get_advisory_state(adv.id, adv.version)
         if state is not None and state[1]:
@@ -121,8 +126,13 @@ class Intake:
         ]
         await self.producer.send_and_wait(self.dlq_topic, msg.value, key=msg.key, headers=headers)
         metrics.advisories_total.labels("dead_letter").inc()
-        log.warning("advisory.dead_lettered", error=error.kind, reason=reason, offset=msg.offset,
-                    partition=msg.partition)
+        log.warning(
+            "advisory.dead_lettered",
+            error=error.kind,
+            reason=reason,
+            offset=msg.offset,
+            partition=msg.partition,
+        )
 
     async def process(self, msg: ConsumerRecord) -> None:
         try:
@@ -132,7 +142,7 @@ class Intake:
             await self.dead_letter(msg, e)
 
     async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
-        """Consume until ``stopping`` is set; every record is either planned or dead-lettered, then committed."""
+        """Consume until ``stopping``; every record is planned or dead-lettered, then committed."""
         while not stopping.is_set():
             batches = await consumer.getmany(timeout_ms=500, max_records=16)
             for tp, records in batches.items():

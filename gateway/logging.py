@@ -46,8 +46,24 @@ def mask(value: Any) -> Any:
 # Fields whose values are identifiers we chose, never personal data; masking them would hide digits
 # that operators need (offsets, counts, delivery ids).
 _SAFE_KEYS = frozenset(
-    {"event", "level", "timestamp", "logger", "advisory_id", "delivery_id", "offset", "partition",
-     "count", "elapsed_ms", "attempt", "version", "port", "line", "chunk", "bootstrap_servers"}
+    {
+        "event",
+        "level",
+        "timestamp",
+        "logger",
+        "advisory_id",
+        "delivery_id",
+        "offset",
+        "partition",
+        "count",
+        "elapsed_ms",
+        "attempt",
+        "version",
+        "port",
+        "line",
+        "chunk",
+        "bootstrap_servers",
+    }
 )
 
 

@@ -13,12 +13,17 @@ deliveries_planned_total = Counter(
     "gateway_deliveries_planned_total", "Deliveries planned", ["channel"], registry=REGISTRY
 )
 channel_messages_total = Counter(
-    "gateway_channel_messages_total", "Messages handed to a channel, by result", ["channel", "outcome"],
+    "gateway_channel_messages_total",
+    "Messages handed to a channel, by result",
+    ["channel", "outcome"],
     registry=REGISTRY,
 )
 channel_request_seconds = Histogram(
     "gateway_channel_request_seconds", "Time for one partner batch request", ["channel"], registry=REGISTRY
 )
 receipts_total = Counter(
-    "gateway_receipts_total", "Delivery receipts received, by status", ["channel", "status"], registry=REGISTRY
+    "gateway_receipts_total",
+    "Delivery receipts received, by status",
+    ["channel", "status"],
+    registry=REGISTRY,
 )

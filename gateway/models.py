@@ -195,7 +195,9 @@ class Status(enum.StrEnum):
         return _RANK[self]
 
 
-FINAL = frozenset({Status.DELIVERED, Status.READ, Status.FAILED, Status.EXPIRED, Status.CANCELLED, Status.SKIPPED})
+FINAL = frozenset(
+    {Status.DELIVERED, Status.READ, Status.FAILED, Status.EXPIRED, Status.CANCELLED, Status.SKIPPED}
+)
 PENDING = frozenset({Status.PLANNED, Status.QUEUED})
 _RANK = {
     Status.PLANNED: 0,

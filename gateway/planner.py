@@ -48,7 +48,9 @@ class Planner:
         total = 0
         aud = adv.audience
         while True:
-            page = await self.store.audience_page(aud.countries, aud.regions, aud.tags, after, self.chunk_size)
+            page = await self.store.audience_page(
+                aud.countries, aud.regions, aud.tags, after, self.chunk_size
+            )
             if not page:
                 return total
             rows: list[dict[str, Any]] = []
@@ -56,10 +58,19 @@ class Planner:
             for r in page:
                 channel = choose_channel(adv, r, self.kinds)
                 did = delivery_id(adv.id, adv.version, r.id, channel or adv.channels[0])
-                row = {"id": did, "advisory_id": adv.id, "version": adv.version, "recipient_id": r.id,
-                       "channel": channel or adv.channels[0], "status": Status.PLANNED.value}
+                row = {
+                    "id": did,
+                    "advisory_id": adv.id,
+                    "version": adv.version,
+                    "recipient_id": r.id,
+                    "channel": channel or adv.channels[0],
+                    "status": Status.PLANNED.value,
+                }
                 if channel is None:
-                    row |= {"status": Status.SKIPPED.value, "reason": "no address on any channel of the advisory"}
+                    row |= {
+                        "status": Status.SKIPPED.value,
+                        "reason": "no address on any channel of the advisory",
+                    }
                 else:
                     by_channel[channel].append(did)
                 rows.append(row)
@@ -67,9 +78,11 @@ class Planner:
             sends = []
             for channel, ids in by_channel.items():
                 chunk = {"advisory_id": adv.id, "version": adv.version, "channel": channel, "ids": ids}
-                sends.append(await self.producer.send(
-                    self.topic, json.dumps(chunk).encode(), key=f"{adv.key}/{chunk_no}".encode()
-                ))
+                sends.append(
+                    await self.producer.send(
+                        self.topic, json.dumps(chunk).encode(), key=f"{adv.key}/{chunk_no}".encode()
+                    )
+                )
                 metrics.deliveries_planned_total.labels(channel).inc(len(ids))
             await asyncio.gather(*sends)
             await self.store.mark_queued([i for ids in by_channel.values() for i in ids])

@@ -43,7 +43,9 @@ class ReceiptWebhook:
         channel = request.match_info["channel"]
         adapter = self.adapters.get(channel)
         if adapter is None:
-            return problem(404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel")
+            return problem(
+                404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel"
+            )
         if request.content_length is not None and request.content_length > MAX_BODY:
             return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes")
         body = await request.read()
@@ -60,8 +62,15 @@ class ReceiptWebhook:
         sends = [
             await self.producer.send(
                 self.events_topic,
-                json.dumps({"delivery_id": o.delivery_id, "channel": channel, "status": o.status.value,
-                            "partner_id": o.partner_id, "at": at}).encode(),
+                json.dumps(
+                    {
+                        "delivery_id": o.delivery_id,
+                        "channel": channel,
+                        "status": o.status.value,
+                        "partner_id": o.partner_id,
+                        "at": at,
+                    }
+                ).encode(),
                 key=o.delivery_id.encode(),
             )
             for o in outcomes

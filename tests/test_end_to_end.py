@@ -1,0 +1,185 @@
+"""The whole path over real parts: Kafka (Tansu + aiokafka) → store (SQLite) → sandbox partner over
+HTTP → signed receipts back → delivered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+
+from channels.base import hmac_headers
+from gateway import kafka
+from gateway.app import Gateway
+from gateway.cli import publish
+from gateway.directory import import_file
+from gateway.models import delivery_id
+from gateway.sandbox.process import SandboxProcess
+from tests.conftest import advisory, eventually, load_recipients, read_topic, signed
+
+
+async def _all_delivered(gw: Gateway, advisory_id: str, n: int) -> bool:
+    assert gw.store is not None
+    counts = await gw.store.counts(advisory_id)
+    return counts.get("push", {}).get("delivered", 0) == n
+
+
+async def test_published_advisory_is_delivered_once_to_every_recipient(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    await load_recipients(gateway, tmp_path, 1200)
+    record = signed(advisory())
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+
+    await eventually(lambda: _all_delivered(gateway, record["id"], 1200), what="1200 delivered")
+
+    stats = (await sandbox.stats())["channels"]["push"]
+    per_advisory = stats["by_advisory"][f"{record['id']}@v1"]
+    assert (per_advisory["accepted"], per_advisory["unique_recipients"], per_advisory["duplicates"]) == (
+        1200,
+        1200,
+        0,
+    )
+    assert gateway.store is not None
+    assert await gateway.store.counts(record["id"]) == {"push": {"delivered": 1200}}
+
+
+async def test_recipients_outside_the_audience_are_not_notified(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    await load_recipients(gateway, tmp_path, 40, country="XA")
+    path = tmp_path / "elsewhere.csv"
+    path.write_text("id,app_user,country,tags\nz1,app-z1,XB,\nz2,app-z2,XB,consular-list\n", encoding="utf-8")
+    assert gateway.store is not None
+    await import_file(gateway.store, path)
+    record = signed(advisory(audience={"countries": ["XA"]}))
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    await eventually(lambda: _all_delivered(gateway, record["id"], 40))
+
+    by_tag = signed(advisory(audience={"tags": ["consular-list"]}))
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, by_tag)
+    await eventually(lambda: _all_delivered(gateway, by_tag["id"], 1))
+    stats = (await sandbox.stats())["channels"]["push"]["by_advisory"]
+    assert stats[f"{record['id']}@v1"]["unique_recipients"] == 40
+    assert stats[f"{by_tag['id']}@v1"]["unique_recipients"] == 1
+
+
+async def test_each_recipient_gets_the_first_language_of_their_chain(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    """Chains kk|ru, ru, en, de|en → kk, ru, en, en (no German template: the chain falls through)."""
+    await load_recipients(gateway, tmp_path, 8)
+    record = signed(advisory())
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    await eventually(lambda: _all_delivered(gateway, record["id"], 8))
+    stats = (await sandbox.stats())["channels"]["push"]["by_advisory"][f"{record['id']}@v1"]
+    assert stats["languages"] == {"en": 4, "kk": 2, "ru": 2}
+
+
+async def test_malformed_records_go_to_the_dead_letter_topic_and_the_service_keeps_going(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    await load_recipients(gateway, tmp_path, 10)
+    topic = gateway.settings.kafka.topic_advisories
+    bad = {
+        "not json": b"{this is not json",
+        "schema": json.dumps(signed(advisory(severity="apocalyptic"))).encode(),
+        "unknown template": json.dumps(signed(advisory(template="no-such-template"))).encode(),
+        "expired": json.dumps(
+            signed(advisory(issued_at="2020-01-01T00:00:00Z", expires_at="2020-01-02T00:00:00Z"))
+        ).encode(),
+        "missing language": json.dumps(
+            signed(advisory(template=None, data={}, content={"kk": {"title": "Т", "body": "Б"}}))
+        ).encode(),
+        "forged": json.dumps(
+            {**signed(advisory()), "channels": ["push"], "data": {"hotline": "+1 evil"}}
+        ).encode(),
+        "unsigned": json.dumps(advisory()).encode(),
+    }
+    producer = kafka.producer(gateway.bootstrap_servers)
+    await producer.start()
+    try:
+        for raw in bad.values():
+            await producer.send_and_wait(topic, raw, key=b"bad")
+    finally:
+        await producer.stop()
+    good = signed(advisory())
+    await publish(gateway.bootstrap_servers, topic, good)
+
+    dead = await read_topic(gateway.bootstrap_servers, gateway.settings.kafka.topic_dlq, len(bad))
+    reasons = {bytes(msg.value): dict(msg.headers) for msg in dead}
+    assert set(reasons) == set(bad.values()), "every bad record is dead-lettered with its original bytes"
+    by_case = {case: reasons[raw] for case, raw in bad.items()}
+    assert by_case["not json"][("error")] == b"decode"
+    assert b"severity" in by_case["schema"]["reason"]
+    assert b"no-such-template" in by_case["unknown template"]["reason"]
+    assert by_case["expired"]["error"] == b"expired"
+    assert b"'en'" in by_case["missing language"]["reason"]
+    assert by_case["forged"]["error"] == b"signature"
+    assert b"missing" in by_case["unsigned"]["reason"]
+    await eventually(lambda: _all_delivered(gateway, good["id"], 10), what="the good advisory after the bad")
+
+
+async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    await sandbox.configure(receipt_url=None, receipt_delay_s=3600)  # hold the sandbox's own receipts
+    await load_recipients(gateway, tmp_path, 3)
+    record = signed(advisory())
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    assert gateway.store is not None
+    store = gateway.store
+
+    async def all_sent() -> bool:
+        return (await store.counts(record["id"])).get("push", {}).get("sent") == 3
+
+    await eventually(all_sent)
+    did = delivery_id(record["id"], 1, "r00000", "push")
+    body = json.dumps({"receipts": [{"idempotency_key": did, "status": "delivered"}]}).encode()
+    url = f"{gateway.public_url}/receipts/push"
+    async with aiohttp.ClientSession() as http:
+        forged = {"Content-Type": "application/json", **hmac_headers("not-the-secret", body)}
+        async with http.post(url, data=body, headers=forged) as resp:
+            assert resp.status == 401
+            assert resp.content_type == "application/problem+json"
+        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 401
+    assert await store.delivery_status(did) == "sent"
+
+
+async def test_duplicate_and_out_of_order_receipts_are_harmless(
+    gateway: Gateway, sandbox: SandboxProcess, secret: str, tmp_path: Path
+) -> None:
+    await sandbox.configure(receipt_url=None, receipt_delay_s=3600)
+    await load_recipients(gateway, tmp_path, 2)
+    record = signed(advisory())
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    assert gateway.store is not None
+    store = gateway.store
+
+    async def all_sent() -> bool:
+        return (await store.counts(record["id"])).get("push", {}).get("sent") == 2
+
+    await eventually(all_sent)
+    first, second = (delivery_id(record["id"], 1, f"r0000{i}", "push") for i in range(2))
+    url = f"{gateway.public_url}/receipts/push"
+
+    async def post(receipts: list[dict[str, str]]) -> int:
+        body = json.dumps({"receipts": receipts}).encode()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                url, data=body, headers={"Content-Type": "application/json", **hmac_headers(secret, body)}
+            ) as resp,
+        ):
+            return resp.status
+
+    # read arrives before delivered; then delivered twice; then a late "failed"
+    assert await post([{"idempotency_key": first, "status": "read"}]) == 200
+    assert await post([{"idempotency_key": first, "status": "delivered"}]) == 200
+    assert await post([{"idempotency_key": second, "status": "delivered"}] * 2) == 200
+    assert await post([{"idempotency_key": second, "status": "failed"}]) == 200
+    assert await store.delivery_status(first) == "read"
+    assert await store.delivery_status(second) == "delivered"
+    events = await read_topic(gateway.bootstrap_servers, gateway.settings.kafka.topic_events, 5)
+    assert [json.loads(e.value)["status"] for e in events].count("delivered") == 3
