@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import aiohttp
@@ -77,6 +77,11 @@ class Gateway:
         renderer = Renderer(s.rendering.templates_path(), s.rendering.default_language)
         kinds = {name: a.kind for name, a in self.adapters.items()}
         routes: list[web.RouteDef] = []
+        loops: list[
+            tuple[
+                str, AIOKafkaConsumer, Callable[[AIOKafkaConsumer, asyncio.Event], Coroutine[Any, Any, None]]
+            ]
+        ] = []
 
         if "intake" in s.gateway.roles:
             verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
@@ -92,16 +97,22 @@ class Gateway:
                 s.kafka.topic_dlq,
                 channel_specs(self.adapters),
             )
-            consumer = await self._consumer(s.kafka.topic_advisories, s.kafka.intake_group)
-            self._tasks.append(asyncio.create_task(intake.run(consumer, self.stopping), name="intake"))
+            loops.append(
+                ("intake", self._consumer(s.kafka.topic_advisories, s.kafka.intake_group), intake.run)
+            )
         if "dispatch" in s.gateway.roles:
             dispatcher = Dispatcher(self.store, renderer, self.adapters, s.dispatch)
-            consumer = await self._consumer(s.kafka.topic_deliveries, s.kafka.dispatch_group)
-            self._tasks.append(asyncio.create_task(dispatcher.run(consumer, self.stopping), name="dispatch"))
+            loops.append(
+                ("dispatch", self._consumer(s.kafka.topic_deliveries, s.kafka.dispatch_group), dispatcher.run)
+            )
         if "receipts" in s.gateway.roles:
             routes += ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events).routes()
+        # joining a consumer group takes the broker's rebalance delay: join them all at once
+        await asyncio.gather(*(consumer.start() for _, consumer, _ in loops))
+        for name, consumer, run in loops:
+            self._tasks.append(asyncio.create_task(run(consumer, self.stopping), name=name))
 
-        self._runner = web.AppRunner(build_app(self.store, routes), access_log=None)
+        self._runner = web.AppRunner(build_app(self.store, routes), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)
         await site.start()
@@ -114,9 +125,8 @@ class Gateway:
             channels=sorted(self.adapters),
         )
 
-    async def _consumer(self, topic: str, group: str) -> AIOKafkaConsumer:
+    def _consumer(self, topic: str, group: str) -> AIOKafkaConsumer:
         consumer = kafka.consumer(self.bootstrap_servers, topic, group, self.settings.kafka)
-        await consumer.start()
         self._consumers.append(consumer)
         return consumer
 

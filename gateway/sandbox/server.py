@@ -31,7 +31,8 @@ def build(push: PushPartner) -> web.Application:
 async def serve(host: str, port: int, secret: str, receipt_url: str | None, receipt_delay_s: float) -> None:
     push = PushPartner(secret, receipt_url, receipt_delay_s)
     await push.start()
-    runner = web.AppRunner(build(push), access_log=None)
+    # a request held by the "hang" fault must not hold up shutdown
+    runner = web.AppRunner(build(push), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -1,0 +1,112 @@
+"""The gateway as its own process, SIGKILLed between planning and sending and in the middle of
+sending, then started again: every recipient gets exactly one push at the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import publish
+from gateway.directory import import_file
+from gateway.sandbox.process import SandboxProcess
+from gateway.settings import Settings
+from gateway.store import Store
+from tests.conftest import advisory, eventually, settings_env, signed
+
+pytestmark = pytest.mark.slow
+
+
+@asynccontextmanager
+async def gateway_process(
+    settings: Settings, roles: Sequence[str]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    env = {**os.environ, **settings_env(settings), "GATEWAY__GATEWAY__ROLES": "[" + ",".join(roles) + "]"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", env=env, stdin=asyncio.subprocess.DEVNULL
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _counts(store: Store, advisory_id: str) -> dict[str, int]:
+    return (await store.counts(advisory_id)).get("push", {})
+
+
+async def test_killed_after_planning_and_mid_send_every_recipient_gets_exactly_one_push(
+    settings: Settings, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    n = 3000
+    csv = tmp_path / "r.csv"
+    csv.write_text(
+        "id,languages,app_user,country\n" + "".join(f"r{i:05d},kk,app-{i},XA\n" for i in range(n)),
+        encoding="utf-8",
+    )
+    store = await Store.open(settings.store.url)
+    try:
+        await import_file(store, csv)
+        await sandbox.configure(receipt_url=f"http://127.0.0.1:{settings.http.port}/receipts/push")
+        kafka = settings.kafka.bootstrap_servers
+        assert kafka is not None
+
+        # 1. intake only: the advisory is planned, nothing sent; then SIGKILL
+        first = signed(advisory())
+        async with gateway_process(settings, ["intake"]) as proc:
+            await publish(kafka, settings.kafka.topic_advisories, first)
+
+            async def planned() -> bool:
+                state = await store.get_advisory_state(first["id"], 1)
+                return state is not None and state[1]
+
+            await eventually(planned, within=60, what="advisory planned")
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        assert (await sandbox.stats())["channels"]["push"]["accepted"] == 0
+        assert await _counts(store, first["id"]) == {"queued": n}
+
+        # 2. every role, with a slow partner; SIGKILL once a third of the second advisory is accepted
+        await sandbox.faults(latency_s=0.3, count=-1)
+        second = signed(advisory())
+        async with gateway_process(settings, ["intake", "dispatch", "receipts"]) as proc:
+            await eventually(
+                lambda: _delivered(store, first["id"], n), within=90, what="first advisory delivered"
+            )
+            await publish(kafka, settings.kafka.topic_advisories, second)
+
+            async def partly_sent() -> bool:
+                by = (await sandbox.stats())["channels"]["push"]["by_advisory"]
+                return by.get(f"{second['id']}@v1", {}).get("accepted", 0) >= n // 3
+
+            await eventually(partly_sent, within=90, what="a third of the second advisory accepted")
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        partial = (await sandbox.stats())["channels"]["push"]["by_advisory"][f"{second['id']}@v1"]["accepted"]
+        assert n // 3 <= partial < n, "the kill landed mid-send"
+
+        # 3. started again: the rest is sent, nothing twice
+        await sandbox.faults(count=0)
+        async with gateway_process(settings, ["intake", "dispatch", "receipts"]):
+            await eventually(lambda: _delivered(store, second["id"], n), within=120, what="second delivered")
+
+        stats = (await sandbox.stats())["channels"]["push"]
+        for adv in (first, second):
+            counted = stats["by_advisory"][f"{adv['id']}@v1"]
+            assert counted["unique_recipients"] == n
+            assert counted["duplicates"] == 0
+            assert counted["accepted"] == n
+    finally:
+        await store.close()
+
+
+async def _delivered(store: Store, advisory_id: str, n: int) -> bool:
+    return (await _counts(store, advisory_id)).get("delivered", 0) == n

@@ -1,0 +1,73 @@
+"""The push adapter against the sandbox partner over real HTTP, healthy and failing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import aiohttp
+import pytest_asyncio
+
+from channels.base import Message
+from channels.push import PushAdapter, PushSettings
+from gateway.models import now
+from gateway.sandbox.process import SandboxProcess
+
+
+@pytest_asyncio.fixture
+async def adapter(sandbox: SandboxProcess, secret: str) -> AsyncIterator[PushAdapter]:
+    async with aiohttp.ClientSession() as session:
+        settings = PushSettings(adapter="push", base_url=sandbox.url, secret=secret, timeout_s=1.0)
+        yield PushAdapter("push", settings, session)
+
+
+def _messages(n: int, prefix: str = "m") -> list[Message]:
+    exp = now() + timedelta(hours=1)
+    return [
+        Message(f"{prefix}{i}", f"user-{i}", {"title": "Leave", "body": "Go north"}, "en", "adv", 1, 0, exp)
+        for i in range(n)
+    ]
+
+
+async def test_a_batch_is_accepted_with_partner_ids(adapter: PushAdapter) -> None:
+    results = await adapter.send(_messages(3))
+    assert [r.outcome for r in results] == ["accepted"] * 3
+    assert all(r.partner_id for r in results)
+
+
+async def test_a_replayed_idempotency_key_is_not_a_second_notification(
+    adapter: PushAdapter, sandbox: SandboxProcess
+) -> None:
+    first = await adapter.send(_messages(2))
+    again = await adapter.send(_messages(2))
+    assert [r.partner_id for r in again] == [r.partner_id for r in first]
+    stats = (await sandbox.stats())["channels"]["push"]
+    assert (stats["accepted"], stats["idempotent_replays"], stats["duplicates"]) == (2, 2, 0)
+
+
+async def test_503_and_429_are_retried_and_retry_after_is_passed_on(
+    adapter: PushAdapter, sandbox: SandboxProcess
+) -> None:
+    await sandbox.faults(status=503, count=1)
+    assert {r.outcome for r in await adapter.send(_messages(2))} == {"retry"}
+    await sandbox.faults(status=429, count=1, retry_after=7)
+    results = await adapter.send(_messages(2))
+    assert {(r.outcome, r.retry_after) for r in results} == {("retry", 7.0)}
+    assert {r.outcome for r in await adapter.send(_messages(2))} == {"accepted"}
+
+
+async def test_a_partner_that_hangs_is_a_retry_after_the_timeout(
+    adapter: PushAdapter, sandbox: SandboxProcess
+) -> None:
+    await sandbox.faults(hang=True, count=1)
+    results = await adapter.send(_messages(1))
+    assert results[0].outcome == "retry"
+    assert "unreachable" in (results[0].reason or "")
+
+
+async def test_a_wrong_secret_is_a_permanent_rejection(sandbox: SandboxProcess) -> None:
+    async with aiohttp.ClientSession() as session:
+        settings = PushSettings(adapter="push", base_url=sandbox.url, secret="wrong")
+        results = await PushAdapter("push", settings, session).send(_messages(1))
+    assert results[0].outcome == "rejected"
+    assert "401" in (results[0].reason or "")

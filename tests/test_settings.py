@@ -1,0 +1,58 @@
+"""Configuration: YAML defaults, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from channels.base import load_settings as load_channel_settings
+from channels.push import PushSettings
+from gateway.errors import ConfigError
+from gateway.settings import load_settings
+
+
+def test_defaults_load_from_the_committed_yaml() -> None:
+    s = load_settings(environ={})
+    assert s.kafka.bootstrap_servers is None  # embedded broker
+    assert s.rendering.default_language == "en"
+    assert s.channels["push"]["adapter"] == "push"
+
+
+def test_environment_overrides_any_key_with_yaml_typed_values() -> None:
+    s = load_settings(
+        environ={
+            "GATEWAY__KAFKA__PARTITIONS": "8",
+            "GATEWAY__GATEWAY__ROLES": "[intake]",
+            "GATEWAY__CHANNELS__PUSH__BASE_URL": "http://partner.example",
+        }
+    )
+    assert s.kafka.partitions == 8
+    assert s.gateway.roles == ("intake",)
+    assert s.channels["push"]["base_url"] == "http://partner.example"
+
+
+def test_unknown_key_stops_start_up_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"kafka\.partitons: unknown key"):
+        load_settings(environ={"GATEWAY__KAFKA__PARTITONS": "8"})
+
+
+def test_invalid_value_names_the_key(tmp_path: Path) -> None:
+    extra = tmp_path / "bad.yaml"
+    extra.write_text("dispatch:\n  max_attempts: 0\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"dispatch\.max_attempts: Input should be greater than or equal to 1"
+    ):
+        load_settings([extra], environ={})
+
+
+def test_a_secret_written_in_yaml_is_refused(tmp_path: Path) -> None:
+    extra = tmp_path / "leaky.yaml"
+    extra.write_text("channels:\n  push:\n    secret: hunter2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"channels\.push\.secret: secrets may not be written in"):
+        load_settings([extra], environ={})
+
+
+def test_adapter_settings_name_the_channel_key() -> None:
+    with pytest.raises(ConfigError, match=r"channels\.push\.rate_per_sec: unknown key"):
+        load_channel_settings(PushSettings, "push", {"adapter": "push", "rate_per_sec": 5})

@@ -1,0 +1,51 @@
+"""The same store queries on PostgreSQL (skipped when absent on a laptop; required when CI=true)."""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy as sa
+
+from gateway.models import Recipient, Status
+from gateway.store import Outcome, Store, metadata
+from tests.conftest import postgres_url
+
+
+async def test_store_round_trip_and_rank_guard_on_postgresql() -> None:
+    store = await Store.open(postgres_url())
+    try:
+        async with store.engine.begin() as conn:  # a clean schema for this run
+            await conn.run_sync(metadata.drop_all)
+            await conn.run_sync(metadata.create_all)
+        rid = f"pg-{uuid.uuid4().hex[:6]}"
+        await store.upsert_recipients(
+            [Recipient(id=rid, languages=("kk",), app_user="u", country="XA", tags=("a",))]
+        )
+        await store.upsert_recipients(
+            [Recipient(id=rid, languages=("ru",), app_user="u", country="XA", tags=("a",))]
+        )
+        (r,) = await store.audience_page(["XA"], [], ["a"], "", 10)
+        assert r.languages == ("ru",)
+        row = {
+            "id": "d1",
+            "advisory_id": "adv",
+            "version": 1,
+            "recipient_id": rid,
+            "channel": "push",
+            "status": Status.PLANNED.value,
+        }
+        await store.insert_deliveries([row])
+        await store.insert_deliveries([row])  # a replay inserts nothing
+        await store.mark_queued(["d1"])
+        assert [w.delivery_id for w in await store.pending_work(["d1"])] == ["d1"]
+        await store.record([Outcome("d1", Status.SENT, partner_id="p1")], attempted=True)
+        await store.apply_receipts("push", [Outcome("d1", Status.READ), Outcome("d1", Status.DELIVERED)])
+        assert await store.delivery_status("d1") == "read"
+        assert await store.counts("adv") == {"push": {"read": 1}}
+        async with store.engine.connect() as conn:
+            attempts = (
+                await conn.execute(sa.text("select attempts from deliveries where id='d1'"))
+            ).scalar_one()
+        assert attempts == 1
+    finally:
+        await store.close()
