@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
+from gateway.broker import free_port
 from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.sandbox.process import SandboxProcess
@@ -110,3 +113,56 @@ async def test_killed_after_planning_and_mid_send_every_recipient_gets_exactly_o
 
 async def _delivered(store: Store, advisory_id: str, n: int) -> bool:
     return (await _counts(store, advisory_id)).get("delivered", 0) == n
+
+
+async def test_sigterm_stops_the_service_cleanly(settings: Settings) -> None:
+    async with gateway_process(settings, ["intake", "dispatch", "receipts"]) as proc:
+
+        async def healthy() -> bool:
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{settings.http.port}/healthz") as resp,
+                ):
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(healthy, within=60, what="gateway healthy")
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+
+
+async def test_broker_command_serves_the_gateway_topics_until_sigterm() -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "broker",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "GATEWAY__LOGGING__LEVEL": "warning"},
+    )
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert f"127.0.0.1:{port}" in first
+        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        await admin.start()
+        try:
+            assert {"advisories", "deliveries", "delivery-events", "advisories.dlq"} <= set(
+                await admin.list_topics()
+            )
+        finally:
+            await admin.close()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
