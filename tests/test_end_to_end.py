@@ -40,8 +40,23 @@ async def test_published_advisory_is_delivered_once_to_every_recipient(
         1200,
         0,
     )
-    assert gateway.store is not None
-    assert await gateway.store.counts(record["id"]) == {"push": {"delivered": 1200}}
+    async with aiohttp.ClientSession(gateway.public_url) as http:
+        async with http.get(f"/advisories/{record['id']}/status") as resp:
+            assert await resp.json() == {
+                "advisory_id": record["id"],
+                "by_channel": {"push": {"delivered": 1200}},
+            }
+        async with http.get("/advisories/no-such-advisory/status") as resp:
+            assert resp.status == 404
+            assert (await resp.json(content_type="application/problem+json"))["field"] == "advisory_id"
+        async with http.get("/metrics") as resp:
+            metrics = await resp.text()
+    accepted = next(
+        line for line in metrics.splitlines() if line.startswith("gateway_channel_messages_total{")
+    )
+    assert 'channel="push"' in accepted
+    assert 'outcome="accepted"' in accepted
+    assert float(accepted.rsplit(" ", 1)[1]) >= 1200
 
 
 async def test_recipients_outside_the_audience_are_not_notified(
