@@ -1,0 +1,96 @@
+"""SMS encoding: GSM 03.38 (7-bit) when every character is in it, UCS-2 otherwise — never a
+character replaced. Kazakh letters (ә ғ қ ң ө ұ ү һ і) and Cyrillic force UCS-2.
+
+Sizes: GSM-7 160 septets in one part, 153 per part when concatenated (extension characters
+``^{}\\[~]|€`` and form feed count 2 and are never split from their escape); UCS-2 70 UTF-16 units,
+67 per part (a surrogate pair — an emoji — is never split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# GSM 03.38 default alphabet, in code order (0x00-0x7F); 0x1B is the escape to the extension table.
+GSM7_BASIC = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# extension table: character -> code after the escape
+GSM7_EXTENSION = {
+    "\f": 0x0A,
+    "^": 0x14,
+    "{": 0x28,
+    "}": 0x29,
+    "\\": 0x2F,
+    "[": 0x3C,
+    "~": 0x3D,
+    "]": 0x3E,
+    "|": 0x40,
+    "€": 0x65,
+}
+_BASIC_CODE = {c: i for i, c in enumerate(GSM7_BASIC) if c != "\x1b"}
+
+SINGLE = {"gsm7": 160, "ucs2": 70}
+CONCATENATED = {"gsm7": 153, "ucs2": 67}
+DATA_CODING = {"gsm7": 0x00, "ucs2": 0x08}
+
+Encoding = Literal["gsm7", "ucs2"]
+
+
+def is_gsm7(text: str) -> bool:
+    return all(c in _BASIC_CODE or c in GSM7_EXTENSION for c in text)
+
+
+def _units(ch: str, encoding: Encoding) -> int:
+    if encoding == "gsm7":
+        return 2 if ch in GSM7_EXTENSION else 1
+    return 2 if ord(ch) > 0xFFFF else 1  # UTF-16 surrogate pair
+
+
+@dataclass(frozen=True, slots=True)
+class SmsLayout:
+    encoding: Encoding
+    units: int  # septets (GSM-7) or UTF-16 code units (UCS-2)
+    parts: tuple[str, ...]
+
+    @property
+    def data_coding(self) -> int:
+        return DATA_CODING[self.encoding]
+
+
+def layout(text: str) -> SmsLayout:
+    """How ``text`` goes out as SMS: encoding, size, and the text of each part."""
+    encoding: Encoding = "gsm7" if is_gsm7(text) else "ucs2"
+    units = sum(_units(c, encoding) for c in text)
+    if units <= SINGLE[encoding]:
+        return SmsLayout(encoding, units, (text,) if text else ())
+    limit = CONCATENATED[encoding]
+    parts: list[str] = []
+    current: list[str] = []
+    used = 0
+    for ch in text:
+        size = _units(ch, encoding)
+        if used + size > limit:
+            parts.append("".join(current))
+            current, used = [], 0
+        current.append(ch)
+        used += size
+    if current:
+        parts.append("".join(current))
+    return SmsLayout(encoding, units, tuple(parts))
+
+
+def encode_gsm7(text: str) -> bytes:
+    """Unpacked GSM 03.38 (one septet per byte, as SMPP's default alphabet carries it)."""
+    out = bytearray()
+    for ch in text:
+        if ch in GSM7_EXTENSION:
+            out += bytes((0x1B, GSM7_EXTENSION[ch]))
+        else:
+            out.append(_BASIC_CODE[ch])
+    return bytes(out)
+
+
+def encode(text: str, encoding: Encoding) -> bytes:
+    return encode_gsm7(text) if encoding == "gsm7" else text.encode("utf-16-be")
