@@ -1,227 +1,40 @@
-"""A sandbox super-app push partner speaking docs/partner-push-api.md over real HTTP.
-
-It verifies request signatures, honours idempotency keys (a replayed key is answered with the first
-answer and not counted again), counts what it accepted per recipient and advisory, can be told to
-fail (status codes, Retry-After, latency, hangs), and sends signed receipts to the gateway's
-webhook after a delay — retrying while the gateway is down, as a real partner does.
-"""
+"""A sandbox super-app push partner speaking docs/partner-push-api.md over real HTTP."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from channels.base import hmac_headers, verify_hmac
-from gateway.errors import AuthError
-from gateway.logging import get_logger
+from gateway.sandbox.partner import SandboxPartner
 
-log = get_logger(__name__)
-
-RECEIPT_BATCH = 500
+MAX_BATCH = 500
 
 
-@dataclass
-class Faults:
-    """What the partner does wrong for the next ``count`` requests (count < 0: until cleared)."""
-
-    status: int | None = None
-    count: int = 0
-    retry_after: float | None = None
-    latency_s: float = 0.0
-    hang: bool = False
-
-    def take(self) -> Faults | None:
-        if self.count == 0:
-            return None
-        if self.count > 0:
-            self.count -= 1
-        return self
-
-
-@dataclass
-class Counter:
-    accepted: int = 0
-    duplicates: int = 0
-    recipients: set[str] = field(default_factory=set)
-    seen: set[tuple[str, str]] = field(default_factory=set)
-    languages: dict[str, int] = field(default_factory=dict)
-
-    def add(self, recipient: str, advisory: str, language: str) -> None:
-        self.accepted += 1
-        self.languages[language] = self.languages.get(language, 0) + 1
-        key = (advisory, recipient)
-        if key in self.seen:
-            self.duplicates += 1
-        self.seen.add(key)
-        self.recipients.add(recipient)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "accepted": self.accepted,
-            "unique_recipients": len(self.recipients),
-            "duplicates": self.duplicates,
-            "languages": dict(sorted(self.languages.items())),
-        }
-
-
-class PushPartner:
+class PushPartner(SandboxPartner):
     channel = "push"
 
-    def __init__(self, secret: str, receipt_url: str | None, receipt_delay_s: float = 0.5) -> None:
-        self.secret = secret
-        self.receipt_url = receipt_url
-        self.receipt_delay_s = receipt_delay_s
-        self.faults = Faults()
-        self.total = Counter()
-        self.by_advisory: dict[str, Counter] = {}
-        self.answers: dict[str, dict[str, Any]] = {}  # idempotency key -> first answer
-        self.requests = 0
-        self.replays = 0
-        self.rejected = 0
-        self.receipts_sent = 0
-        self._pending: deque[tuple[float, dict[str, Any]]] = deque()
-        self._wakeup = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
-
     def routes(self) -> list[web.RouteDef]:
-        return [
-            web.post("/v1/messages:batch", self.messages),
-            web.post("/control/push/faults", self.set_faults),
-            web.post("/control/push/config", self.set_config),
-        ]
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
-        self._sender = asyncio.create_task(self._send_receipts(), name="push-receipts")
-
-    async def stop(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-        if self._session is not None:
-            await self._session.close()
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            **self.total.as_dict(),
-            "requests": self.requests,
-            "idempotent_replays": self.replays,
-            "rejected": self.rejected,
-            "receipts_sent": self.receipts_sent,
-            "receipts_pending": len(self._pending),
-            "by_advisory": {k: c.as_dict() for k, c in sorted(self.by_advisory.items())},
-        }
-
-    async def set_faults(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.faults = Faults(
-            status=body.get("status"),
-            count=int(body.get("count", -1 if body.get("status") or body.get("hang") else 0)),
-            retry_after=body.get("retry_after"),
-            latency_s=float(body.get("latency_s", 0.0)),
-            hang=bool(body.get("hang", False)),
-        )
-        return web.json_response({"faults": self.faults.__dict__})
-
-    async def set_config(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.receipt_url = body.get("receipt_url", self.receipt_url)
-        self.receipt_delay_s = float(body.get("receipt_delay_s", self.receipt_delay_s))
-        self._wakeup.set()
-        return web.json_response({"receipt_url": self.receipt_url, "receipt_delay_s": self.receipt_delay_s})
+        return [web.post("/v1/messages:batch", self.messages), *super().routes()]
 
     async def messages(self, request: web.Request) -> web.Response:
         body = await request.read()
-        try:
-            verify_hmac(self.secret, body, request.headers)
-        except AuthError as e:
-            return web.json_response({"error": str(e)}, status=401)
-        self.requests += 1
-        fault = self.faults.take()
-        if fault is not None:
-            if fault.latency_s:
-                await asyncio.sleep(fault.latency_s)
-            if fault.hang:
-                await asyncio.Event().wait()  # never answers; the client's timeout ends it
-            if fault.status is not None:
-                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-                return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)
+        if (refused := await self.http_fault(request, body)) is not None:
+            return refused
         try:
             messages = json.loads(body)["messages"]
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": 'body must be {"messages": [...]}'}, status=400)
-        if not isinstance(messages, list) or len(messages) > 500:
-            return web.json_response({"error": "messages: 1 to 500 items"}, status=413)
-        return web.json_response({"results": [self._accept(m) for m in messages]})
-
-    def _accept(self, m: dict[str, Any]) -> dict[str, Any]:
-        key = str(m.get("idempotency_key") or "")
-        if key in self.answers:
-            self.replays += 1
-            return self.answers[key]
-        if not key or not m.get("user_ref") or not m.get("title") or not m.get("body"):
-            self.rejected += 1
-            return {"idempotency_key": key, "status": "rejected", "reason": "missing field"}
-        answer = {"idempotency_key": key, "status": "accepted", "message_id": uuid.uuid4().hex}
-        self.answers[key] = answer
-        advisory = f"{m.get('advisory_id')}@v{m.get('advisory_version')}"
-        language = str(m.get("language"))
-        self.total.add(str(m["user_ref"]), advisory, language)
-        self.by_advisory.setdefault(advisory, Counter()).add(str(m["user_ref"]), advisory, language)
-        due = asyncio.get_running_loop().time() + self.receipt_delay_s
-        self._pending.append(
-            (due, {"idempotency_key": key, "message_id": answer["message_id"], "status": "delivered"})
-        )
-        self._wakeup.set()
-        return answer
-
-    async def _send_receipts(self) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = 0.2
-        while True:
-            if not self._pending or not self.receipt_url:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
+            return web.json_response({"error": f"messages: 1 to {MAX_BATCH} items"}, status=413)
+        results = []
+        for m in messages:
+            key = str(m.get("idempotency_key") or "")
+            if not key or not m.get("user_ref") or not m.get("title") or not m.get("body"):
+                self.rejected += 1
+                results.append({"idempotency_key": key, "status": "rejected", "reason": "missing field"})
                 continue
-            wait = self._pending[0][0] - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)  # the receipt delay itself: a timer, not a wait for an event
-            batch: list[dict[str, Any]] = []
-            while self._pending and self._pending[0][0] <= loop.time() and len(batch) < RECEIPT_BATCH:
-                batch.append(self._pending.popleft()[1])
-            if not batch:
-                continue
-            if await self._post_receipts(batch):
-                backoff = 0.2
-                self.receipts_sent += len(batch)
-            else:
-                self._pending.extendleft((loop.time(), r) for r in reversed(batch))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _post_receipts(self, batch: list[dict[str, Any]]) -> bool:
-        assert self._session is not None
-        assert self.receipt_url is not None
-        body = json.dumps({"receipts": batch}).encode()
-        headers = {"Content-Type": "application/json", **hmac_headers(self.secret, body)}
-        try:
-            async with self._session.post(
-                self.receipt_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
-            ) as resp:
-                if resp.status == 200:
-                    return True
-                log.warning("sandbox.receipts_refused", status=resp.status, count=len(batch))
-                return False
-        except (aiohttp.ClientError, TimeoutError) as e:
-            log.info("sandbox.receipts_unreachable", error=type(e).__name__, count=len(batch))
-            return False
+            advisory = f"{m.get('advisory_id')}@v{m.get('advisory_version')}"
+            message_id, _ = self.accept(key, str(m["user_ref"]), advisory, str(m.get("language")))
+            results.append({"idempotency_key": key, "status": "accepted", "message_id": message_id})
+        return web.json_response({"results": results})
