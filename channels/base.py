@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import aiohttp
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gateway import metrics
-from gateway.errors import AuthError, ConfigError, PermanentError, RetryableError
+from gateway.errors import AuthError, ConfigError, ContentError, PermanentError, RetryableError, SchemaError
 from gateway.logging import get_logger
-from gateway.models import Status
-from gateway.settings import describe_validation_error
+from gateway.models import Advisory, Status
+from gateway.settings import describe_validation_error, read_secret
 
 log = get_logger(__name__)
 
@@ -86,7 +87,8 @@ class Adapter(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]  # push | sms | email: chooses templates and the recipient's address
     parts: ClassVar[tuple[str, ...]]
-    limits: ClassVar[Mapping[str, int]] = {}
+    optional_parts: ClassVar[tuple[str, ...]] = ()
+    limits: ClassVar[Mapping[str, int]] = {}  # part -> most characters
     max_batch: ClassVar[int] = 1
     settings_model: ClassVar[type[ChannelSettings]] = ChannelSettings
 
@@ -138,6 +140,13 @@ class Adapter(ABC):
         )
         return results
 
+    def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
+        """Raise ContentError if this channel cannot carry the rendering; by default, ``limits``."""
+        for part, text in rendered.items():
+            limit = self.limits.get(part)
+            if limit is not None and len(text) > limit:
+                raise ContentError(f"{part} is {len(text)} characters; the limit is {limit}")
+
     @abstractmethod
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
         """The partner-specific request; raise RetryableError / PermanentError for the whole batch."""
@@ -148,6 +157,61 @@ class Adapter(ABC):
 
     async def close(self) -> None:
         """Release partner connections the adapter opened itself."""
+
+
+def retry_after(value: Any) -> float | None:
+    """Seconds from a Retry-After header or field; None if absent or not a number."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+class SignedHttpAdapter(Adapter):
+    """An HTTP JSON partner that signs both ways with a shared secret (docs/partner-*-api.md)."""
+
+    settings_model = SignedChannelSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = cast(SignedChannelSettings, self.settings)
+        raw = s.secret.get_secret_value() if s.secret else None
+        secret = read_secret(f"channels.{self.channel}", raw, s.secret_file)
+        if not secret:
+            raise ConfigError(
+                f"channels.{self.channel}.secret: not set; set "
+                f"GATEWAY__CHANNELS__{self.channel.upper().replace('-', '_')}__SECRET "
+                f"or channels.{self.channel}.secret_file"
+            )
+        self._secret = secret
+
+    async def post_json(self, url: str, payload: Mapping[str, Any]) -> Any:
+        """POST signed JSON; 429/5xx/unreachable → RetryableError, other non-200 → PermanentError."""
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json", **hmac_headers(self._secret, body)}
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        try:
+            async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
+                if resp.status == 429 or resp.status >= 500:
+                    raise RetryableError(
+                        f"partner answered {resp.status}", retry_after(resp.headers.get("Retry-After"))
+                    )
+                if resp.status != 200:
+                    raise PermanentError(f"partner answered {resp.status}: {(await resp.text())[:200]}")
+                return await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise RetryableError(f"partner unreachable: {type(e).__name__}: {e}") from e
+
+    def verified_json(self, body: bytes, headers: Mapping[str, str], key: str) -> list[Any]:
+        """The list under ``key`` of a webhook body signed by the partner; AuthError / SchemaError."""
+        verify_hmac(self._secret, body, headers)
+        try:
+            items = json.loads(body)[key]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SchemaError(f"{key}: malformed body: {e}") from e
+        if not isinstance(items, list):
+            raise SchemaError(f"{key}: must be a list")
+        return items
 
 
 def load_settings(model: type[ChannelSettings], channel: str, raw: Mapping[str, Any]) -> ChannelSettings:

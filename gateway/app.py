@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -39,12 +39,6 @@ def build_adapters(settings: Settings, session: aiohttp.ClientSession) -> dict[s
         cls = registry.adapter_class(str(raw.get("adapter", channel)))
         adapters[channel] = cls(channel, load_settings(cls.settings_model, channel, raw), session)
     return adapters
-
-
-def channel_specs(
-    adapters: Mapping[str, Adapter],
-) -> dict[str, tuple[str, tuple[str, ...], Mapping[str, int]]]:
-    return {name: (a.kind, a.parts, a.limits) for name, a in adapters.items()}
 
 
 class Gateway:
@@ -95,7 +89,7 @@ class Gateway:
                 verifier,
                 self._producer,
                 s.kafka.topic_dlq,
-                channel_specs(self.adapters),
+                self.adapters,
             )
             loops.append(
                 ("intake", self._consumer(s.kafka.topic_advisories, s.kafka.intake_group), intake.run)

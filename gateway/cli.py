@@ -19,6 +19,7 @@ from gateway.errors import ConfigError, InputError
 from gateway.settings import Settings, load_settings
 
 SIGNING_KEY_ENV = "GATEWAY_SIGNING_KEY"
+SANDBOX_SECRET_ENV = "SANDBOX_SECRET"  # noqa: S105 - the name of a variable, not a secret
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -81,10 +82,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from gateway.sandbox.server import serve
 
     _settings(args)  # configures logging
-    secret = os.environ.get("SANDBOX_PUSH_SECRET") or os.environ.get("GATEWAY__CHANNELS__PUSH__SECRET")
+    secret = os.environ.get(SANDBOX_SECRET_ENV)
     if not secret:
-        raise ConfigError("sandbox: set SANDBOX_PUSH_SECRET (the push partner's shared secret)")
-    asyncio.run(serve(args.host, args.port, secret, args.receipt_url, args.receipt_delay))
+        raise ConfigError(
+            f"sandbox: set {SANDBOX_SECRET_ENV} (the secret the sandbox partners share with the gateway)"
+        )
+    asyncio.run(serve(args.host, args.port, secret, args.gateway_url, args.receipt_delay))
     return 0
 
 
@@ -217,10 +220,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=None)
     b.set_defaults(func=cmd_broker)
 
-    s = sub.add_parser("sandbox", help="run the sandbox partners (push) in this process")
+    s = sub.add_parser("sandbox", help="run the sandbox partners (push, sms-http) in this process")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8700)
-    s.add_argument("--receipt-url", default=None, help="the gateway's push receipt webhook")
+    s.add_argument("--gateway-url", default=None, help="where receipts go: <url>/receipts/<channel>")
     s.add_argument("--receipt-delay", type=float, default=0.5, help="seconds before a receipt is sent")
     s.set_defaults(func=cmd_sandbox)
 

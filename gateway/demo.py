@@ -139,6 +139,8 @@ def demo_settings(
         "GATEWAY__HTTP__PORT": str(http_port),
         "GATEWAY__CHANNELS__PUSH__BASE_URL": sandbox_url,
         "GATEWAY__CHANNELS__PUSH__SECRET": secret,
+        "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": sandbox_url,
+        "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({sender: public_key}),
         "GATEWAY__LOGGING__LEVEL": "warning",
     }
@@ -156,8 +158,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
     t_start = time.monotonic()
     async with EmbeddedBroker() as broker:
         http_port = free_port()
-        receipt_url = f"http://127.0.0.1:{http_port}/receipts/push"
-        async with SandboxProcess(secret, receipt_url) as sandbox:
+        async with SandboxProcess(secret, f"http://127.0.0.1:{http_port}") as sandbox:
             settings = demo_settings(
                 workdir,
                 broker.bootstrap_servers,

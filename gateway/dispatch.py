@@ -84,7 +84,9 @@ class Dispatcher:
         lang = self.renderer.choose_language(adv, item.recipient, adapter.kind, adapter.parts)
         if lang is None:
             raise ContentError(f"no language to render for channel {adapter.channel!r}")
-        parts = self.renderer.render(adv, lang, adapter.kind, adapter.parts, item.recipient)
+        parts = self.renderer.render(
+            adv, lang, adapter.kind, adapter.parts, item.recipient, adapter.optional_parts
+        )
         address = item.recipient.address(adapter.kind)
         if address is None:
             raise ContentError(f"recipient has no {adapter.kind} address")

@@ -22,7 +22,7 @@ from gateway.errors import DecodeError, ExpiredError, InputError, SchemaError
 from gateway.logging import get_logger
 from gateway.models import Advisory, now
 from gateway.planner import Planner
-from gateway.rendering import Renderer
+from gateway.rendering import Renderer, Target
 from gateway.settings import describe_validation_error
 from gateway.signing import Verifier
 from gateway.store import Store
@@ -62,7 +62,7 @@ class Intake:
         verifier: Verifier | None,
         producer: AIOKafkaProducer,
         dlq_topic: str,
-        channel_specs: Mapping[str, tuple[str, tuple[str, ...], Mapping[str, int]]],
+        targets: Mapping[str, Target],
     ) -> None:
         self.store = store
         self.planner = planner
@@ -70,7 +70,7 @@ class Intake:
         self.verifier = verifier
         self.producer = producer
         self.dlq_topic = dlq_topic
-        self.channel_specs = channel_specs
+        self.targets = targets
 
     def validate(self, raw: bytes) -> tuple[Advisory, dict[str, Any]]:
         """Everything that can be judged from the record alone; raises an InputError."""
@@ -81,12 +81,12 @@ class Intake:
         if adv.msg_type != "cancel":
             if adv.expires_at <= now():
                 raise ExpiredError(f"expires_at: {adv.expires_at.isoformat()} is already past")
-            unknown = [c for c in adv.channels if c not in self.channel_specs]
+            unknown = [c for c in adv.channels if c not in self.targets]
             if unknown:
                 raise SchemaError(f"channels: not configured here: {', '.join(unknown)}")
             if adv.audience.segments:
                 raise SchemaError("audience.segments: partner-side segments are not supported yet")
-            self.renderer.check(adv, {c: self.channel_specs[c] for c in adv.channels})
+            self.renderer.check(adv, [self.targets[c] for c in adv.channels])
         return adv, record
 
     async def handle(self, raw: bytes) -> str:

@@ -63,6 +63,7 @@ class Advisory(_Model):
     data: dict[str, Any] = Field(default_factory=dict)
     content: dict[str, Content] = Field(default_factory=dict)
     references: tuple[str, ...] = ()
+    max_sms_parts: int | None = Field(None, ge=1, le=20)
     signature: str | None = None
 
     @field_validator("issued_at", "expires_at")

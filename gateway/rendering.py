@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import jinja2
 import jinja2.meta
@@ -19,8 +19,20 @@ from jinja2.sandbox import SandboxedEnvironment
 from gateway.errors import ContentError
 from gateway.models import Advisory, Recipient
 
-# inline content (title, body) stands in for every part a channel asks for
+# inline content (title, body) stands in for every required part a channel asks for
 _INLINE = {"title": "title", "body": "body", "subject": "title", "text": "body"}
+
+
+class Target(Protocol):
+    """What rendering needs to know of a channel (a channel adapter is one)."""
+
+    channel: str
+    kind: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]]
+    optional_parts: ClassVar[tuple[str, ...]]
+
+    def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
+        """Raise ContentError if the channel cannot carry this rendering (size, encoding)."""
 
 
 class Renderer:
@@ -88,9 +100,16 @@ class Renderer:
         return self._per_recipient[key]
 
     def render(
-        self, adv: Advisory, lang: str, kind: str, parts: Sequence[str], recipient: Recipient | None = None
+        self,
+        adv: Advisory,
+        lang: str,
+        kind: str,
+        parts: Sequence[str],
+        recipient: Recipient | None = None,
+        optional: Sequence[str] = (),
     ) -> dict[str, str]:
-        """The rendered parts; raises ContentError naming template, language and channel."""
+        """The rendered parts, in order (a later part sees the earlier ones as ``parts``); optional
+        parts only where the template has them. Raises ContentError naming the template."""
         if adv.template is None:
             content = adv.content[lang]
             return {p: getattr(content, _INLINE[p]) for p in parts}
@@ -107,8 +126,12 @@ class Renderer:
             if recipient is None:
                 recipient = Recipient.model_construct(id="(preview)", languages=(lang,))
             context["recipient"] = recipient.model_dump(exclude={"phone", "email", "opt_outs"})
-        out = {}
-        for part in parts:
+        out: dict[str, str] = {}
+        context["parts"] = out
+        have_optional = [
+            p for p in optional if (self.templates_dir / adv.template / lang / f"{kind}.{p}.j2").is_file()
+        ]
+        for part in (*parts, *have_optional):
             name = f"{adv.template}/{lang}/{kind}.{part}.j2"
             try:
                 out[part] = self.env.get_template(name).render(context).strip()
@@ -125,29 +148,22 @@ class Renderer:
 
     # -- intake check -------------------------------------------------------------------------
 
-    def check(
-        self, adv: Advisory, channels: Mapping[str, tuple[str, Sequence[str], Mapping[str, int]]]
-    ) -> None:
-        """Prove at intake that every channel renders, in the default language at least, within limits.
-
-        ``channels`` maps channel name → (kind, parts, {part: max characters}).
-        """
+    def check(self, adv: Advisory, targets: Iterable[Target]) -> None:
+        """Prove at intake that every channel renders, in the default language at least, and that
+        every language's rendering fits the channel (``Target.check_rendering``)."""
         if adv.template is not None and not self.template_exists(adv.template):
             raise ContentError(f"template: unknown template {adv.template!r}")
-        for channel, (kind, parts, limits) in channels.items():
-            available = self.languages(adv, kind, parts)
+        for t in targets:
+            available = self.languages(adv, t.kind, t.parts)
             if self.default_language not in available:
                 where = f"template {adv.template!r}" if adv.template else "content"
                 raise ContentError(
-                    f"{where}: no {self.default_language!r} (default language) text for channel {channel!r}; "
-                    f"have {sorted(available) or 'none'}"
+                    f"{where}: no {self.default_language!r} (default language) text for channel "
+                    f"{t.channel!r}; have {sorted(available) or 'none'}"
                 )
             for lang in sorted(available):
-                rendered = self.render(adv, lang, kind, parts)
-                for part, text in rendered.items():
-                    limit = limits.get(part)
-                    if limit is not None and len(text) > limit:
-                        raise ContentError(
-                            f"{part} for language {lang!r} on channel {channel!r} is {len(text)} characters; "
-                            f"the limit is {limit}"
-                        )
+                rendered = self.render(adv, lang, t.kind, t.parts, optional=t.optional_parts)
+                try:
+                    t.check_rendering(rendered, adv)
+                except ContentError as e:
+                    raise ContentError(f"language {lang!r} on channel {t.channel!r}: {e}") from e

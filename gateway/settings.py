@@ -159,6 +159,18 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _hyphenate_channels(env: dict[str, Any], data: Mapping[str, Any]) -> None:
+    """GATEWAY__CHANNELS__SMS_HTTP__… names the channel ``sms-http`` (a variable name has no hyphen)."""
+    channels = env.get("channels")
+    known = data.get("channels") or {}
+    if not isinstance(channels, dict):
+        return
+    for name in list(channels):
+        hyphenated = name.replace("_", "-")
+        if name not in known and hyphenated in known:
+            channels[hyphenated] = channels.pop(name)
+
+
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the key: ``kafka.partitions: Input should be ...``."""
     lines = []
@@ -180,7 +192,9 @@ def load_settings(
     data = _read_yaml(base_file)
     for path in extra_files or []:
         data = _merge(data, _read_yaml(path))
-    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    env = _env_overrides(os.environ if environ is None else environ)
+    _hyphenate_channels(env, data)
+    data = _merge(data, env)
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

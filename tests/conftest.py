@@ -99,6 +99,8 @@ def make_settings(tmp_path: Path, kafka: str, sandbox_url: str, secret: str, **e
         "GATEWAY__HTTP__PORT": str(free_port()),
         "GATEWAY__CHANNELS__PUSH__BASE_URL": sandbox_url,
         "GATEWAY__CHANNELS__PUSH__SECRET": secret,
+        "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": sandbox_url,
+        "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({SENDER: PUBLIC_KEY}),
         "GATEWAY__DISPATCH__BACKOFF_INITIAL_S": "0.05",
         "GATEWAY__DISPATCH__BACKOFF_MAX_S": "0.5",
@@ -122,6 +124,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "GATEWAY__HTTP__PORT": str(s.http.port),
         "GATEWAY__CHANNELS__PUSH__BASE_URL": s.channels["push"]["base_url"],
         "GATEWAY__CHANNELS__PUSH__SECRET": str(s.channels["push"]["secret"]),
+        "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": s.channels["sms-http"]["base_url"],
+        "GATEWAY__CHANNELS__SMS_HTTP__SECRET": str(s.channels["sms-http"]["secret"]),
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps(s.intake.trusted_keys),
         "GATEWAY__LOGGING__LEVEL": "warning",
         "GATEWAY__LOGGING__FORMAT": "json",
@@ -138,7 +142,7 @@ async def gateway(settings: Settings, sandbox: SandboxProcess) -> AsyncIterator[
     """A running gateway (all roles) whose receipts the sandbox sends back to it."""
     gw = Gateway(settings)
     await gw.start()
-    await sandbox.configure(receipt_url=f"{gw.public_url}/receipts/push")
+    await sandbox.point_at(gw.public_url)
     yield gw
     await gw.stop()
 

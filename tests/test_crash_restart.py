@@ -58,7 +58,7 @@ async def test_killed_after_planning_and_mid_send_every_recipient_gets_exactly_o
     store = await Store.open(settings.store.url)
     try:
         await import_file(store, csv)
-        await sandbox.configure(receipt_url=f"http://127.0.0.1:{settings.http.port}/receipts/push")
+        await sandbox.point_at(f"http://127.0.0.1:{settings.http.port}")
         kafka = settings.kafka.bootstrap_servers
         assert kafka is not None
 

@@ -138,7 +138,7 @@ async def test_malformed_records_go_to_the_dead_letter_topic_and_the_service_kee
 async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(
     gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    await sandbox.configure(receipt_url=None, receipt_delay_s=3600)  # hold the sandbox's own receipts
+    await sandbox.point_at(None)  # hold the sandbox's own receipts
     await load_recipients(gateway, tmp_path, 3)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
@@ -165,7 +165,7 @@ async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(
 async def test_duplicate_and_out_of_order_receipts_are_harmless(
     gateway: Gateway, sandbox: SandboxProcess, secret: str, tmp_path: Path
 ) -> None:
-    await sandbox.configure(receipt_url=None, receipt_delay_s=3600)
+    await sandbox.point_at(None)
     await load_recipients(gateway, tmp_path, 2)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from channels.push import PushAdapter, PushSettings
 from gateway.errors import ContentError
 from gateway.models import Advisory, Recipient
 from gateway.rendering import Renderer
@@ -18,6 +19,11 @@ TEMPLATES = load_settings(environ={}).rendering.templates_path()
 
 def _renderer() -> Renderer:
     return Renderer(TEMPLATES, "en")
+
+
+def _push() -> PushAdapter:
+    """A push adapter: only its declared parts and limits are used here, nothing is sent."""
+    return PushAdapter("push", PushSettings(adapter="push", secret="x"), None)  # type: ignore[arg-type]
 
 
 def _adv(**over: object) -> Advisory:
@@ -74,14 +80,16 @@ def test_a_template_that_reads_recipient_fields_renders_per_recipient(tmp_path: 
 
 def test_check_rejects_a_rendering_over_the_channel_limit_naming_language_and_channel() -> None:
     adv = _adv(data={**advisory()["data"], "country_name_kk": "Ұ" * 300})
-    with pytest.raises(ContentError, match=r"title for language 'kk' on channel 'push' is \d+ characters"):
-        _renderer().check(adv, {"push": ("push", PUSH, {"title": 120})})
+    with pytest.raises(
+        ContentError, match=r"language 'kk' on channel 'push': title is \d+ characters; the limit is 120"
+    ):
+        _renderer().check(adv, [_push()])
 
 
 def test_check_rejects_inline_content_without_the_default_language() -> None:
     adv = _adv(template=None, data={}, content={"ru": {"title": "Внимание", "body": "Покиньте страну"}})
     with pytest.raises(ContentError, match=r"no 'en' \(default language\) text for channel 'push'"):
-        _renderer().check(adv, {"push": ("push", PUSH, {})})
+        _renderer().check(adv, [_push()])
 
 
 def test_inline_content_serves_every_part() -> None:

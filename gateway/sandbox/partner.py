@@ -77,7 +77,7 @@ class SandboxPartner:
     """Shared state and behaviour of a sandbox partner; ``channel`` names it in /stats and /control."""
 
     channel: ClassVar[str]
-    receipt_status: ClassVar[str] = "delivered"
+    receipt_status = "delivered"  # what receipts say; /control/<channel>/config can change it
 
     def __init__(self, secret: str, receipt_url: str | None, receipt_delay_s: float = 0.5) -> None:
         self.secret = secret
@@ -140,8 +140,19 @@ class SandboxPartner:
         body = await request.json()
         self.receipt_url = body.get("receipt_url", self.receipt_url)
         self.receipt_delay_s = float(body.get("receipt_delay_s", self.receipt_delay_s))
+        self.receipt_status = str(body.get("receipt_status", self.receipt_status))
         self._wakeup.set()
-        return web.json_response({"receipt_url": self.receipt_url, "receipt_delay_s": self.receipt_delay_s})
+        return web.json_response(
+            {
+                "receipt_url": self.receipt_url,
+                "receipt_delay_s": self.receipt_delay_s,
+                "receipt_status": self.receipt_status,
+            }
+        )
+
+    def wake(self) -> None:
+        """Look at the receipt queue again (the receipt URL or delay changed)."""
+        self._wakeup.set()
 
     async def http_fault(self, request: web.Request, body: bytes) -> web.Response | None:
         """Check the signature and apply any injected fault; a response here ends the request."""

@@ -13,9 +13,9 @@ import aiohttp
 
 
 class SandboxProcess:
-    def __init__(self, secret: str, receipt_url: str | None = None, receipt_delay_s: float = 0.5) -> None:
+    def __init__(self, secret: str, gateway_url: str | None = None, receipt_delay_s: float = 0.5) -> None:
         self.secret = secret
-        self.receipt_url = receipt_url
+        self.gateway_url = gateway_url
         self.receipt_delay_s = receipt_delay_s
         self.port = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -35,9 +35,9 @@ class SandboxProcess:
             "--receipt-delay",
             str(self.receipt_delay_s),
         ]
-        if self.receipt_url:
-            cmd += ["--receipt-url", self.receipt_url]
-        env = {**os.environ, "SANDBOX_PUSH_SECRET": self.secret, "GATEWAY__LOGGING__LEVEL": "warning"}
+        if self.gateway_url:
+            cmd += ["--gateway-url", self.gateway_url]
+        env = {**os.environ, "SANDBOX_SECRET": self.secret, "GATEWAY__LOGGING__LEVEL": "warning"}
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, env=env
         )
@@ -70,7 +70,12 @@ class SandboxProcess:
         return await self._call("POST", f"/control/{channel}/faults", fault)
 
     async def configure(self, channel: str = "push", **config: Any) -> dict[str, Any]:
+        """Per partner: receipt_url, receipt_delay_s, receipt_status."""
         return await self._call("POST", f"/control/{channel}/config", config)
+
+    async def point_at(self, gateway_url: str | None) -> dict[str, Any]:
+        """Send every partner's receipts to ``<gateway_url>/receipts/<channel>`` (None: hold them)."""
+        return await self._call("POST", "/control/gateway", {"url": gateway_url})
 
     async def __aenter__(self) -> SandboxProcess:
         await self.start()

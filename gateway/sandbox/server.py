@@ -1,7 +1,8 @@
 """``broadcast-gateway sandbox``: every sandbox partner in one process, with ``GET /stats``.
 
-On start it prints one JSON line to stdout, ``{"ready": true, "http_port": ...}``, so that a parent
-process (demo, tests) learns where it listens.
+Partners: push (HTTP), sms-http (HTTP aggregator). Each sends its receipts to
+``<gateway url>/receipts/<channel>``. On start it prints one JSON line to stdout,
+``{"ready": true, "http_port": ...}``, so that a parent process (demo, tests) learns where it listens.
 """
 
 from __future__ import annotations
@@ -14,34 +15,54 @@ from aiohttp import web
 
 from gateway.cli import stop_on_signals
 from gateway.logging import get_logger
+from gateway.sandbox.partner import SandboxPartner
 from gateway.sandbox.push import PushPartner
+from gateway.sandbox.sms_http import SmsAggregator
 
 log = get_logger(__name__)
 
 
-def build(push: PushPartner) -> web.Application:
+def point_at(partners: list[SandboxPartner], gateway_url: str | None) -> None:
+    for p in partners:
+        p.receipt_url = f"{gateway_url.rstrip('/')}/receipts/{p.channel}" if gateway_url else None
+        p.wake()
+
+
+def build(partners: list[SandboxPartner]) -> web.Application:
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response({"channels": {push.channel: push.stats()}})
+        return web.json_response({"channels": {p.channel: p.stats() for p in partners}})
+
+    async def gateway(request: web.Request) -> web.Response:
+        point_at(partners, (await request.json()).get("url"))
+        return web.json_response({p.channel: p.receipt_url for p in partners})
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
-    app.add_routes([web.get("/stats", stats), *push.routes()])
+    app.add_routes([web.get("/stats", stats), web.post("/control/gateway", gateway)])
+    for p in partners:
+        app.add_routes(p.routes())
     return app
 
 
-async def serve(host: str, port: int, secret: str, receipt_url: str | None, receipt_delay_s: float) -> None:
-    push = PushPartner(secret, receipt_url, receipt_delay_s)
-    await push.start()
+async def serve(host: str, port: int, secret: str, gateway_url: str | None, receipt_delay_s: float) -> None:
+    partners: list[SandboxPartner] = [
+        PushPartner(secret, None, receipt_delay_s),
+        SmsAggregator(secret, None, receipt_delay_s),
+    ]
+    point_at(partners, gateway_url)
+    for p in partners:
+        await p.start()
     # a request held by the "hang" fault must not hold up shutdown
-    runner = web.AppRunner(build(push), access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(build(partners), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = int(runner.addresses[0][1])
     sys.stdout.write(json.dumps({"ready": True, "http_port": bound}) + "\n")
     sys.stdout.flush()
-    log.info("sandbox.started", port=bound, receipt_url=receipt_url)
+    log.info("sandbox.started", port=bound, gateway_url=gateway_url)
     stop = asyncio.Event()
     stop_on_signals(stop)
     await stop.wait()
     await runner.cleanup()
-    await push.stop()
+    for p in partners:
+        await p.stop()

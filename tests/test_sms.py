@@ -7,7 +7,7 @@ import math
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
 import pytest
 
-from channels.gsm import encode, layout
+from channels.sms import encode, layout
 
 TABLE = [
     ("English", "Leave now via North Gate. Hotline +7 7172 000000."),

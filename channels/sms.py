@@ -8,8 +8,15 @@ Sizes: GSM-7 160 septets in one part, 153 per part when concatenated (extension 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
+
+from pydantic import Field
+
+from channels.base import Adapter, SignedChannelSettings
+from gateway.errors import ContentError
+from gateway.models import Advisory, Status
 
 # GSM 03.38 default alphabet, in code order (0x00-0x7F); 0x1B is the escape to the extension table.
 GSM7_BASIC = (
@@ -94,3 +101,47 @@ def encode_gsm7(text: str) -> bytes:
 
 def encode(text: str, encoding: Encoding) -> bytes:
     return encode_gsm7(text) if encoding == "gsm7" else text.encode("utf-16-be")
+
+
+# -- what every SMS adapter shares ------------------------------------------------------------
+
+# SMPP / aggregator delivery-receipt states (the "stat:" of a DLR) -> our status; None: not final yet
+DLR_STATUS: dict[str, Status | None] = {
+    "DELIVRD": Status.DELIVERED,
+    "UNDELIV": Status.FAILED,
+    "EXPIRED": Status.FAILED,
+    "REJECTD": Status.FAILED,
+    "DELETED": Status.FAILED,
+    "UNKNOWN": None,
+    "ACCEPTD": None,
+    "ENROUTE": None,
+}
+
+
+class SmsSettings(SignedChannelSettings):
+    sender: str = Field("MFA", min_length=1, max_length=11)
+    max_parts: int = Field(6, ge=1, le=255)  # an advisory may lower it (max_sms_parts), never raise it
+
+
+class SmsAdapter(Adapter):
+    """Base of SMS adapters: one ``body`` part, checked for its size in parts, never re-encoded."""
+
+    kind = "sms"
+    parts = ("body",)
+    settings_model = SmsSettings
+
+    @property
+    def sms_settings(self) -> SmsSettings:
+        return cast(SmsSettings, self.settings)
+
+    def max_parts(self, adv: Advisory) -> int:
+        limit = self.sms_settings.max_parts
+        return min(limit, adv.max_sms_parts) if adv.max_sms_parts else limit
+
+    def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
+        sms = layout(rendered["body"])
+        if len(sms.parts) > self.max_parts(adv):
+            raise ContentError(
+                f"body needs {len(sms.parts)} SMS parts ({sms.encoding.upper()}, {sms.units} units); "
+                f"the limit is {self.max_parts(adv)}"
+            )
