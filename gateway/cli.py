@@ -169,10 +169,10 @@ async def _import(settings: Settings, path: Path) -> int:
             disable=not sys.stderr.isatty(),
         ) as progress:
             task = progress.add_task("rows", total=None)
-            report = await import_file(store, path, lambda n: progress.advance(task, n), on_error)
+            report = await import_file(store, path, lambda n: progress.advance(task, n), on_error, on_error)
     finally:
         await store.close()
-    print(f"loaded {report.loaded} recipients; {report.failed} rows skipped")
+    print(f"loaded {report.loaded} recipients ({report.warned} with warnings); {report.failed} rows skipped")
     return 0 if report.failed == 0 else 1
 
 

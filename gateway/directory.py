@@ -38,11 +38,18 @@ class ImportReport:
     loaded: int = 0
     failed: int = 0
     errors: list[RowError] = field(default_factory=list)  # the first KEPT_ERRORS; all are counted
+    warned: int = 0
+    warnings: list[RowError] = field(default_factory=list)  # rows loaded, with something to fix
 
     def add_error(self, err: RowError) -> None:
         self.failed += 1
         if len(self.errors) < KEPT_ERRORS:
             self.errors.append(err)
+
+    def add_warning(self, warning: RowError) -> None:
+        self.warned += 1
+        if len(self.warnings) < KEPT_ERRORS:
+            self.warnings.append(warning)
 
 
 def _csv_rows(f: IO[str]) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -102,6 +109,7 @@ async def import_file(
     path: Path,
     on_progress: Callable[[int], None] | None = None,
     on_error: Callable[[RowError], None] | None = None,
+    on_warning: Callable[[RowError], None] | None = None,
 ) -> ImportReport:
     """Upsert every good row of ``path``; returns counts and the first errors."""
     report = ImportReport()
@@ -110,6 +118,11 @@ async def import_file(
         for line, parsed in block:
             if isinstance(parsed, Recipient):
                 good[parsed.id] = parsed  # a repeated id within a block: the later row wins, as across blocks
+                if parsed.phone_problem:
+                    warning = RowError(line, f"phone: {parsed.phone_problem}; kept, SMS will be skipped")
+                    report.add_warning(warning)
+                    if on_warning:
+                        on_warning(warning)
             else:
                 err = RowError(line, parsed)
                 report.add_error(err)

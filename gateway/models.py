@@ -147,15 +147,18 @@ class Recipient(_Model):
     @field_validator("phone")
     @classmethod
     def _e164(cls, v: str | None) -> str | None:
+        """Valid numbers are stored in E.164; an invalid one is kept as given (see ``phone_problem``):
+        the recipient stays reachable on other channels, and their SMS is skipped with the reason."""
         if not v:
             return None
-        try:
-            number = phonenumbers.parse(v, None)
-        except phonenumbers.NumberParseException as e:
-            raise ValueError(f"not an international phone number: {e}") from e
-        if not phonenumbers.is_valid_number(number):
-            raise ValueError("not a valid phone number")
-        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        return e164(v) or v.strip()
+
+    @property
+    def phone_problem(self) -> str | None:
+        """Why ``phone`` cannot take an SMS, or None."""
+        if self.phone is None or e164(self.phone) == self.phone:
+            return None
+        return f"invalid phone number {self.phone!r}: not a valid international (E.164) number"
 
     @field_validator("email", "app_user", "region", mode="before")
     @classmethod
@@ -166,6 +169,17 @@ class Recipient(_Model):
         """The recipient's address on a channel kind, or None."""
         kind = channel_kind(channel)
         return {"push": self.app_user, "sms": self.phone, "email": self.email}.get(kind)
+
+
+def e164(raw: str) -> str | None:
+    """``raw`` as E.164 if it is a valid international number, else None."""
+    try:
+        number = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
 
 
 def channel_kind(channel: str) -> str:

@@ -21,14 +21,35 @@ from gateway.models import Advisory, Recipient, Status, delivery_id
 from gateway.store import Store
 
 
-def choose_channel(adv: Advisory, r: Recipient, kinds: Mapping[str, str]) -> str | None:
-    """The first channel of the advisory's cascade that has an address for the recipient, not opted out."""
+def choose_channel(
+    adv: Advisory, r: Recipient, kinds: Mapping[str, str]
+) -> tuple[str | None, dict[str, str]]:
+    """The first channel of the advisory's cascade that reaches the recipient, and the channels
+    passed over because the address there is unusable (channel → reason: recorded as skipped)."""
+    unusable: dict[str, str] = {}
     for channel in adv.channels:
-        if channel in r.opt_outs or kinds[channel] in r.opt_outs:
+        kind = kinds[channel]
+        if channel in r.opt_outs or kind in r.opt_outs or not r.address(kind):
             continue
-        if r.address(kinds[channel]):
-            return channel
-    return None
+        if kind == "sms" and r.phone_problem:
+            unusable[channel] = r.phone_problem
+            continue
+        return channel, unusable
+    return None, unusable
+
+
+def _row(
+    adv: Advisory, recipient_id: str, channel: str, status: Status, reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": delivery_id(adv.id, adv.version, recipient_id, channel),
+        "advisory_id": adv.id,
+        "version": adv.version,
+        "recipient_id": recipient_id,
+        "channel": channel,
+        "status": status.value,
+        "reason": reason,
+    }
 
 
 class Planner:
@@ -56,24 +77,16 @@ class Planner:
             rows: list[dict[str, Any]] = []
             by_channel: dict[str, list[str]] = defaultdict(list)
             for r in page:
-                channel = choose_channel(adv, r, self.kinds)
-                did = delivery_id(adv.id, adv.version, r.id, channel or adv.channels[0])
-                row = {
-                    "id": did,
-                    "advisory_id": adv.id,
-                    "version": adv.version,
-                    "recipient_id": r.id,
-                    "channel": channel or adv.channels[0],
-                    "status": Status.PLANNED.value,
-                }
-                if channel is None:
-                    row |= {
-                        "status": Status.SKIPPED.value,
-                        "reason": "no address on any channel of the advisory",
-                    }
-                else:
-                    by_channel[channel].append(did)
-                rows.append(row)
+                channel, unusable = choose_channel(adv, r, self.kinds)
+                for passed_over, reason in unusable.items():
+                    rows.append(_row(adv, r.id, passed_over, Status.SKIPPED, reason))
+                if channel is not None:
+                    row = _row(adv, r.id, channel, Status.PLANNED)
+                    by_channel[channel].append(row["id"])
+                    rows.append(row)
+                elif not unusable:
+                    reason = "no address on any channel of the advisory"
+                    rows.append(_row(adv, r.id, adv.channels[0], Status.SKIPPED, reason))
             await self.store.insert_deliveries(rows)
             sends = []
             for channel, ids in by_channel.items():

@@ -366,11 +366,14 @@ class Store:
             )
         return moved
 
-    async def delivery_status(self, delivery_id: str) -> str | None:
+    async def delivery(self, delivery_id: str) -> sa.RowMapping | None:
+        """One delivery's row (status, reason, attempts, partner_id, …), or None."""
         async with self.engine.connect() as conn:
             return (
-                await conn.execute(sa.select(deliveries.c.status).where(deliveries.c.id == delivery_id))
-            ).scalar_one_or_none()
+                (await conn.execute(sa.select(deliveries).where(deliveries.c.id == delivery_id)))
+                .mappings()
+                .first()
+            )
 
     async def counts(self, advisory_id: str | None = None) -> dict[str, dict[str, int]]:
         """channel -> status -> count, for one advisory or for all."""

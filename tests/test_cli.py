@@ -61,7 +61,7 @@ def test_recipients_import_reports_bad_lines_and_loads_the_rest(tmp_path: Path) 
     result = _cli("recipients", "import", str(path), env=env)
     assert result.returncode == 1
     assert "r.csv:3: country" in result.stderr
-    assert "loaded 2 recipients; 1 rows skipped" in result.stdout
+    assert "loaded 2 recipients (0 with warnings); 1 rows skipped" in result.stdout
 
 
 def test_demo_runs_end_to_end_and_prints_its_json_summary() -> None:

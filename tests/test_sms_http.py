@@ -17,7 +17,7 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.errors import AuthError
-from gateway.models import Status, now
+from gateway.models import Status, delivery_id, now
 from gateway.sandbox.process import SandboxProcess
 from tests.conftest import advisory, eventually, read_topic, signed
 
@@ -108,3 +108,37 @@ async def test_an_advisory_too_long_for_its_sms_part_limit_is_dead_lettered_nami
     assert "language 'kk' on channel 'sms-http'" in reason  # English fits one part; Kazakh is UCS-2
     assert "SMS parts" in reason
     assert "the limit is 1" in reason
+
+
+async def test_an_invalid_number_skips_that_sms_with_its_reason_and_the_cascade_goes_on(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "mixed.csv"
+    path.write_text(
+        "id,phone,app_user,country\n"
+        "ok,+77011234567,,XA\n"
+        "typo,+7 701 12,app-typo,XA\n"  # invalid phone, but on the super-app
+        "lost,12345,,XA\n",  # invalid phone, nothing else
+        encoding="utf-8",
+    )
+    assert gateway.store is not None
+    report = await import_file(gateway.store, path)
+    assert (report.loaded, [w.line for w in report.warnings]) == (3, [3, 4])
+    record = signed(advisory(channels=["sms-http", "push"]))
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    store = gateway.store
+
+    async def settled() -> bool:
+        counts = await store.counts(record["id"])
+        return (
+            counts.get("sms-http", {}).get("delivered") == 1 and counts.get("push", {}).get("delivered") == 1
+        )
+
+    await eventually(settled)
+    assert await store.counts(record["id"]) == {
+        "sms-http": {"delivered": 1, "skipped": 2},
+        "push": {"delivered": 1},
+    }
+    skipped = await store.delivery(delivery_id(record["id"], 1, "lost", "sms-http"))
+    assert skipped is not None
+    assert "invalid phone number '12345'" in skipped["reason"]
