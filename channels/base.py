@@ -176,7 +176,7 @@ class SignedHttpAdapter(Adapter):
         super().__init__(*args, **kwargs)
         s = cast(SignedChannelSettings, self.settings)
         raw = s.secret.get_secret_value() if s.secret else None
-        secret = read_secret(f"channels.{self.channel}", raw, s.secret_file)
+        secret = read_secret(f"channels.{self.channel}.secret", raw, s.secret_file)
         if not secret:
             raise ConfigError(
                 f"channels.{self.channel}.secret: not set; set "

@@ -131,7 +131,14 @@ class _Null:
 
 
 def demo_settings(
-    workdir: Path, bootstrap: str, http_port: int, sandbox_url: str, secret: str, sender: str, public_key: str
+    workdir: Path,
+    bootstrap: str,
+    http_port: int,
+    sandbox_url: str,
+    smtp_port: int,
+    secret: str,
+    sender: str,
+    public_key: str,
 ) -> Settings:
     env = {
         "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
@@ -141,6 +148,8 @@ def demo_settings(
         "GATEWAY__CHANNELS__PUSH__SECRET": secret,
         "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": sandbox_url,
         "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
+        "GATEWAY__CHANNELS__EMAIL__PORT": str(smtp_port),
+        "GATEWAY__CHANNELS__EMAIL__SECRET": secret,
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({sender: public_key}),
         "GATEWAY__LOGGING__LEVEL": "warning",
     }
@@ -164,6 +173,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
                 broker.bootstrap_servers,
                 http_port,
                 sandbox.url,
+                sandbox.smtp_port,
                 secret,
                 record["sender"],
                 public_key,

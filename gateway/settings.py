@@ -201,13 +201,13 @@ def load_settings(
         raise ConfigError(describe_validation_error(e)) from e
 
 
-def read_secret(section: str, value: str | None, file: Path | None) -> str | None:
-    """A secret from its value (environment) or from its file; never both."""
+def read_secret(key: str, value: str | None, file: Path | None) -> str | None:
+    """A secret from its value (environment) or from its file ``<key>_file``; never both."""
     if value is not None and file is not None:
-        raise ConfigError(f"{section}.secret and {section}.secret_file are both set; keep one")
+        raise ConfigError(f"{key} and {key}_file are both set; keep one")
     if file is not None:
         try:
             return file.read_text(encoding="utf-8").strip()
         except OSError as e:
-            raise ConfigError(f"{section}.secret_file: cannot read {file}: {e.strerror}") from e
+            raise ConfigError(f"{key}_file: cannot read {file}: {e.strerror}") from e
     return value

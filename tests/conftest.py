@@ -84,7 +84,9 @@ async def sandbox(secret: str) -> AsyncIterator[SandboxProcess]:
         yield sb
 
 
-def make_settings(tmp_path: Path, kafka: str, sandbox_url: str, secret: str, **env: str) -> Settings:
+def make_settings(
+    tmp_path: Path, kafka: str, sandbox_url: str, smtp_port: int, secret: str, **env: str
+) -> Settings:
     """Settings of one isolated gateway: its own topics, consumer groups, SQLite file and port."""
     tag = uuid.uuid4().hex[:8]
     base = {
@@ -101,6 +103,8 @@ def make_settings(tmp_path: Path, kafka: str, sandbox_url: str, secret: str, **e
         "GATEWAY__CHANNELS__PUSH__SECRET": secret,
         "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": sandbox_url,
         "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
+        "GATEWAY__CHANNELS__EMAIL__PORT": str(smtp_port),
+        "GATEWAY__CHANNELS__EMAIL__SECRET": secret,
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({SENDER: PUBLIC_KEY}),
         "GATEWAY__DISPATCH__BACKOFF_INITIAL_S": "0.05",
         "GATEWAY__DISPATCH__BACKOFF_MAX_S": "0.5",
@@ -126,6 +130,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "GATEWAY__CHANNELS__PUSH__SECRET": str(s.channels["push"]["secret"]),
         "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": s.channels["sms-http"]["base_url"],
         "GATEWAY__CHANNELS__SMS_HTTP__SECRET": str(s.channels["sms-http"]["secret"]),
+        "GATEWAY__CHANNELS__EMAIL__PORT": str(s.channels["email"]["port"]),
+        "GATEWAY__CHANNELS__EMAIL__SECRET": str(s.channels["email"]["secret"]),
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps(s.intake.trusted_keys),
         "GATEWAY__LOGGING__LEVEL": "warning",
         "GATEWAY__LOGGING__FORMAT": "json",
@@ -134,7 +140,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 def settings(tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess, secret: str) -> Settings:
-    return make_settings(tmp_path, kafka_bootstrap, sandbox.url, secret)
+    return make_settings(tmp_path, kafka_bootstrap, sandbox.url, sandbox.smtp_port, secret)
 
 
 @pytest_asyncio.fixture

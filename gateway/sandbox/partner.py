@@ -173,8 +173,11 @@ class SandboxPartner:
             return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)
         return None
 
-    def accept(self, key: str, recipient: str, advisory: str, language: str) -> tuple[str, bool]:
-        """Take one message; returns (partner message id, first time). A seen key is a replay, not counted."""
+    def accept(
+        self, key: str, recipient: str, advisory: str, language: str, status: str | None = None
+    ) -> tuple[str, bool]:
+        """Take one message; returns (partner message id, first time). A seen key is a replay, not
+        counted. Its receipt will say ``status`` (default: the partner's ``receipt_status``)."""
         if key in self.answers:
             self.replays += 1
             return str(self.answers[key]["message_id"]), False
@@ -183,13 +186,13 @@ class SandboxPartner:
         self.total.add(recipient, advisory, language)
         self.by_advisory.setdefault(advisory, Counter()).add(recipient, advisory, language)
         due = asyncio.get_running_loop().time() + self.receipt_delay_s
-        self._pending.append((due, self.receipt(key, message_id)))
+        self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
         self._wakeup.set()
         return message_id, True
 
-    def receipt(self, key: str, message_id: str) -> dict[str, Any]:
+    def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
         """One receipt as this partner's webhook carries it."""
-        return {"idempotency_key": key, "message_id": message_id, "status": self.receipt_status}
+        return {"idempotency_key": key, "message_id": message_id, "status": status}
 
     def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return {"receipts": batch}

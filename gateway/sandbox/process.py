@@ -18,6 +18,7 @@ class SandboxProcess:
         self.gateway_url = gateway_url
         self.receipt_delay_s = receipt_delay_s
         self.port = 0
+        self.smtp_port = 0
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -32,6 +33,8 @@ class SandboxProcess:
             "sandbox",
             "--port",
             "0",
+            "--smtp-port",
+            "0",
             "--receipt-delay",
             str(self.receipt_delay_s),
         ]
@@ -45,7 +48,8 @@ class SandboxProcess:
         line = await asyncio.wait_for(self._proc.stdout.readline(), 30)
         if not line:
             raise RuntimeError(f"sandbox exited with {await self._proc.wait()} before it was ready")
-        self.port = int(json.loads(line)["http_port"])
+        ready = json.loads(line)
+        self.port, self.smtp_port = int(ready["http_port"]), int(ready["smtp_port"])
 
     async def stop(self) -> None:
         if self._proc is not None and self._proc.returncode is None:

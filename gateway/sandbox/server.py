@@ -1,8 +1,9 @@
 """``broadcast-gateway sandbox``: every sandbox partner in one process, with ``GET /stats``.
 
-Partners: push (HTTP), sms-http (HTTP aggregator). Each sends its receipts to
+Partners: push (HTTP), sms-http (HTTP aggregator), email (SMTP relay). Each sends its receipts to
 ``<gateway url>/receipts/<channel>``. On start it prints one JSON line to stdout,
-``{"ready": true, "http_port": ...}``, so that a parent process (demo, tests) learns where it listens.
+``{"ready": true, "http_port": ..., "smtp_port": ...}``, so that a parent process (demo, tests)
+learns where it listens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from gateway.cli import stop_on_signals
 from gateway.logging import get_logger
+from gateway.sandbox.email import EmailSink
 from gateway.sandbox.partner import SandboxPartner
 from gateway.sandbox.push import PushPartner
 from gateway.sandbox.sms_http import SmsAggregator
@@ -43,21 +45,26 @@ def build(partners: list[SandboxPartner]) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, secret: str, gateway_url: str | None, receipt_delay_s: float) -> None:
+async def serve(
+    host: str, port: int, smtp_port: int, secret: str, gateway_url: str | None, receipt_delay_s: float
+) -> None:
+    email = EmailSink(secret, None, receipt_delay_s)
     partners: list[SandboxPartner] = [
         PushPartner(secret, None, receipt_delay_s),
         SmsAggregator(secret, None, receipt_delay_s),
+        email,
     ]
     point_at(partners, gateway_url)
     for p in partners:
         await p.start()
+    await email.start_smtp(host, smtp_port)
     # a request held by the "hang" fault must not hold up shutdown
     runner = web.AppRunner(build(partners), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = int(runner.addresses[0][1])
-    sys.stdout.write(json.dumps({"ready": True, "http_port": bound}) + "\n")
+    sys.stdout.write(json.dumps({"ready": True, "http_port": bound, "smtp_port": email.smtp_port}) + "\n")
     sys.stdout.flush()
     log.info("sandbox.started", port=bound, gateway_url=gateway_url)
     stop = asyncio.Event()

@@ -33,8 +33,8 @@ class SmsAggregator(SandboxPartner):
             "encodings": dict(sorted(self.encodings.items())),
         }
 
-    def receipt(self, key: str, message_id: str) -> dict[str, Any]:
-        return {"reference": key, "message_id": message_id, "status": self.receipt_status}
+    def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
+        return {"reference": key, "message_id": message_id, "status": status}
 
     def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return {"dlrs": batch}

@@ -1,0 +1,157 @@
+"""E-mail over SMTP (aiosmtplib): a pool of connections, STARTTLS / implicit TLS, multipart
+text + HTML, the subject in the recipient's language, and ``Message-ID: <delivery id@domain>`` so
+that bounces and delivery events find their delivery. Events come back on a signed webhook
+(docs/partner-email-api.md): ``delivered`` → delivered, ``bounced`` → failed.
+
+Per message: a 5xx answer is permanent (rejected), a 4xx answer or a lost connection is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import aiosmtplib
+from pydantic import Field, SecretStr
+
+from channels.base import Message, Receipt, Result, SignedChannelSettings, SignedHttpAdapter
+from gateway.errors import SchemaError
+from gateway.models import Status
+from gateway.settings import read_secret
+
+EVENT_STATUS: dict[str, Status | None] = {
+    "delivered": Status.DELIVERED,
+    "bounced": Status.FAILED,
+    "deferred": None,  # the relay keeps trying: not final
+    "complained": None,  # a spam report after delivery: stays delivered
+}
+
+
+class EmailSettings(SignedChannelSettings):
+    """``secret`` signs the event webhook; ``password`` (environment or file) logs in to the relay."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(25, ge=1, le=65535)
+    use_tls: bool = False  # implicit TLS (port 465)
+    start_tls: bool | None = None  # None: upgrade when the relay offers STARTTLS
+    validate_certs: bool = True
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    from_address: str = "alerts@mfa.example"
+    from_name: str = "Ministry of Foreign Affairs"
+    message_id_domain: str = "gateway.mfa.example"
+    pool_size: int = Field(4, ge=1, le=64)
+
+
+class EmailAdapter(SignedHttpAdapter):
+    name = "email"
+    kind = "email"
+    parts = ("subject", "text")
+    optional_parts = ("html",)
+    limits: ClassVar[Mapping[str, int]] = {"subject": 200}
+    max_batch = 50
+    settings_model = EmailSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.email_settings
+        raw = s.password.get_secret_value() if s.password else None
+        self._password = read_secret(f"channels.{self.channel}.password", raw, s.password_file)
+        self._pool: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+        for _ in range(s.pool_size):
+            self._pool.put_nowait(self._client())
+
+    @property
+    def email_settings(self) -> EmailSettings:
+        return cast(EmailSettings, self.settings)
+
+    def _client(self) -> aiosmtplib.SMTP:
+        s = self.email_settings
+        return aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            use_tls=s.use_tls,
+            start_tls=s.start_tls,
+            validate_certs=s.validate_certs,
+            timeout=s.timeout_s,
+        )
+
+    def message_id(self, delivery_id: str) -> str:
+        return f"<{delivery_id}@{self.email_settings.message_id_domain}>"
+
+    def build(self, m: Message) -> EmailMessage:
+        s = self.email_settings
+        msg = EmailMessage()
+        msg["From"] = formataddr((s.from_name, s.from_address))
+        msg["To"] = m.address
+        msg["Subject"] = m.parts["subject"]
+        msg["Date"] = formatdate(usegmt=True)
+        msg["Message-ID"] = self.message_id(m.delivery_id)
+        msg["Content-Language"] = m.language
+        msg["X-Advisory"] = f"{m.advisory_id}@v{m.version}"
+        msg["Auto-Submitted"] = "auto-generated"
+        if m.priority == 0:
+            msg["Importance"] = "high"
+        msg.set_content(m.parts["text"])
+        if "html" in m.parts:
+            msg.add_alternative(m.parts["html"], subtype="html")
+        return msg
+
+    async def _send(self, batch: Sequence[Message]) -> list[Result]:
+        return list(await asyncio.gather(*(self._send_one(m) for m in batch)))
+
+    async def _send_one(self, m: Message) -> Result:
+        client = await self._pool.get()
+        try:
+            if not client.is_connected:
+                await client.connect()
+                if self.email_settings.username and self._password:
+                    await client.login(self.email_settings.username, self._password)
+            await client.send_message(self.build(m))
+            return Result(m.delivery_id, "accepted", partner_id=self.message_id(m.delivery_id))
+        except aiosmtplib.SMTPRecipientsRefused as e:
+            refused = e.recipients[0] if e.recipients else None
+            code = refused.code if refused else 550
+            reason = f"relay refused the recipient: {code} {refused.message if refused else ''}".strip()
+            return Result(m.delivery_id, "rejected" if code >= 500 else "retry", reason=reason)
+        except aiosmtplib.SMTPResponseException as e:
+            return Result(
+                m.delivery_id,
+                "rejected" if e.code >= 500 else "retry",
+                reason=f"relay answered {e.code} {e.message}",
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            with contextlib.suppress(Exception):
+                client.close()
+            client = self._client()
+            return Result(m.delivery_id, "retry", reason=f"relay unreachable: {type(e).__name__}: {e}")
+        finally:
+            self._pool.put_nowait(client)
+
+    def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
+        receipts = []
+        for event in self.verified_json(body, headers, "events"):
+            try:
+                kind = str(event["event"])
+                delivery_id = str(event["message_id"]).strip("<>").split("@", 1)[0]
+            except (KeyError, TypeError) as e:
+                raise SchemaError(f"events: malformed event: {e}") from e
+            if kind not in EVENT_STATUS:
+                raise SchemaError(f"events: unknown event {kind!r}")
+            status = EVENT_STATUS[kind]
+            if status is not None:
+                receipts.append(Receipt(delivery_id, status, str(event["message_id"])))
+        return receipts
+
+    async def close(self) -> None:
+        while not self._pool.empty():
+            client = self._pool.get_nowait()
+            if client.is_connected:
+                with contextlib.suppress(Exception):
+                    await client.quit()

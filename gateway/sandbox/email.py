@@ -1,0 +1,70 @@
+"""A sandbox mail relay: a real SMTP server (aiosmtpd) on the sandbox's event loop, that counts
+what it accepted and sends delivery events — or bounces — to the gateway's webhook
+(docs/partner-email-api.md). A recipient address containing ``bounce`` is accepted, then bounced."""
+
+from __future__ import annotations
+
+import asyncio
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway.sandbox.partner import SandboxPartner
+
+
+class EmailSink(SandboxPartner):
+    channel = "email"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.smtp_port = 0
+        self.multipart = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start_smtp(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(self, hostname="sandbox-relay", enable_SMTPUTF8=True), host, port
+        )
+        self.smtp_port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await super().stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "smtp_port": self.smtp_port, "multipart": self.multipart}
+
+    def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
+        return {"message_id": key, "event": status}
+
+    def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"events": batch}
+
+    # aiosmtpd handler hook
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.requests += 1
+        fault = self.faults.take()
+        if fault is not None:
+            if fault.latency_s:
+                await asyncio.sleep(fault.latency_s)
+            if fault.status is not None:
+                return f"{fault.status} injected fault"
+        raw = envelope.content if isinstance(envelope.content, bytes) else (envelope.content or "").encode()
+        msg = message_from_bytes(raw, policy=policy.default)
+        assert isinstance(msg, EmailMessage)
+        message_id = str(msg.get("Message-ID", ""))
+        if not message_id or not msg.get("Subject") or msg.get_body(("plain",)) is None:
+            self.rejected += 1
+            return "554 5.6.0 Message-ID, Subject and a text/plain part are required"
+        if msg.get_body(("html",)) is not None:
+            self.multipart += 1
+        advisory = str(msg.get("X-Advisory", "?"))
+        language = str(msg.get("Content-Language", "?"))
+        for rcpt in envelope.rcpt_tos:
+            key = message_id if len(envelope.rcpt_tos) == 1 else f"{message_id}/{rcpt}"
+            self.accept(key, rcpt, advisory, language, status="bounced" if "bounce" in rcpt else None)
+        return "250 2.0.0 OK queued"
