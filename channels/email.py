@@ -93,7 +93,6 @@ class EmailAdapter(SignedHttpAdapter):
         msg["Subject"] = m.parts["subject"]
         msg["Date"] = formatdate(usegmt=True)
         msg["Message-ID"] = self.message_id(m.delivery_id)
-        msg["Content-Language"] = m.language
         msg["X-Advisory"] = f"{m.advisory_id}@v{m.version}"
         msg["Auto-Submitted"] = "auto-generated"
         if m.priority == 0:
@@ -101,6 +100,7 @@ class EmailAdapter(SignedHttpAdapter):
         msg.set_content(m.parts["text"])
         if "html" in m.parts:
             msg.add_alternative(m.parts["html"], subtype="html")
+        msg["Content-Language"] = m.language  # after the body: set_content() clears Content-* headers
         return msg
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:

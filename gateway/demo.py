@@ -51,13 +51,17 @@ def write_recipients(path: Path, n: int, country: str, seed: int = 7) -> None:
         w.writerow(FIELDS)
         for i in range(n):
             rid = f"r{i:07d}"
+            reach = rng.random()  # 60 % on the super-app, 25 % phone only, 15 % e-mail only
+            on_app = reach < 0.60
+            has_phone = reach < 0.85
+            has_email = reach >= 0.85 or rng.random() < 0.5
             w.writerow(
                 [
                     rid,
                     rng.choices(chains, weights)[0],
-                    f"+7701{rng.randrange(10**7):07d}",
-                    f"citizen{i}@example.kz" if rng.random() < 0.6 else "",
-                    f"app-{rid}",
+                    f"+7701{rng.randrange(10**7):07d}" if has_phone else "",
+                    f"citizen{i}@example.kz" if has_email else "",
+                    f"app-{rid}" if on_app else "",
                     country,
                     rng.choice(["capital", "north", "south"]),
                     "registered" if rng.random() < 0.8 else "registered|consular-list",

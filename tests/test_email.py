@@ -1,0 +1,138 @@
+"""E-mail over real SMTP: what the relay receives, how its answers are classified, and events back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiohttp
+import pytest_asyncio
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from channels.base import Message, hmac_headers
+from channels.email import EmailAdapter, EmailSettings
+from gateway.app import Gateway
+from gateway.broker import free_port
+from gateway.cli import publish
+from gateway.directory import import_file
+from gateway.models import Advisory, Status, now
+from gateway.rendering import Renderer
+from gateway.sandbox.process import SandboxProcess
+from gateway.settings import load_settings
+from tests.conftest import advisory, eventually, signed
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps what it receives, and can answer with a chosen code."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[EmailMessage] = asyncio.Queue()
+        self.answer = "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        msg = message_from_bytes(envelope.content or b"", policy=policy.default)  # type: ignore[arg-type]
+        assert isinstance(msg, EmailMessage)
+        await self.messages.put(msg)
+        return self.answer
+
+
+@pytest_asyncio.fixture
+async def inbox() -> AsyncIterator[tuple[Inbox, int]]:
+    handler = Inbox()
+    port = free_port()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(handler, enable_SMTPUTF8=True), "127.0.0.1", port
+    )
+    yield handler, port
+    server.close()
+    await server.wait_closed()
+
+
+def _adapter(session: aiohttp.ClientSession, port: int) -> EmailAdapter:
+    settings = EmailSettings(adapter="email", port=port, secret="s", timeout_s=2.0, pool_size=2)
+    return EmailAdapter("email", settings, session)
+
+
+def _rendered_kazakh() -> Message:
+    renderer = Renderer(load_settings(environ={}).rendering.templates_path(), "en")
+    adv = Advisory.model_validate(advisory())
+    parts = renderer.render(adv, "kk", "email", ("subject", "text"), optional=("html",))
+    return Message("d0e1", "aigerim@example.kz", parts, "kk", adv.id, 1, 0, now() + timedelta(hours=1))
+
+
+async def test_the_relay_receives_multipart_text_and_html_in_kazakh_with_our_message_id(
+    inbox: tuple[Inbox, int],
+) -> None:
+    handler, port = inbox
+    async with aiohttp.ClientSession() as session:
+        adapter = _adapter(session, port)
+        (result,) = await adapter.send([_rendered_kazakh()])
+        await adapter.close()
+    assert (result.outcome, result.partner_id) == ("accepted", "<d0e1@gateway.mfa.example>")
+    msg = await handler.messages.get()
+    assert msg["Message-ID"] == "<d0e1@gateway.mfa.example>"
+    assert "ашық" in str(msg["Subject"])
+    assert msg["Content-Language"] == "kk"
+    text = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert text is not None
+    assert html is not None
+    assert "Консулдық жедел желі" in text.get_content()
+    assert '<html lang="kk">' in html.get_content()
+
+
+async def test_5xx_is_rejected_4xx_and_a_dead_relay_are_retried(inbox: tuple[Inbox, int]) -> None:
+    handler, port = inbox
+    async with aiohttp.ClientSession() as session:
+        adapter = _adapter(session, port)
+        handler.answer = "550 5.1.1 mailbox unavailable"
+        assert (await adapter.send([_rendered_kazakh()]))[0].outcome == "rejected"
+        handler.answer = "451 4.3.0 try later"
+        assert (await adapter.send([_rendered_kazakh()]))[0].outcome == "retry"
+        await adapter.close()
+        dead = _adapter(session, free_port())
+        (result,) = await dead.send([_rendered_kazakh()])
+    assert result.outcome == "retry"
+    assert "unreachable" in (result.reason or "")
+
+
+def test_events_map_bounced_to_failed_and_ignore_what_is_not_final() -> None:
+    adapter = EmailAdapter("email", EmailSettings(adapter="email", secret="s"), None)  # type: ignore[arg-type]
+    events = [
+        {"message_id": "<a1@gateway.mfa.example>", "event": "delivered"},
+        {"message_id": "<b2@gateway.mfa.example>", "event": "bounced"},
+        {"message_id": "<c3@gateway.mfa.example>", "event": "deferred"},
+    ]
+    body = json.dumps({"events": events}).encode()
+    got = adapter.parse_receipts(body, hmac_headers("s", body))
+    assert [(r.delivery_id, r.status) for r in got] == [("a1", Status.DELIVERED), ("b2", Status.FAILED)]
+
+
+async def test_an_email_broadcast_ends_delivered_and_a_bounce_ends_failed(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "mail.csv"
+    rows = "".join(f"e{i:03d},ru,citizen{i}@example.kz,XA\n" for i in range(60))
+    path.write_text(
+        "id,languages,email,country\n" + rows + "e999,en,bounce-me@example.kz,XA\n", encoding="utf-8"
+    )
+    assert gateway.store is not None
+    await import_file(gateway.store, path)
+    record = signed(advisory(channels=["push", "sms-http", "email"]))
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    store = gateway.store
+
+    async def settled() -> bool:
+        return (await store.counts(record["id"])).get("email") == {"delivered": 60, "failed": 1}
+
+    await eventually(settled, what="60 delivered and 1 bounced")
+    stats = (await sandbox.stats())["channels"]["email"]
+    per = stats["by_advisory"][f"{record['id']}@v1"]
+    assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (61, 61, 0)
+    assert per["languages"] == {"en": 1, "ru": 60}
+    assert stats["multipart"] == 61
