@@ -9,6 +9,7 @@ Adapters know nothing of Kafka or the store; their HTTP session, clock and setti
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -41,6 +42,7 @@ class ChannelSettings(BaseModel):
     adapter: str
     rate_per_s: float = Field(1000.0, gt=0)
     burst: int = Field(500, ge=1)
+    max_in_flight: int = Field(4, ge=1, le=1024)  # partner requests (batches) open at once
     timeout_s: float = Field(10.0, gt=0)
 
 
@@ -105,20 +107,16 @@ class Adapter(ABC):
         self.clock = clock
         self.batch_size = min(self.max_batch, settings.burst)
         self._limiter = AsyncLimiter(settings.burst, settings.burst / settings.rate_per_s)
+        self._in_flight = asyncio.Semaphore(settings.max_in_flight)
 
     async def send(self, batch: Sequence[Message]) -> list[Result]:
-        """Send up to ``batch_size`` messages; every message gets exactly one result."""
-        await self._limiter.acquire(len(batch))
-        started = self.clock()
-        try:
-            results = await self._send(batch)
-        except RetryableError as e:
-            results = [
-                Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch
-            ]
-        except PermanentError as e:
-            results = [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch]
-        elapsed = self.clock() - started
+        """Send up to ``batch_size`` messages; every message gets exactly one result. At most
+        ``max_in_flight`` requests are open at once, within ``rate_per_s`` / ``burst``."""
+        async with self._in_flight:
+            await self._limiter.acquire(len(batch))
+            started = self.clock()
+            results = await self._classified(batch)
+            elapsed = self.clock() - started
         answered = {r.delivery_id for r in results}
         results += [
             Result(m.delivery_id, "retry", reason="no result from partner")
@@ -139,6 +137,15 @@ class Adapter(ABC):
             **counts,
         )
         return results
+
+    async def _classified(self, batch: Sequence[Message]) -> list[Result]:
+        """``_send``, with a batch-wide error turned into one result per message by its class."""
+        try:
+            return await self._send(batch)
+        except RetryableError as e:
+            return [Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch]
+        except PermanentError as e:
+            return [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch]
 
     def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
         """Raise ContentError if this channel cannot carry the rendering; by default, ``limits``."""

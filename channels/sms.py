@@ -103,6 +103,22 @@ def encode(text: str, encoding: Encoding) -> bytes:
     return encode_gsm7(text) if encoding == "gsm7" else text.encode("utf-16-be")
 
 
+def udh_segments(text: str, reference: int) -> tuple[Encoding, list[bytes]]:
+    """The short_message payloads of a concatenated SMS (esm_class UDHI): each part prefixed with
+    the 8-bit-reference concatenation header ``05 00 03 <ref> <total> <seq>``. One part: no header."""
+    sms = layout(text)
+    if len(sms.parts) <= 1:
+        return sms.encoding, [encode(text, sms.encoding)]
+    if len(sms.parts) > 255:
+        raise ValueError("a concatenated SMS has at most 255 parts")
+    ref = reference % 256
+    total = len(sms.parts)
+    return sms.encoding, [
+        bytes((0x05, 0x00, 0x03, ref, total, seq)) + encode(part, sms.encoding)
+        for seq, part in enumerate(sms.parts, start=1)
+    ]
+
+
 # -- what every SMS adapter shares ------------------------------------------------------------
 
 # SMPP / aggregator delivery-receipt states (the "stat:" of a DLR) -> our status; None: not final yet

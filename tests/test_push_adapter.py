@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -71,3 +72,15 @@ async def test_a_wrong_secret_is_a_permanent_rejection(sandbox: SandboxProcess) 
         results = await PushAdapter("push", settings, session).send(_messages(1))
     assert results[0].outcome == "rejected"
     assert "401" in (results[0].reason or "")
+
+
+async def test_no_more_than_max_in_flight_requests_are_open_at_the_partner(
+    sandbox: SandboxProcess, secret: str
+) -> None:
+    await sandbox.faults(latency_s=0.2, count=-1)
+    async with aiohttp.ClientSession() as session:
+        settings = PushSettings(adapter="push", base_url=sandbox.url, secret=secret, max_in_flight=2)
+        adapter = PushAdapter("push", settings, session)
+        results = await asyncio.gather(*(adapter.send(_messages(1, prefix=f"b{i}-")) for i in range(6)))
+    assert all(r[0].outcome == "accepted" for r in results)
+    assert (await sandbox.stats())["channels"]["push"]["most_open_requests"] == 2

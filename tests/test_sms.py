@@ -7,7 +7,7 @@ import math
 import gsm0338  # noqa: F401 - registers the "gsm03.38" codec
 import pytest
 
-from channels.sms import encode, layout
+from channels.sms import encode, layout, udh_segments
 
 TABLE = [
     ("English", "Leave now via North Gate. Hotline +7 7172 000000."),
@@ -69,3 +69,40 @@ def test_a_part_never_splits_an_escape_or_a_surrogate_pair() -> None:
     assert ucs.parts[0] == "ж" * 66
     assert ucs.parts[1].startswith("🚨")
     assert all(len(p.encode("utf-16-be")) // 2 <= 67 for p in ucs.parts)
+
+
+def _reassemble(encoding: str, segments: list[bytes]) -> str:
+    """What a handset does: order by the UDH sequence number, strip headers, decode (independently)."""
+    if len(segments) == 1:
+        raw = segments[0]
+        return raw.decode("gsm03.38") if encoding == "gsm7" else raw.decode("utf-16-be")
+    headers = [s[:6] for s in segments]
+    assert {h[:3] for h in headers} == {b"\x05\x00\x03"}
+    assert {h[3] for h in headers} == {headers[0][3]}, "one reference for all parts"
+    assert [h[4] for h in headers] == [len(segments)] * len(segments)
+    ordered = sorted(segments, key=lambda s: s[5])
+    body = b"".join(s[6:] for s in ordered)
+    return body.decode("gsm03.38") if encoding == "gsm7" else body.decode("utf-16-be")
+
+
+def test_a_long_kazakh_message_splits_into_udh_parts_that_reassemble_to_the_original() -> None:
+    text = " ".join(dict(TABLE)["Kazakh"] for _ in range(4)) + " 🚨"
+    encoding, segments = udh_segments(text, reference=300)
+    assert encoding == "ucs2"
+    assert len(segments) == len(layout(text).parts) > 1
+    assert all(len(s) <= 6 + 67 * 2 for s in segments), "67 UTF-16 units after the header"
+    assert {s[3] for s in segments} == {300 % 256}
+    assert _reassemble(encoding, list(reversed(segments))) == text
+
+
+def test_a_long_gsm7_message_with_extension_characters_reassembles() -> None:
+    text = "Route [A] {north} ~ 10€ | " * 12
+    encoding, segments = udh_segments(text, reference=7)
+    assert encoding == "gsm7"
+    assert all(len(s) <= 6 + 153 for s in segments)
+    assert _reassemble(encoding, segments) == text
+
+
+def test_a_short_message_has_no_udh() -> None:
+    encoding, segments = udh_segments("Leave now", reference=1)
+    assert (encoding, segments) == ("gsm7", [b"Leave now"])

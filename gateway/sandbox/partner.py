@@ -14,6 +14,7 @@ import contextlib
 import json
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,6 +92,8 @@ class SandboxPartner:
         self.replays = 0
         self.rejected = 0
         self.receipts_sent = 0
+        self.open_requests = 0
+        self.most_open_requests = 0  # the most requests this partner saw open at once
         self._pending: deque[tuple[float, dict[str, Any]]] = deque()
         self._wakeup = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -122,6 +125,7 @@ class SandboxPartner:
             "rejected": self.rejected,
             "receipts_sent": self.receipts_sent,
             "receipts_pending": len(self._pending),
+            "most_open_requests": self.most_open_requests,
             "by_advisory": {k: c.as_dict() for k, c in sorted(self.by_advisory.items())},
         }
 
@@ -153,6 +157,16 @@ class SandboxPartner:
     def wake(self) -> None:
         """Look at the receipt queue again (the receipt URL or delay changed)."""
         self._wakeup.set()
+
+    @contextlib.contextmanager
+    def open_request(self) -> Iterator[None]:
+        """Count a request as open for its whole handling (the partner's view of concurrency)."""
+        self.open_requests += 1
+        self.most_open_requests = max(self.most_open_requests, self.open_requests)
+        try:
+            yield
+        finally:
+            self.open_requests -= 1
 
     async def http_fault(self, request: web.Request, body: bytes) -> web.Response | None:
         """Check the signature and apply any injected fault; a response here ends the request."""

@@ -18,6 +18,10 @@ class PushPartner(SandboxPartner):
         return [web.post("/v1/messages:batch", self.messages), *super().routes()]
 
     async def messages(self, request: web.Request) -> web.Response:
+        with self.open_request():
+            return await self._messages(request)
+
+    async def _messages(self, request: web.Request) -> web.Response:
         body = await request.read()
         if (refused := await self.http_fault(request, body)) is not None:
             return refused

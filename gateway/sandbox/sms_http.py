@@ -40,6 +40,10 @@ class SmsAggregator(SandboxPartner):
         return {"dlrs": batch}
 
     async def messages(self, request: web.Request) -> web.Response:
+        with self.open_request():
+            return await self._messages(request)
+
+    async def _messages(self, request: web.Request) -> web.Response:
         body = await request.read()
         if (refused := await self.http_fault(request, body)) is not None:
             return refused
