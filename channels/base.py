@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import aiohttp
 from aiolimiter import AsyncLimiter
@@ -162,6 +162,15 @@ class Adapter(ABC):
         """Verify and parse a receipt webhook call; raise AuthError if it is not the partner's."""
         raise AuthError(f"channel {self.channel!r} takes no receipt webhooks")
 
+    def for_receipts(self, provider: str | None) -> Adapter:
+        """The adapter that parses receipts at ``/receipts/<channel>[/<provider>]``; KeyError if none."""
+        if provider is not None:
+            raise KeyError(provider)
+        return self
+
+    def receipts_seen(self, receipts: Sequence[Receipt]) -> None:
+        """Told of every applied receipt batch (routing learns receipt latency from it)."""
+
     async def close(self) -> None:
         """Release partner connections the adapter opened itself."""
 
@@ -221,7 +230,10 @@ class SignedHttpAdapter(Adapter):
         return items
 
 
-def load_settings(model: type[ChannelSettings], channel: str, raw: Mapping[str, Any]) -> ChannelSettings:
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def load_settings(model: type[SettingsT], channel: str, raw: Mapping[str, Any]) -> SettingsT:
     try:
         return model.model_validate(raw)
     except ValidationError as e:

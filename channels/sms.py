@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 from pydantic import Field
 
-from channels.base import Adapter, SignedChannelSettings
+from channels.base import Adapter, ChannelSettings, SignedChannelSettings
 from gateway.errors import ContentError
 from gateway.models import Advisory, Status
 
@@ -144,7 +144,7 @@ class SmsAdapter(Adapter):
 
     kind = "sms"
     parts = ("body",)
-    settings_model = SmsSettings
+    settings_model: ClassVar[type[ChannelSettings]] = SmsSettings
 
     @property
     def sms_settings(self) -> SmsSettings:

@@ -37,20 +37,30 @@ class ReceiptWebhook:
         self.events_topic = events_topic
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/receipts/{channel}", self.handle)]
+        return [
+            web.post("/receipts/{channel}", self.handle),
+            web.post("/receipts/{channel}/{provider}", self.handle),
+        ]
 
     async def handle(self, request: web.Request) -> web.Response:
         channel = request.match_info["channel"]
+        provider = request.match_info.get("provider")
         adapter = self.adapters.get(channel)
         if adapter is None:
             return problem(
                 404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel"
             )
+        try:
+            parser = adapter.for_receipts(provider)
+        except KeyError:
+            return problem(
+                404, "Unknown provider", f"channel {channel!r} has no provider {provider!r}", field="provider"
+            )
         if request.content_length is not None and request.content_length > MAX_BODY:
             return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes")
         body = await request.read()
         try:
-            found = adapter.parse_receipts(body, request.headers)
+            found = parser.parse_receipts(body, request.headers)
         except AuthError as e:
             log.warning("receipt.rejected", channel=channel, reason=str(e))
             return problem(401, "Unauthenticated", str(e))
@@ -58,6 +68,7 @@ class ReceiptWebhook:
             return problem(400, "Malformed receipts", str(e), field="receipts")
         outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
         moved = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
+        adapter.receipts_seen(found)
         at = now().isoformat()
         sends = [
             await self.producer.send(
