@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +93,8 @@ class Adapter(ABC):
     limits: ClassVar[Mapping[str, int]] = {}  # part -> most characters
     max_batch: ClassVar[int] = 1
     settings_model: ClassVar[type[ChannelSettings]] = ChannelSettings
+    # where an adapter that receives receipts itself (SMPP deliver_sm) hands them; set by the app
+    receipt_sink: Callable[[Sequence[Receipt]], Awaitable[None]] | None = None
 
     def __init__(
         self,
@@ -175,6 +177,15 @@ class Adapter(ABC):
         """Release partner connections the adapter opened itself."""
 
 
+def required_secret(key: str, value: SecretStr | None, file: Path | None) -> str:
+    """A secret setting's value (from the environment or ``<key>_file``); ConfigError naming how to set it."""
+    secret = read_secret(key, value.get_secret_value() if value else None, file)
+    if not secret:
+        variable = "GATEWAY__" + key.upper().replace(".", "__").replace("-", "_")
+        raise ConfigError(f"{key}: not set; set {variable} or {key}_file")
+    return secret
+
+
 def retry_after(value: Any) -> float | None:
     """Seconds from a Retry-After header or field; None if absent or not a number."""
     try:
@@ -191,15 +202,7 @@ class SignedHttpAdapter(Adapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         s = cast(SignedChannelSettings, self.settings)
-        raw = s.secret.get_secret_value() if s.secret else None
-        secret = read_secret(f"channels.{self.channel}.secret", raw, s.secret_file)
-        if not secret:
-            raise ConfigError(
-                f"channels.{self.channel}.secret: not set; set "
-                f"GATEWAY__CHANNELS__{self.channel.upper().replace('-', '_')}__SECRET "
-                f"or channels.{self.channel}.secret_file"
-            )
-        self._secret = secret
+        self._secret = required_secret(f"channels.{self.channel}.secret", s.secret, s.secret_file)
 
     async def post_json(self, url: str, payload: Mapping[str, Any]) -> Any:
         """POST signed JSON; 429/5xx/unreachable → RetryableError, other non-200 → PermanentError."""

@@ -57,6 +57,14 @@ class Gateway:
         self.adapters: dict[str, Adapter] = {}
 
     async def start(self) -> None:
+        """Bring up what the roles need; if any part fails, close what was opened and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(drain_timeout=1.0)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         if not self.bootstrap_servers:
             self.broker = EmbeddedBroker()
@@ -100,7 +108,10 @@ class Gateway:
                 ("dispatch", self._consumer(s.kafka.topic_deliveries, s.kafka.dispatch_group), dispatcher.run)
             )
         if "receipts" in s.gateway.roles:
-            routes += ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events).routes()
+            webhook = ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events)
+            routes += webhook.routes()
+            for name, adapter in self.adapters.items():
+                adapter.receipt_sink = webhook.sink(name, adapter)
         # joining a consumer group takes the broker's rebalance delay: join them all at once
         await asyncio.gather(*(consumer.start() for _, consumer, _ in loops))
         for name, consumer, run in loops:

@@ -87,7 +87,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"sandbox: set {SANDBOX_SECRET_ENV} (the secret the sandbox partners share with the gateway)"
         )
-    asyncio.run(serve(args.host, args.port, args.smtp_port, secret, args.gateway_url, args.receipt_delay))
+    asyncio.run(
+        serve(
+            args.host, args.port, args.smtp_port, args.smpp_port, secret, args.gateway_url, args.receipt_delay
+        )
+    )
     return 0
 
 
@@ -220,10 +224,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=None)
     b.set_defaults(func=cmd_broker)
 
-    s = sub.add_parser("sandbox", help="run the sandbox partners (push, sms-http, email) in this process")
+    s = sub.add_parser(
+        "sandbox", help="run the sandbox partners (push, sms-http, email, smpp) in this process"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8700, help="HTTP: push and sms-http partners, /stats")
     s.add_argument("--smtp-port", type=int, default=8725, help="the SMTP relay")
+    s.add_argument(
+        "--smpp-port",
+        type=int,
+        default=2775,
+        help="the SMSC (system_id gateway, password: 8 first characters of the secret)",
+    )
     s.add_argument("--gateway-url", default=None, help="where receipts go: <url>/receipts/<channel>")
     s.add_argument("--receipt-delay", type=float, default=0.5, help="seconds before a receipt is sent")
     s.set_defaults(func=cmd_sandbox)

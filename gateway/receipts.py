@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from channels.base import Adapter
+from channels.base import Adapter, Receipt
 from gateway import metrics
 from gateway.api import problem
 from gateway.errors import AuthError, InputError
@@ -66,8 +66,14 @@ class ReceiptWebhook:
             return problem(401, "Unauthenticated", str(e))
         except InputError as e:
             return problem(400, "Malformed receipts", str(e), field="receipts")
+        moved = await self.apply(channel, adapter, found)
+        return web.json_response({"received": len(found), "moved": moved})
+
+    async def apply(self, channel: str, adapter: Adapter, found: Sequence[Receipt]) -> int:
+        """Store receipts (rank-guarded), tell the adapter, publish events; returns deliveries moved.
+        Used by the webhooks and, for protocols that bring receipts themselves (SMPP), as their sink."""
         outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
-        moved = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
+        moved, outcomes = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
         adapter.receipts_seen(found)
         at = now().isoformat()
         sends = [
@@ -90,4 +96,10 @@ class ReceiptWebhook:
         for o in outcomes:
             metrics.receipts_total.labels(channel, o.status.value).inc()
         log.info("receipts.applied", channel=channel, count=len(outcomes), moved=moved)
-        return web.json_response({"received": len(outcomes), "moved": moved})
+        return moved
+
+    def sink(self, channel: str, adapter: Adapter) -> Callable[[Sequence[Receipt]], Awaitable[None]]:
+        async def take(found: Sequence[Receipt]) -> None:
+            await self.apply(channel, adapter, found)
+
+        return take

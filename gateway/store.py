@@ -65,7 +65,7 @@ deliveries = sa.Table(
     # Status.rank of status: writes are guarded by "rank < new rank", so nothing moves backwards
     sa.Column("rank", sa.SmallInteger, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("partner_id", sa.String(128)),
+    sa.Column("partner_id", sa.String(128), index=True),
     sa.Column("reason", sa.String(500)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
@@ -344,12 +344,25 @@ class Store:
                 .values(attempts=deliveries.c.attempts + 1, reason=reason, updated_at=now())
             )
 
-    async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> int:
-        """Record receipts and move their deliveries forward. Returns how many deliveries moved."""
+    async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> tuple[int, list[Outcome]]:
+        """Record receipts and move their deliveries forward. A receipt without a delivery id is
+        matched by the partner's message id. Returns (deliveries moved, the receipts as matched)."""
         if not items:
-            return 0
+            return 0, []
         at = now()
         async with self.engine.begin() as conn:
+            unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
+            if unmatched:
+                q = sa.select(deliveries.c.partner_id, deliveries.c.id).where(
+                    deliveries.c.channel == channel, deliveries.c.partner_id.in_(unmatched)
+                )
+                by_partner = {p: i for p, i in (await conn.execute(q)).all()}
+                items = [
+                    Outcome(by_partner.get(o.partner_id or "", ""), o.status, o.partner_id, o.reason)
+                    if not o.delivery_id
+                    else o
+                    for o in items
+                ]
             moved = await self._record_in(conn, items, attempted=False)
             await conn.execute(
                 sa.insert(receipts),
@@ -364,7 +377,7 @@ class Store:
                     for o in items
                 ],
             )
-        return moved
+        return moved, list(items)
 
     async def delivery(self, delivery_id: str) -> sa.RowMapping | None:
         """One delivery's row (status, reason, attempts, partner_id, …), or None."""

@@ -85,7 +85,7 @@ async def sandbox(secret: str) -> AsyncIterator[SandboxProcess]:
 
 
 def make_settings(
-    tmp_path: Path, kafka: str, sandbox_url: str, smtp_port: int, secret: str, **env: str
+    tmp_path: Path, kafka: str, sandbox_url: str, smtp_port: int, secret: str, smpp_port: int = 0, **env: str
 ) -> Settings:
     """Settings of one isolated gateway: its own topics, consumer groups, SQLite file and port."""
     tag = uuid.uuid4().hex[:8]
@@ -105,6 +105,9 @@ def make_settings(
         "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
         "GATEWAY__CHANNELS__EMAIL__PORT": str(smtp_port),
         "GATEWAY__CHANNELS__EMAIL__SECRET": secret,
+        "GATEWAY__CHANNELS__SMPP__PORT": str(smpp_port),
+        "GATEWAY__CHANNELS__SMPP__PASSWORD": secret[:8],
+        "GATEWAY__CHANNELS__SMPP__ENQUIRE_LINK_S": "0.5",
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({SENDER: PUBLIC_KEY}),
         "GATEWAY__DISPATCH__BACKOFF_INITIAL_S": "0.05",
         "GATEWAY__DISPATCH__BACKOFF_MAX_S": "0.5",
@@ -132,6 +135,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "GATEWAY__CHANNELS__SMS_HTTP__SECRET": str(s.channels["sms-http"]["secret"]),
         "GATEWAY__CHANNELS__EMAIL__PORT": str(s.channels["email"]["port"]),
         "GATEWAY__CHANNELS__EMAIL__SECRET": str(s.channels["email"]["secret"]),
+        "GATEWAY__CHANNELS__SMPP__PORT": str(s.channels["smpp"]["port"]),
+        "GATEWAY__CHANNELS__SMPP__PASSWORD": str(s.channels["smpp"]["password"]),
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps(s.intake.trusted_keys),
         "GATEWAY__LOGGING__LEVEL": "warning",
         "GATEWAY__LOGGING__FORMAT": "json",
@@ -140,7 +145,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 def settings(tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess, secret: str) -> Settings:
-    return make_settings(tmp_path, kafka_bootstrap, sandbox.url, sandbox.smtp_port, secret)
+    return make_settings(tmp_path, kafka_bootstrap, sandbox.url, sandbox.smtp_port, secret, sandbox.smpp_port)
 
 
 @pytest_asyncio.fixture

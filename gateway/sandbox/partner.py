@@ -197,12 +197,16 @@ class SandboxPartner:
             return str(self.answers[key]["message_id"]), False
         message_id = uuid.uuid4().hex
         self.answers[key] = {"message_id": message_id}
-        self.total.add(recipient, advisory, language)
-        self.by_advisory.setdefault(advisory, Counter()).add(recipient, advisory, language)
+        self.count(recipient, advisory, language)
         due = asyncio.get_running_loop().time() + self.receipt_delay_s
         self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
         self._wakeup.set()
         return message_id, True
+
+    def count(self, recipient: str, advisory: str, language: str) -> None:
+        """Count one message taken for a recipient (a second one for the same advisory is a duplicate)."""
+        self.total.add(recipient, advisory, language)
+        self.by_advisory.setdefault(advisory, Counter()).add(recipient, advisory, language)
 
     def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
         """One receipt as this partner's webhook carries it."""

@@ -19,6 +19,7 @@ class SandboxProcess:
         self.receipt_delay_s = receipt_delay_s
         self.port = 0
         self.smtp_port = 0
+        self.smpp_port = 0
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -35,6 +36,8 @@ class SandboxProcess:
             "0",
             "--smtp-port",
             "0",
+            "--smpp-port",
+            "0",
             "--receipt-delay",
             str(self.receipt_delay_s),
         ]
@@ -49,7 +52,11 @@ class SandboxProcess:
         if not line:
             raise RuntimeError(f"sandbox exited with {await self._proc.wait()} before it was ready")
         ready = json.loads(line)
-        self.port, self.smtp_port = int(ready["http_port"]), int(ready["smtp_port"])
+        self.port, self.smtp_port, self.smpp_port = (
+            int(ready["http_port"]),
+            int(ready["smtp_port"]),
+            int(ready["smpp_port"]),
+        )
 
     async def stop(self) -> None:
         if self._proc is not None and self._proc.returncode is None:

@@ -1,9 +1,9 @@
 """``broadcast-gateway sandbox``: every sandbox partner in one process, with ``GET /stats``.
 
-Partners: push (HTTP), sms-http (HTTP aggregator), email (SMTP relay). Each sends its receipts to
-``<gateway url>/receipts/<channel>``. On start it prints one JSON line to stdout,
-``{"ready": true, "http_port": ..., "smtp_port": ...}``, so that a parent process (demo, tests)
-learns where it listens.
+Partners: push (HTTP), sms-http (HTTP aggregator), email (SMTP relay), smpp (SMSC). The HTTP and
+e-mail partners send receipts to ``<gateway url>/receipts/<channel>``; the SMSC sends deliver_sm on
+the SMPP session. On start it prints one JSON line to stdout, ``{"ready": true, "http_port": ...,
+"smtp_port": ..., "smpp_port": ...}``, so that a parent process (demo, tests) learns where it listens.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from gateway.logging import get_logger
 from gateway.sandbox.email import EmailSink
 from gateway.sandbox.partner import SandboxPartner
 from gateway.sandbox.push import PushPartner
+from gateway.sandbox.smpp import Smsc
 from gateway.sandbox.sms_http import SmsAggregator
 
 log = get_logger(__name__)
@@ -46,25 +47,35 @@ def build(partners: list[SandboxPartner]) -> web.Application:
 
 
 async def serve(
-    host: str, port: int, smtp_port: int, secret: str, gateway_url: str | None, receipt_delay_s: float
+    host: str,
+    port: int,
+    smtp_port: int,
+    smpp_port: int,
+    secret: str,
+    gateway_url: str | None,
+    receipt_delay_s: float,
 ) -> None:
     email = EmailSink(secret, None, receipt_delay_s)
+    smsc = Smsc(secret, None, receipt_delay_s)
     partners: list[SandboxPartner] = [
         PushPartner(secret, None, receipt_delay_s),
         SmsAggregator(secret, None, receipt_delay_s),
         email,
+        smsc,
     ]
     point_at(partners, gateway_url)
     for p in partners:
         await p.start()
     await email.start_smtp(host, smtp_port)
+    await smsc.start_smpp(host, smpp_port)
     # a request held by the "hang" fault must not hold up shutdown
     runner = web.AppRunner(build(partners), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = int(runner.addresses[0][1])
-    sys.stdout.write(json.dumps({"ready": True, "http_port": bound, "smtp_port": email.smtp_port}) + "\n")
+    ready = {"ready": True, "http_port": bound, "smtp_port": email.smtp_port, "smpp_port": smsc.smpp_port}
+    sys.stdout.write(json.dumps(ready) + "\n")
     sys.stdout.flush()
     log.info("sandbox.started", port=bound, gateway_url=gateway_url)
     stop = asyncio.Event()

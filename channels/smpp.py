@@ -1,0 +1,241 @@
+"""SMS over SMPP 3.4 as a transceiver (aiosmpplib's ESME: bind, enquire_link keep-alive, reconnect
+with backoff, correlation of responses and receipts).
+
+We choose the encoding (GSM-7 = data_coding 0, UCS-2 = 8) and cut long messages into UDH
+concatenated parts ourselves (``channels.sms.udh_segments``: extension characters count two septets,
+emoji are never split); each part is one submit_sm. At most ``window`` submit_sm wait for their
+response at once; ``rate_per_s`` is the TPS limit, per PDU. A message is accepted when every part
+is; its partner id is the SMSC message id of its last part, and the last part's deliver_sm receipt
+(``id:… stat:DELIVRD|UNDELIV|EXPIRED|REJECTD|DELETED|UNKNOWN…``) decides its delivery status — a
+handset shows a concatenated message only once every part has arrived.
+
+SMPP has no idempotency key: a message resent after a crash is a second SMS. That replay is bounded
+by what was in flight (``window``), and is chosen over a missing evacuation message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from aiosmpplib import (
+    ESME,
+    NPI,
+    TON,
+    AbstractBroker,
+    AbstractHook,
+    DeliverSm,
+    GenericNack,
+    PhoneNumber,
+    SmppCommandStatus,
+    SmppMessage,
+    SubmitSm,
+    SubmitSmResp,
+)
+from aiosmpplib.log import StructuredLogger
+from aiosmpplib.ratelimiter import SimpleRateLimiter
+from pydantic import Field, SecretStr
+
+from channels.base import Message, Receipt, Result, required_secret
+from channels.sms import DLR_STATUS, SmsAdapter, SmsSettings, udh_segments
+from gateway.logging import get_logger
+
+log = get_logger(__name__)
+
+# submit_sm_resp statuses worth another try; any other error is permanent for that message
+RETRY_STATUSES = frozenset(
+    {
+        SmppCommandStatus.ESME_RTHROTTLED,
+        SmppCommandStatus.ESME_RMSGQFUL,
+        SmppCommandStatus.ESME_RSYSERR,
+        SmppCommandStatus.ESME_RSUBMITFAIL,
+    }
+)
+UDHI = 0b01000000
+
+
+class SmppSettings(SmsSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(2775, ge=1, le=65535)
+    system_id: str = Field("gateway", max_length=15)
+    system_type: str = Field("", max_length=12)
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    window: int = Field(10, ge=1, le=1000)  # submit_sm awaiting their response, at most
+    enquire_link_s: float = Field(30.0, gt=0)
+
+
+class _Queue(AbstractBroker):
+    """The ESME's outgoing queue, bounded: ``enqueue`` waits when the SMSC falls behind."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[SmppMessage] = asyncio.Queue(maxsize=size)
+
+    async def enqueue(self, message: SmppMessage) -> None:
+        await self.queue.put(message)
+
+    async def dequeue(self) -> SmppMessage:
+        return await self.queue.get()
+
+
+class _Hook(AbstractHook):
+    def __init__(self, adapter: SmppAdapter) -> None:
+        self.adapter = adapter
+
+    async def sending(self, smpp_message: SmppMessage, pdu: bytes, client_id: str) -> None:
+        return None
+
+    async def received(self, smpp_message: SmppMessage | None, pdu: bytes, client_id: str) -> None:
+        await self.adapter.on_pdu(smpp_message)
+
+    async def send_error(self, smpp_message: SmppMessage, error: Exception, client_id: str) -> None:
+        self.adapter.on_send_error(smpp_message, error)
+
+
+class _Esme(ESME):
+    async def connect(self) -> None:
+        # aiosmpplib replaces a dropped connection's writer without closing it: close it first
+        old: asyncio.StreamWriter | None = self._writer
+        if old is not None and self._session_state != self.bind_mode.session_state:
+            old.close()
+        await super().connect()
+
+
+class SmppAdapter(SmsAdapter):
+    name = "smpp"
+    max_batch = 50
+    settings_model = SmppSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.smpp_settings
+        self._password = required_secret(f"channels.{self.channel}.password", s.password, s.password_file)
+        self._esme: ESME | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._queue = _Queue(s.window * 2)
+        self._window = asyncio.Semaphore(s.window)
+        self._waiting: dict[str, asyncio.Future[SmppMessage]] = {}
+
+    @property
+    def smpp_settings(self) -> SmppSettings:
+        return cast(SmppSettings, self.settings)
+
+    def _start(self) -> None:
+        if self._runner is not None:
+            return
+        s = self.smpp_settings
+        quiet = StructuredLogger(f"aiosmpplib.{self.channel}", level=logging.WARNING)
+        self._esme = _Esme(
+            smsc_host=s.host,
+            smsc_port=s.port,
+            system_id=s.system_id,
+            password=self._password,
+            system_type=s.system_type,
+            client_id=self.channel,
+            enquire_link_interval=s.enquire_link_s,
+            log_level=logging.WARNING,
+            hook=_Hook(self),
+            broker=self._queue,
+            rate_limiter=SimpleRateLimiter(quiet, send_rate=s.rate_per_s),
+            socket_timeout=s.timeout_s,
+        )
+        self._runner = asyncio.create_task(self._esme.start(), name=f"smpp-{self.channel}")
+
+    async def _send(self, batch: Sequence[Message]) -> list[Result]:
+        self._start()
+        return list(await asyncio.gather(*(self._submit(m) for m in batch)))
+
+    async def _submit(self, m: Message) -> Result:
+        encoding, segments = udh_segments(m.parts["body"], reference=random.randrange(256))
+        total = len(segments)
+        keys = [f"{m.delivery_id}#{seq}/{total}" for seq in range(1, total + 1)]
+        loop = asyncio.get_running_loop()
+        try:
+            for key, segment in zip(keys, segments, strict=True):
+                await self._window.acquire()
+                self._waiting[key] = loop.create_future()
+                self._waiting[key].add_done_callback(lambda _: self._window.release())
+                sm = SubmitSm(
+                    short_message=m.parts["body"],  # not sent: the pre-encoded segment is
+                    source=PhoneNumber(self.smpp_settings.sender, TON.ALPHANUMERIC, NPI.UNKNOWN),
+                    destination=PhoneNumber(m.address.lstrip("+"), TON.INTERNATIONAL, NPI.ISDN),
+                    esm_class=UDHI if len(segments) > 1 else 0,
+                    registered_delivery=1,
+                    validity_period=m.expires_at,
+                    encoding="gsm0338" if encoding == "gsm7" else "ucs2",
+                    log_id=key,
+                    auto_message_payload=True,  # the ESME must not split again
+                )
+                sm.set_encoded_message(segment)
+                await self._queue.enqueue(sm)
+            async with asyncio.timeout(self.settings.timeout_s):
+                responses = [await self._waiting[k] for k in keys]
+        except TimeoutError:
+            return Result(
+                m.delivery_id, "retry", reason="no submit_sm_resp in time (SMSC unreachable or slow)"
+            )
+        except ConnectionError as e:
+            return Result(m.delivery_id, "retry", reason=f"SMSC connection failed: {e}")
+        finally:
+            for k in keys:
+                fut = self._waiting.pop(k, None)
+                if fut is not None and not fut.done():
+                    fut.cancel()
+        return self._result(m.delivery_id, responses)
+
+    @staticmethod
+    def _result(delivery_id: str, responses: Sequence[SmppMessage]) -> Result:
+        for r in responses:
+            status = r.command_status
+            if status != SmppCommandStatus.ESME_ROK:
+                outcome = "retry" if status in RETRY_STATUSES or isinstance(r, GenericNack) else "rejected"
+                return Result(delivery_id, outcome, reason=f"SMSC answered {status.name}")  # type: ignore[arg-type]
+        last = cast(SubmitSmResp, responses[-1])
+        return Result(delivery_id, "accepted", partner_id=last.message_id)
+
+    async def on_pdu(self, message: SmppMessage | None) -> None:
+        if isinstance(message, SubmitSmResp | GenericNack):
+            fut = self._waiting.get(message.log_id)
+            if fut is not None and not fut.done():
+                fut.set_result(message)
+        elif isinstance(message, DeliverSm) and message.is_receipt():
+            await self._on_receipt(message)
+
+    def on_send_error(self, message: SmppMessage, error: Exception) -> None:
+        fut = self._waiting.get(getattr(message, "log_id", ""))
+        if fut is not None and not fut.done():
+            fut.set_exception(ConnectionError(f"{type(error).__name__}: {error}"))
+
+    async def _on_receipt(self, dlr: DeliverSm) -> None:
+        receipt = dlr.parse_receipt()
+        stat = str(receipt.get("stat", "")).upper()
+        message_id = str(receipt.get("id", ""))
+        delivery_id, _, part = dlr.log_id.partition("#")
+        seq, _, total = part.partition("/")
+        status = DLR_STATUS.get(stat)
+        if status is None or seq != total:
+            return  # not final, unknown, or not the last part: the last part speaks for the message
+        # without a log id (the gateway restarted since it sent), the store finds it by SMSC id
+        found = Receipt(delivery_id, status, message_id)
+        if self.receipt_sink is not None:
+            await self.receipt_sink([found])
+
+    async def close(self) -> None:
+        if self._esme is not None:
+            # ESME.stop() unbinds and half-closes but never closes its socket: close it ourselves
+            writer: asyncio.StreamWriter | None = getattr(self._esme, "_writer", None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._esme.stop(), 5)
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner

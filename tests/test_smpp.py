@@ -1,0 +1,147 @@
+"""SMS over SMPP 3.4 against the sandbox SMSC over TCP: encodings, UDH parts, window, keep-alive,
+reconnect, and deliver_sm receipts matched back to our deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest_asyncio
+
+from channels.base import Message, Receipt
+from channels.smpp import SmppAdapter, SmppSettings
+from gateway.app import Gateway
+from gateway.cli import publish
+from gateway.directory import import_file
+from gateway.models import Status, now
+from gateway.sandbox.process import SandboxProcess
+from tests.conftest import advisory, eventually, signed
+
+KAZAKH = "Елден шығыңыз: өткізу пункті ашық. Консулдық жедел желі: +7 7172 00 00 00. " * 2
+
+
+class Receipts:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Receipt] = asyncio.Queue()
+
+    async def __call__(self, found: Sequence[Receipt]) -> None:
+        for r in found:
+            await self.queue.put(r)
+
+
+@pytest_asyncio.fixture
+async def smpp(sandbox: SandboxProcess, secret: str) -> AsyncIterator[tuple[SmppAdapter, Receipts]]:
+    async with aiohttp.ClientSession() as session:
+        settings = SmppSettings(
+            adapter="smpp",
+            port=sandbox.smpp_port,
+            password=secret[:8],
+            window=3,
+            enquire_link_s=0.2,
+            timeout_s=5,
+        )
+        adapter = SmppAdapter("smpp", settings, session)
+        sink = Receipts()
+        adapter.receipt_sink = sink
+        yield adapter, sink
+        await adapter.close()
+
+
+def _sms(key: str, to: str, text: str) -> Message:
+    return Message(key, to, {"body": text}, "kk", "adv", 1, 0, now() + timedelta(hours=1))
+
+
+async def _stats(sandbox: SandboxProcess) -> dict[str, object]:
+    return dict((await sandbox.stats())["channels"]["smpp"])
+
+
+async def test_kazakh_in_udh_parts_and_english_in_gsm7_are_accepted_and_receipted(
+    smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
+) -> None:
+    adapter, receipts = smpp
+    results = await adapter.send(
+        [_sms("kk1", "+77011234567", KAZAKH), _sms("en1", "+447911123456", "Leave now")]
+    )
+    assert [r.outcome for r in results] == ["accepted", "accepted"]
+    assert all(r.partner_id for r in results)
+    stats = await _stats(sandbox)
+    assert stats["binds"] == 1
+    assert stats["parts"] == 3 + 1  # 150 UCS-2 units → 3 parts of ≤ 67
+    assert stats["encodings"] == {"gsm0338": 1, "ucs2": 1}
+    assert (stats["unique_recipients"], stats["duplicates"]) == (2, 0)
+    got = {}
+    async with asyncio.timeout(10):
+        while len(got) < 2:
+            r = await receipts.queue.get()
+            got[r.delivery_id] = (r.status, r.partner_id)
+    assert got == {
+        "kk1": (Status.DELIVERED, results[0].partner_id),
+        "en1": (Status.DELIVERED, results[1].partner_id),
+    }, "the last part's receipt speaks for the message"
+
+
+async def test_no_more_than_the_window_of_submit_sm_awaits_its_response(
+    smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
+) -> None:
+    adapter, _ = smpp
+    await sandbox.faults("smpp", latency_s=0.3, count=-1)
+    results = await adapter.send([_sms(f"w{i}", f"+7701000000{i}", "Leave now") for i in range(9)])
+    assert {r.outcome for r in results} == {"accepted"}
+    assert (await _stats(sandbox))["most_open_requests"] == 3
+
+
+async def test_throttled_and_failed_submits_are_retried_a_bad_destination_is_not(
+    smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
+) -> None:
+    adapter, _ = smpp
+    await sandbox.faults("smpp", status=429, count=1)
+    assert (await adapter.send([_sms("t1", "+77011234567", "x")]))[0].outcome == "retry"
+    await sandbox.faults("smpp", status=503, count=1)
+    assert (await adapter.send([_sms("t2", "+77011234567", "x")]))[0].outcome == "retry"
+    await sandbox.faults("smpp", status=400, count=1)
+    (bad,) = await adapter.send([_sms("t3", "+77011234567", "x")])
+    assert (bad.outcome, bad.reason) == ("rejected", "SMSC answered ESME_RINVDSTADR")
+
+
+async def test_the_link_is_kept_alive_and_rebinds_after_the_smsc_drops_it(
+    smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
+) -> None:
+    adapter, _ = smpp
+    assert (await adapter.send([_sms("a", "+77011234567", "first")]))[0].outcome == "accepted"
+
+    async def kept_alive() -> bool:
+        return int((await _stats(sandbox))["enquire_links"]) >= 2  # type: ignore[call-overload]
+
+    await eventually(kept_alive, within=10, what="enquire_link every 0.2 s")
+    async with aiohttp.ClientSession() as http, http.post(f"{sandbox.url}/control/smpp/drop") as resp:
+        assert (await resp.json())["dropped"] == 1
+
+    async def rebound() -> bool:
+        return (await _stats(sandbox))["binds"] == 2
+
+    await eventually(rebound, within=15, what="the ESME binds again")
+    assert (await adapter.send([_sms("b", "+77011234567", "after reconnect")]))[0].outcome == "accepted"
+
+
+async def test_an_smpp_broadcast_ends_delivered_by_deliver_sm(
+    gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    path = tmp_path / "smpp.csv"
+    rows = "".join(f"m{i:03d},kk|ru,+7701{i:07d},XA\n" for i in range(80))
+    path.write_text("id,languages,phone,country\n" + rows, encoding="utf-8")
+    assert gateway.store is not None
+    store = gateway.store
+    await import_file(store, path)
+    record = signed(advisory(channels=["smpp"]))
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+
+    async def delivered() -> bool:
+        return (await store.counts(record["id"])).get("smpp", {}).get("delivered") == 80
+
+    await eventually(delivered, within=60, what="80 SMPP messages delivered")
+    stats = await _stats(sandbox)
+    assert (stats["unique_recipients"], stats["duplicates"]) == (80, 0)
+    assert stats["encodings"] == {"ucs2": 80}
