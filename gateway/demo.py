@@ -59,7 +59,7 @@ def write_recipients(path: Path, n: int, country: str, seed: int = 7) -> None:
                 [
                     rid,
                     rng.choices(chains, weights)[0],
-                    f"+7701{rng.randrange(10**7):07d}" if has_phone else "",
+                    f"+7701{i:07d}" if has_phone else "",  # unique: two citizens never share a number here
                     f"citizen{i}@example.kz" if has_email else "",
                     f"app-{rid}" if on_app else "",
                     country,
