@@ -114,7 +114,8 @@ class Router:
         return self.rng.choices(names, [self.providers[n].weight for n in names])[0]
 
     def sent(self, provider: str, results: Sequence[Result]) -> None:
-        errors = sum(1 for r in results if r.outcome != "accepted")
+        # a retry is the provider failing; a rejection is the message's own fault (a bad number)
+        errors = sum(1 for r in results if r.outcome == "retry")
         self.providers[provider].observe_batch(errors, len(results), self.health.smoothing)
         at = self.clock()
         for r in results:
