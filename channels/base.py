@@ -40,6 +40,7 @@ class ChannelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     adapter: str
+    enabled: bool = True  # GATEWAY__CHANNELS__<NAME>__ENABLED=false leaves a configured channel out
     rate_per_s: float = Field(1000.0, gt=0)
     burst: int = Field(500, ge=1)
     max_in_flight: int = Field(4, ge=1, le=1024)  # partner requests (batches) open at once

@@ -37,7 +37,9 @@ def build_adapters(settings: Settings, session: aiohttp.ClientSession) -> dict[s
     adapters: dict[str, Adapter] = {}
     for channel, raw in settings.channels.items():
         cls = registry.adapter_class(str(raw.get("adapter", channel)))
-        adapters[channel] = cls(channel, load_settings(cls.settings_model, channel, raw), session)
+        channel_settings = load_settings(cls.settings_model, channel, raw)
+        if channel_settings.enabled:
+            adapters[channel] = cls(channel, channel_settings, session)
     return adapters
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from channels.base import load_settings as load_channel_settings
 from channels.push import PushSettings
+from gateway.app import build_adapters
 from gateway.errors import ConfigError
 from gateway.settings import load_settings
 
@@ -56,3 +58,21 @@ def test_a_secret_written_in_yaml_is_refused(tmp_path: Path) -> None:
 def test_adapter_settings_name_the_channel_key() -> None:
     with pytest.raises(ConfigError, match=r"channels\.push\.rate_per_sec: unknown key"):
         load_channel_settings(PushSettings, "push", {"adapter": "push", "rate_per_sec": 5})
+
+
+async def test_a_disabled_channel_needs_no_secret_and_is_not_built() -> None:
+    settings = load_settings(
+        environ={
+            "GATEWAY__CHANNELS__PUSH__SECRET": "s",
+            "GATEWAY__CHANNELS__SMS_HTTP__ENABLED": "false",
+            "GATEWAY__CHANNELS__EMAIL__ENABLED": "false",
+            "GATEWAY__CHANNELS__SMPP__ENABLED": "false",
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        assert sorted(build_adapters(settings, session)) == ["push"]
+    with pytest.raises(
+        ConfigError, match=r"channels\.sms-http\.secret: not set; set GATEWAY__CHANNELS__SMS_HTTP__SECRET"
+    ):
+        async with aiohttp.ClientSession() as session:
+            build_adapters(load_settings(environ={"GATEWAY__CHANNELS__PUSH__SECRET": "s"}), session)
