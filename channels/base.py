@@ -178,6 +178,23 @@ class Adapter(ABC):
         """Release partner connections the adapter opened itself."""
 
 
+def partner_result(item: Mapping[str, Any], key: str, accepted: str, reason: str) -> Result:
+    """A partner's per-message answer as a Result: ``item[key]`` names our delivery, status
+    ``accepted`` (the partner's word for it) or ``rejected``; anything else is a retry."""
+    delivery = str(item.get(key))
+    status = item.get("status")
+    if status == accepted:
+        return Result(delivery, "accepted", partner_id=str(item.get("message_id")))
+    if status == "rejected":
+        return Result(delivery, "rejected", reason=str(item.get(reason, "rejected by partner")))
+    return Result(
+        delivery,
+        "retry",
+        reason=str(item.get(reason, "partner asked to retry")),
+        retry_after=retry_after(item.get("retry_after_s")),
+    )
+
+
 def required_secret(key: str, value: SecretStr | None, file: Path | None) -> str:
     """A secret setting's value (from the environment or ``<key>_file``); ConfigError naming how to set it."""
     secret = read_secret(key, value.get_secret_value() if value else None, file)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, cast
 
-from channels.base import Message, Receipt, Result, SignedChannelSettings, SignedHttpAdapter, retry_after
+from channels.base import Message, Receipt, Result, SignedChannelSettings, SignedHttpAdapter, partner_result
 from gateway.errors import SchemaError
 from gateway.models import Status
 
@@ -52,22 +52,10 @@ class PushAdapter(SignedHttpAdapter):
                 ]
             },
         )
-        return [self._result(item) for item in payload.get("results", [])]
-
-    @staticmethod
-    def _result(item: Mapping[str, Any]) -> Result:
-        key = str(item.get("idempotency_key"))
-        status = item.get("status")
-        if status == "accepted":
-            return Result(key, "accepted", partner_id=str(item.get("message_id")))
-        if status == "rejected":
-            return Result(key, "rejected", reason=str(item.get("reason", "rejected by partner")))
-        return Result(
-            key,
-            "retry",
-            reason=str(item.get("reason", "partner asked to retry")),
-            retry_after=retry_after(item.get("retry_after_s")),
-        )
+        return [
+            partner_result(item, "idempotency_key", "accepted", "reason")
+            for item in payload.get("results", [])
+        ]
 
     def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
         try:

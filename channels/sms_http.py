@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from channels.base import Message, Receipt, Result, SignedHttpAdapter, retry_after
+from channels.base import Message, Receipt, Result, SignedHttpAdapter, partner_result
 from channels.sms import DLR_STATUS, SmsAdapter, SmsSettings, layout
 from gateway.errors import SchemaError
 
@@ -47,22 +47,7 @@ class SmsHttpAdapter(SmsAdapter, SignedHttpAdapter):
                 }
             )
         payload = await self.post_json(self._url, {"messages": messages})
-        return [self._result(item) for item in payload.get("results", [])]
-
-    @staticmethod
-    def _result(item: Mapping[str, Any]) -> Result:
-        ref = str(item.get("reference"))
-        status = item.get("status")
-        if status == "queued":
-            return Result(ref, "accepted", partner_id=str(item.get("message_id")))
-        if status == "rejected":
-            return Result(ref, "rejected", reason=str(item.get("error", "rejected by aggregator")))
-        return Result(
-            ref,
-            "retry",
-            reason=str(item.get("error", "aggregator asked to retry")),
-            retry_after=retry_after(item.get("retry_after_s")),
-        )
+        return [partner_result(item, "reference", "queued", "error") for item in payload.get("results", [])]
 
     def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
         receipts = []

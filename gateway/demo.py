@@ -135,28 +135,13 @@ class _Null:
 
 
 def demo_settings(
-    workdir: Path,
-    bootstrap: str,
-    http_port: int,
-    sandbox_url: str,
-    smtp_port: int,
-    smpp_port: int,
-    secret: str,
-    sender: str,
-    public_key: str,
+    workdir: Path, bootstrap: str, http_port: int, sandbox: SandboxProcess, sender: str, public_key: str
 ) -> Settings:
     env = {
         "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{workdir / 'gateway.db'}",
         "GATEWAY__HTTP__PORT": str(http_port),
-        "GATEWAY__CHANNELS__PUSH__BASE_URL": sandbox_url,
-        "GATEWAY__CHANNELS__PUSH__SECRET": secret,
-        "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": sandbox_url,
-        "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
-        "GATEWAY__CHANNELS__EMAIL__PORT": str(smtp_port),
-        "GATEWAY__CHANNELS__EMAIL__SECRET": secret,
-        "GATEWAY__CHANNELS__SMPP__PORT": str(smpp_port),
-        "GATEWAY__CHANNELS__SMPP__PASSWORD": secret[:8],
+        **sandbox.gateway_env(),
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({sender: public_key}),
         "GATEWAY__LOGGING__LEVEL": "warning",
     }
@@ -176,15 +161,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
         http_port = free_port()
         async with SandboxProcess(secret, f"http://127.0.0.1:{http_port}") as sandbox:
             settings = demo_settings(
-                workdir,
-                broker.bootstrap_servers,
-                http_port,
-                sandbox.url,
-                sandbox.smtp_port,
-                sandbox.smpp_port,
-                secret,
-                record["sender"],
-                public_key,
+                workdir, broker.bootstrap_servers, http_port, sandbox, record["sender"], public_key
             )
             console.print(
                 f"[bold]broker[/] {broker.bootstrap_servers}  [bold]sandbox[/] {sandbox.url}  "

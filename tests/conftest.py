@@ -84,9 +84,7 @@ async def sandbox(secret: str) -> AsyncIterator[SandboxProcess]:
         yield sb
 
 
-def make_settings(
-    tmp_path: Path, kafka: str, sandbox_url: str, smtp_port: int, secret: str, smpp_port: int = 0, **env: str
-) -> Settings:
+def make_settings(tmp_path: Path, kafka: str, sandbox: SandboxProcess, **env: str) -> Settings:
     """Settings of one isolated gateway: its own topics, consumer groups, SQLite file and port."""
     tag = uuid.uuid4().hex[:8]
     base = {
@@ -99,14 +97,7 @@ def make_settings(
         "GATEWAY__KAFKA__DISPATCH_GROUP": f"dispatch-{tag}",
         "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}",
         "GATEWAY__HTTP__PORT": str(free_port()),
-        "GATEWAY__CHANNELS__PUSH__BASE_URL": sandbox_url,
-        "GATEWAY__CHANNELS__PUSH__SECRET": secret,
-        "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": sandbox_url,
-        "GATEWAY__CHANNELS__SMS_HTTP__SECRET": secret,
-        "GATEWAY__CHANNELS__EMAIL__PORT": str(smtp_port),
-        "GATEWAY__CHANNELS__EMAIL__SECRET": secret,
-        "GATEWAY__CHANNELS__SMPP__PORT": str(smpp_port),
-        "GATEWAY__CHANNELS__SMPP__PASSWORD": secret[:8],
+        **sandbox.gateway_env(),
         "GATEWAY__CHANNELS__SMPP__ENQUIRE_LINK_S": "0.5",
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({SENDER: PUBLIC_KEY}),
         "GATEWAY__DISPATCH__BACKOFF_INITIAL_S": "0.05",
@@ -144,8 +135,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess, secret: str) -> Settings:
-    return make_settings(tmp_path, kafka_bootstrap, sandbox.url, sandbox.smtp_port, secret, sandbox.smpp_port)
+def settings(tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess) -> Settings:
+    return make_settings(tmp_path, kafka_bootstrap, sandbox)
 
 
 @pytest_asyncio.fixture

@@ -149,13 +149,7 @@ async def test_a_routed_sms_broadcast_is_delivered_through_both_providers_with_r
             },
         }
         settings = make_settings(
-            tmp_path,
-            kafka_bootstrap,
-            sandbox.url,
-            sandbox.smtp_port,
-            secret,
-            sandbox.smpp_port,
-            GATEWAY__CHANNELS__SMS=json.dumps(routed),
+            tmp_path, kafka_bootstrap, sandbox, GATEWAY__CHANNELS__SMS=json.dumps(routed)
         )
         gw = Gateway(settings)
         await gw.start()

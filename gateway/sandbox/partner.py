@@ -14,7 +14,7 @@ import contextlib
 import json
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -167,6 +167,27 @@ class SandboxPartner:
             yield
         finally:
             self.open_requests -= 1
+
+    def batch_route(
+        self, path: str, max_batch: int, take: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> web.RouteDef:
+        """POST ``path`` with ``{"messages": [...]}`` (signed): faults first, then ``take`` per message,
+        answered ``{"results": [...]}`` — the shape of every HTTP partner here."""
+
+        async def handle(request: web.Request) -> web.Response:
+            with self.open_request():
+                body = await request.read()
+                if (refused := await self.http_fault(request, body)) is not None:
+                    return refused
+                try:
+                    messages = json.loads(body)["messages"]
+                except (ValueError, KeyError, TypeError):
+                    return web.json_response({"error": 'body must be {"messages": [...]}'}, status=400)
+                if not isinstance(messages, list) or not 1 <= len(messages) <= max_batch:
+                    return web.json_response({"error": f"messages: 1 to {max_batch} items"}, status=413)
+                return web.json_response({"results": [take(m) for m in messages]})
+
+        return web.post(path, handle)
 
     async def http_fault(self, request: web.Request, body: bytes) -> web.Response | None:
         """Check the signature and apply any injected fault; a response here ends the request."""

@@ -63,6 +63,19 @@ class SandboxProcess:
             self._proc.terminate()
             await self._proc.wait()
 
+    def gateway_env(self) -> dict[str, str]:
+        """GATEWAY__ variables that point every channel of a gateway at this sandbox."""
+        return {
+            "GATEWAY__CHANNELS__PUSH__BASE_URL": self.url,
+            "GATEWAY__CHANNELS__PUSH__SECRET": self.secret,
+            "GATEWAY__CHANNELS__SMS_HTTP__BASE_URL": self.url,
+            "GATEWAY__CHANNELS__SMS_HTTP__SECRET": self.secret,
+            "GATEWAY__CHANNELS__EMAIL__PORT": str(self.smtp_port),
+            "GATEWAY__CHANNELS__EMAIL__SECRET": self.secret,
+            "GATEWAY__CHANNELS__SMPP__PORT": str(self.smpp_port),
+            "GATEWAY__CHANNELS__SMPP__PASSWORD": self.secret[:8],  # SMPP passwords: 8 characters
+        }
+
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         async with (
             aiohttp.ClientSession() as session,

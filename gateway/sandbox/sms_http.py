@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import phonenumbers
@@ -24,7 +23,7 @@ class SmsAggregator(SandboxPartner):
         self.encodings: dict[str, int] = {}
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/sms/v1/messages", self.messages), *super().routes()]
+        return [self.batch_route("/sms/v1/messages", MAX_BATCH, self._take), *super().routes()]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -38,22 +37,6 @@ class SmsAggregator(SandboxPartner):
 
     def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return {"dlrs": batch}
-
-    async def messages(self, request: web.Request) -> web.Response:
-        with self.open_request():
-            return await self._messages(request)
-
-    async def _messages(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if (refused := await self.http_fault(request, body)) is not None:
-            return refused
-        try:
-            messages = json.loads(body)["messages"]
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"error": 'body must be {"messages": [...]}'}, status=400)
-        if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_BATCH:
-            return web.json_response({"error": f"messages: 1 to {MAX_BATCH} items"}, status=413)
-        return web.json_response({"results": [self._take(m) for m in messages]})
 
     def _take(self, m: dict[str, Any]) -> dict[str, Any]:
         ref = str(m.get("reference") or "")
