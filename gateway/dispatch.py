@@ -73,12 +73,18 @@ class Dispatcher:
         self._advisories: dict[tuple[str, int], Advisory] = {}
 
     async def _advisory(self, chunk: Chunk) -> tuple[Advisory, str] | None:
-        """The advisory and its current state (re-read every chunk, so a cancel is seen)."""
-        loaded = await self.store.load_advisory(chunk.advisory_id, chunk.version)
-        if loaded is None:
-            return None
-        adv, state = loaded
-        return self._advisories.setdefault((adv.id, adv.version), adv), state
+        """The advisory (parsed once per process) and its current state (read every chunk, so a
+        cancel is seen)."""
+        key = (chunk.advisory_id, chunk.version)
+        cached = self._advisories.get(key)
+        if cached is None:
+            loaded = await self.store.load_advisory(*key)
+            if loaded is None:
+                return None
+            self._advisories[key] = loaded[0]
+            return loaded
+        state = await self.store.get_advisory_state(*key)
+        return None if state is None else (cached, state[0])
 
     def _message(self, adv: Advisory, adapter: Adapter, item: WorkItem) -> Message:
         lang = self.renderer.choose_language(adv, item.recipient, adapter.kind, adapter.parts)

@@ -141,11 +141,6 @@ class Renderer:
             self._cache[cache_key] = out
         return out
 
-    def forget(self, adv: Advisory) -> None:
-        """Drop cached renderings of an advisory version (when it is final)."""
-        for key in [k for k in self._cache if k[0] == adv.key]:
-            del self._cache[key]
-
     # -- intake check -------------------------------------------------------------------------
 
     def check(self, adv: Advisory, targets: Iterable[Target]) -> None:
