@@ -134,6 +134,30 @@ class _Null:
         return None
 
 
+def _print_summary(console: Console, summary: dict[str, Any]) -> None:
+    """What a person wants at the end: per channel, what we recorded and what the partner counted."""
+    table = Table(title=f"{summary['recipients']} recipients")
+    for column in ("channel", "delivered", "other", "partner accepted", "unique", "duplicates"):
+        table.add_column(column, justify="left" if column == "channel" else "right")
+    partners = summary["sandbox"]["channels"]
+    for channel, by_status in sorted(summary["by_channel"].items()):
+        counted = partners.get(channel, {})
+        other = {s: n for s, n in by_status.items() if s != "delivered"}
+        table.add_row(
+            channel,
+            str(by_status.get("delivered", 0)),
+            ", ".join(f"{s} {n}" for s, n in other.items()) or "-",
+            str(counted.get("accepted", "?")),
+            str(counted.get("unique_recipients", "?")),
+            str(counted.get("duplicates", "?")),
+        )
+    console.print(table)
+    console.print(
+        f"all sent after {summary['seconds_to_all_sent']} s, all delivered after "
+        f"{summary['seconds_to_all_delivered']} s  (--json prints everything)"
+    )
+
+
 def demo_settings(
     workdir: Path, bootstrap: str, http_port: int, sandbox: SandboxProcess, sender: str, public_key: str
 ) -> Settings:
@@ -209,7 +233,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
-        console.print_json(json.dumps(summary))
+        _print_summary(console, summary)
         console.print(
             "[green]every delivery delivered[/]" if ok else "[red]not every delivery was delivered[/]"
         )
