@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from email import message_from_bytes, policy
@@ -13,6 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest_asyncio
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from channels.base import Message, hmac_headers
 from channels.email import EmailAdapter, EmailSettings
@@ -136,3 +141,57 @@ async def test_an_email_broadcast_ends_delivered_and_a_bounce_ends_failed(
     assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (61, 61, 0)
     assert per["languages"] == {"en": 1, "ru": 60}
     assert stats["multipart"] == 61
+
+
+def _self_signed(tmp_path: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now() - timedelta(days=1))
+        .not_valid_after(now() + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return context
+
+
+async def test_starttls_is_used_when_the_relay_requires_it(tmp_path: Path) -> None:
+    handler = Inbox()
+    port = free_port()
+    context = _self_signed(tmp_path)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(handler, tls_context=context, require_starttls=True), "127.0.0.1", port
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            plain = EmailAdapter(
+                "email", EmailSettings(adapter="email", port=port, secret="s", start_tls=False), session
+            )
+            (refused,) = await plain.send([_rendered_kazakh()])
+            await plain.close()
+            secured = EmailAdapter(
+                "email",
+                EmailSettings(adapter="email", port=port, secret="s", start_tls=True, validate_certs=False),
+                session,
+            )
+            (sent,) = await secured.send([_rendered_kazakh()])
+            await secured.close()
+        assert refused.outcome == "rejected"
+        assert "530" in (refused.reason or ""), "the relay demands STARTTLS first"
+        assert sent.outcome == "accepted"
+        assert (await handler.messages.get())["Message-ID"] == "<d0e1@gateway.mfa.example>"
+    finally:
+        server.close()
+        await server.wait_closed()
