@@ -29,6 +29,7 @@ from gateway.rendering import Renderer
 from gateway.settings import Settings
 from gateway.signing import Verifier
 from gateway.store import Store
+from gateway.sweeper import Sweeper
 
 log = get_logger(__name__)
 
@@ -106,6 +107,8 @@ class Gateway:
             )
         if "dispatch" in s.gateway.roles:
             dispatcher = Dispatcher(self.store, renderer, self.adapters, s.dispatch)
+            sweeper = Sweeper(self.store, s.sweeper)
+            self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
             loops.append(
                 ("dispatch", self._consumer(s.kafka.topic_deliveries, s.kafka.dispatch_group), dispatcher.run)
             )

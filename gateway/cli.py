@@ -184,6 +184,44 @@ def cmd_recipients(args: argparse.Namespace) -> int:
     return asyncio.run(_import(_settings(args), Path(args.file)))
 
 
+# -- replay ---------------------------------------------------------------------------------------
+
+
+async def replay(settings: Settings, advisory_id: str, channel: str | None, limit: int) -> int:
+    """Failed deliveries back to queued, and their chunks onto the deliveries topic; returns how many."""
+    from collections import defaultdict
+
+    from gateway.models import Chunk
+    from gateway.store import Store
+
+    if not settings.kafka.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap_servers: not set; replay needs the gateway's broker")
+    store = await Store.open(settings.store.url)
+    producer = kafka.producer(settings.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        rows = await store.requeue_failed(advisory_id, channel, limit)
+        groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+        for version, ch, delivery in rows:
+            groups[(version, ch)].append(delivery)
+        size = settings.planner.chunk_size
+        for (version, ch), ids in groups.items():
+            for n, start in enumerate(range(0, len(ids), size)):
+                chunk = Chunk(advisory_id, version, ch, tuple(ids[start : start + size]))
+                key = f"{advisory_id}@v{version}/replay-{ch}-{n}".encode()
+                await producer.send_and_wait(settings.kafka.topic_deliveries, chunk.encode(), key=key)
+        return len(rows)
+    finally:
+        await producer.stop()
+        await store.close()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    n = asyncio.run(replay(_settings(args), args.advisory, args.channel, args.limit))
+    print(f"re-queued {n} failed deliveries of {args.advisory}")
+    return 0
+
+
 # -- status ---------------------------------------------------------------------------------------
 
 
@@ -250,6 +288,14 @@ def parser() -> argparse.ArgumentParser:
     ri = rsub.add_parser("import", help="import CSV or JSON Lines; bad rows are reported and skipped")
     ri.add_argument("file")
     ri.set_defaults(func=cmd_recipients)
+
+    rp = sub.add_parser(
+        "replay", help="re-queue the failed deliveries of an advisory (after fixing the cause)"
+    )
+    rp.add_argument("advisory")
+    rp.add_argument("--channel", help="only this channel")
+    rp.add_argument("--limit", type=int, default=1_000_000, help="at most this many")
+    rp.set_defaults(func=cmd_replay)
 
     st = sub.add_parser("status", help="delivery counts per channel and status")
     st.add_argument("advisory", nargs="?")

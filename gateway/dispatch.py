@@ -9,9 +9,7 @@ the partner's Retry-After, bounded by attempts and by the advisory's expiry.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -21,7 +19,7 @@ from tenacity.wait import wait_random_exponential
 from channels.base import Adapter, Message, Result
 from gateway.errors import ContentError, RetryableError
 from gateway.logging import get_logger
-from gateway.models import Advisory, Status, now
+from gateway.models import Advisory, Chunk, Status, now
 from gateway.rendering import Renderer
 from gateway.settings import DispatchSettings
 from gateway.store import Outcome, Store, WorkItem
@@ -29,19 +27,6 @@ from gateway.store import Outcome, Store, WorkItem
 log = get_logger(__name__)
 
 RETRY_DELAY_S = 2.0
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    advisory_id: str
-    version: int
-    channel: str
-    ids: tuple[str, ...]
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Chunk:
-        d = json.loads(raw)
-        return cls(str(d["advisory_id"]), int(d["version"]), str(d["channel"]), tuple(d["ids"]))
 
 
 class _WaitRetryAfter(wait_random_exponential):

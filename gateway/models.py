@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -193,6 +195,7 @@ class Status(enum.StrEnum):
     PLANNED = "planned"
     QUEUED = "queued"
     SENT = "sent"
+    UNKNOWN = "unknown"  # sent, but no receipt within the receipt window (a late receipt still counts)
     DELIVERED = "delivered"
     READ = "read"
     FAILED = "failed"
@@ -211,20 +214,54 @@ class Status(enum.StrEnum):
 
 
 FINAL = frozenset(
-    {Status.DELIVERED, Status.READ, Status.FAILED, Status.EXPIRED, Status.CANCELLED, Status.SKIPPED}
+    {
+        Status.DELIVERED,
+        Status.READ,
+        Status.FAILED,
+        Status.EXPIRED,
+        Status.CANCELLED,
+        Status.SKIPPED,
+        Status.UNKNOWN,
+    }
 )
 PENDING = frozenset({Status.PLANNED, Status.QUEUED})
 _RANK = {
     Status.PLANNED: 0,
     Status.QUEUED: 1,
     Status.SENT: 2,
-    Status.FAILED: 3,
-    Status.DELIVERED: 4,
-    Status.READ: 5,
-    Status.EXPIRED: 6,
-    Status.CANCELLED: 6,
-    Status.SKIPPED: 6,
+    Status.UNKNOWN: 3,
+    Status.FAILED: 4,
+    Status.DELIVERED: 5,
+    Status.READ: 6,
+    Status.EXPIRED: 7,
+    Status.CANCELLED: 7,
+    Status.SKIPPED: 7,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One message of the ``deliveries`` topic: delivery ids of one advisory version on one channel."""
+
+    advisory_id: str
+    version: int
+    channel: str
+    ids: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "advisory_id": self.advisory_id,
+                "version": self.version,
+                "channel": self.channel,
+                "ids": list(self.ids),
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Chunk:
+        d = json.loads(raw)
+        return cls(str(d["advisory_id"]), int(d["version"]), str(d["channel"]), tuple(d["ids"]))
 
 
 def delivery_id(advisory_id: str, version: int, recipient_id: str, channel: str) -> str:

@@ -9,7 +9,6 @@ replay after a crash re-publishes the same chunks and dispatch sends only what i
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from gateway import metrics
-from gateway.models import Advisory, Recipient, Status, delivery_id
+from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id
 from gateway.store import Store
 
 
@@ -90,11 +89,9 @@ class Planner:
             await self.store.insert_deliveries(rows)
             sends = []
             for channel, ids in by_channel.items():
-                chunk = {"advisory_id": adv.id, "version": adv.version, "channel": channel, "ids": ids}
+                chunk = Chunk(adv.id, adv.version, channel, tuple(ids))
                 sends.append(
-                    await self.producer.send(
-                        self.topic, json.dumps(chunk).encode(), key=f"{adv.key}/{chunk_no}".encode()
-                    )
+                    await self.producer.send(self.topic, chunk.encode(), key=f"{adv.key}/{chunk_no}".encode())
                 )
                 metrics.deliveries_planned_total.labels(channel).inc(len(ids))
             await asyncio.gather(*sends)

@@ -83,6 +83,11 @@ class DispatchSettings(_Section):
     chunks_in_flight: int = Field(4, ge=1, le=64)
 
 
+class SweeperSettings(_Section):
+    interval_s: float = Field(5.0, gt=0)
+    receipt_timeout_s: float = Field(3600.0, gt=0)  # sent this long with no receipt: unknown
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -97,6 +102,7 @@ class Settings(_Section):
     rendering: RenderingSettings = RenderingSettings()
     planner: PlannerSettings = PlannerSettings()
     dispatch: DispatchSettings = DispatchSettings()
+    sweeper: SweeperSettings = SweeperSettings()
     # channel name -> that adapter's own settings, validated by the adapter's settings model
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()

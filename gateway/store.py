@@ -344,6 +344,70 @@ class Store:
                 .values(attempts=deliveries.c.attempts + 1, reason=reason, updated_at=now())
             )
 
+    async def expire_pending(self, at: datetime) -> int:
+        """Deliveries not yet sent whose advisory has expired become ``expired``; returns how many."""
+        expired = sa.exists().where(
+            advisories.c.id == deliveries.c.advisory_id,
+            advisories.c.version == deliveries.c.version,
+            advisories.c.expires_at <= at,
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.status.in_([s.value for s in PENDING]), expired)
+                .values(
+                    status=Status.EXPIRED.value,
+                    rank=Status.EXPIRED.rank,
+                    reason="advisory expired",
+                    updated_at=at,
+                )
+            )
+        return int(result.rowcount)
+
+    async def mark_unknown(self, sent_before: datetime) -> int:
+        """Deliveries ``sent`` before ``sent_before`` with no receipt since become ``unknown``."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.status == Status.SENT.value, deliveries.c.updated_at <= sent_before)
+                .values(
+                    status=Status.UNKNOWN.value,
+                    rank=Status.UNKNOWN.rank,
+                    reason="no receipt in time",
+                    updated_at=now(),
+                )
+            )
+        return int(result.rowcount)
+
+    async def requeue_failed(
+        self, advisory_id: str, channel: str | None, limit: int
+    ) -> list[tuple[int, str, str]]:
+        """Failed deliveries of an advisory (optionally one channel) back to ``queued`` with attempts
+        reset: the one move backwards, on an operator's word. Returns (version, channel, id) of each."""
+        q = sa.select(deliveries.c.version, deliveries.c.channel, deliveries.c.id).where(
+            deliveries.c.advisory_id == advisory_id, deliveries.c.status == Status.FAILED.value
+        )
+        if channel is not None:
+            q = q.where(deliveries.c.channel == channel)
+        async with self.engine.begin() as conn:
+            rows = [(int(v), str(c), str(i)) for v, c, i in (await conn.execute(q.limit(limit))).all()]
+            if rows:
+                await conn.execute(
+                    sa.update(deliveries)
+                    .where(
+                        deliveries.c.id.in_([i for _, _, i in rows]),
+                        deliveries.c.status == Status.FAILED.value,
+                    )
+                    .values(
+                        status=Status.QUEUED.value,
+                        rank=Status.QUEUED.rank,
+                        attempts=0,
+                        reason="replayed by an operator",
+                        updated_at=now(),
+                    )
+                )
+        return rows
+
     async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> tuple[int, list[Outcome]]:
         """Record receipts and move their deliveries forward. A receipt without a delivery id is
         matched by the partner's message id. Returns (deliveries moved, the receipts as matched)."""

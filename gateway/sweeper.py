@@ -1,0 +1,47 @@
+"""The sweeper: transitions that time causes, not a message.
+
+Every ``interval_s``: deliveries still pending when their advisory expires become ``expired``
+(nothing is sent after ``expires_at``: dispatch checks too, before every attempt); deliveries
+``sent`` longer than ``receipt_timeout_s`` ago with no receipt become ``unknown`` — shown apart from
+delivered, and still moved to delivered or failed by a receipt that comes late.
+The updates are idempotent, so every gateway process may run a sweeper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from gateway.logging import get_logger
+from gateway.models import now
+from gateway.settings import SweeperSettings
+from gateway.store import Store
+
+log = get_logger(__name__)
+
+
+class Sweeper:
+    def __init__(self, store: Store, settings: SweeperSettings, clock: Callable[[], datetime] = now) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+
+    async def sweep(self) -> tuple[int, int]:
+        """One pass; returns (expired, unknown)."""
+        at = self.clock()
+        expired = await self.store.expire_pending(at)
+        unknown = await self.store.mark_unknown(at - timedelta(seconds=self.settings.receipt_timeout_s))
+        if expired or unknown:
+            log.info("deliveries.swept", expired=expired, unknown=unknown)
+        return expired, unknown
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await self.sweep()
+            except Exception as e:  # the store is down: try again next interval
+                log.error("sweeper.failed", error=f"{type(e).__name__}: {e}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.interval_s)
