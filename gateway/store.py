@@ -84,6 +84,21 @@ receipts = sa.Table(
 )
 
 
+_IS_PENDING = deliveries.c.status.in_(sorted(s.value for s in PENDING))
+
+
+async def _transition(
+    conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], status: Status, reason: str
+) -> int:
+    """Move every delivery matching ``where`` to ``status`` with ``reason``; returns how many moved."""
+    result = await conn.execute(
+        sa.update(deliveries)
+        .where(*where)
+        .values(status=status.value, rank=status.rank, reason=reason, updated_at=now())
+    )
+    return int(result.rowcount)
+
+
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     """A pending delivery joined with what rendering and the adapter need."""
@@ -249,20 +264,12 @@ class Store:
             await conn.execute(
                 sa.update(advisories).where(advisories.c.id == advisory_id).values(state="cancelled")
             )
-            result = await conn.execute(
-                sa.update(deliveries)
-                .where(
-                    deliveries.c.advisory_id == advisory_id,
-                    deliveries.c.status.in_([s.value for s in PENDING]),
-                )
-                .values(
-                    status=Status.CANCELLED.value,
-                    rank=Status.CANCELLED.rank,
-                    reason="advisory cancelled",
-                    updated_at=now(),
-                )
+            return await _transition(
+                conn,
+                (deliveries.c.advisory_id == advisory_id, _IS_PENDING),
+                Status.CANCELLED,
+                "advisory cancelled",
             )
-        return int(result.rowcount)
 
     # -- deliveries ---------------------------------------------------------------------------
 
@@ -287,7 +294,7 @@ class Store:
                 deliveries.c.id.label("delivery_id"), deliveries.c.channel, deliveries.c.attempts, recipients
             )
             .join(recipients, recipients.c.id == deliveries.c.recipient_id)
-            .where(deliveries.c.id.in_(list(ids)), deliveries.c.status.in_([s.value for s in PENDING]))
+            .where(deliveries.c.id.in_(list(ids)), _IS_PENDING)
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q)).mappings().all()
@@ -340,7 +347,7 @@ class Store:
         async with self.engine.begin() as conn:
             await conn.execute(
                 sa.update(deliveries)
-                .where(deliveries.c.id.in_(list(ids)), deliveries.c.status.in_([s.value for s in PENDING]))
+                .where(deliveries.c.id.in_(list(ids)), _IS_PENDING)
                 .values(attempts=deliveries.c.attempts + 1, reason=reason, updated_at=now())
             )
 
@@ -352,32 +359,13 @@ class Store:
             advisories.c.expires_at <= at,
         )
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.status.in_([s.value for s in PENDING]), expired)
-                .values(
-                    status=Status.EXPIRED.value,
-                    rank=Status.EXPIRED.rank,
-                    reason="advisory expired",
-                    updated_at=at,
-                )
-            )
-        return int(result.rowcount)
+            return await _transition(conn, (_IS_PENDING, expired), Status.EXPIRED, "advisory expired")
 
     async def mark_unknown(self, sent_before: datetime) -> int:
         """Deliveries ``sent`` before ``sent_before`` with no receipt since become ``unknown``."""
+        silent = (deliveries.c.status == Status.SENT.value, deliveries.c.updated_at <= sent_before)
         async with self.engine.begin() as conn:
-            result = await conn.execute(
-                sa.update(deliveries)
-                .where(deliveries.c.status == Status.SENT.value, deliveries.c.updated_at <= sent_before)
-                .values(
-                    status=Status.UNKNOWN.value,
-                    rank=Status.UNKNOWN.rank,
-                    reason="no receipt in time",
-                    updated_at=now(),
-                )
-            )
-        return int(result.rowcount)
+            return await _transition(conn, silent, Status.UNKNOWN, "no receipt in time")
 
     async def requeue_failed(
         self, advisory_id: str, channel: str | None, limit: int

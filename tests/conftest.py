@@ -194,6 +194,12 @@ async def load_recipients(gw: Gateway, tmp_path: Path, n: int, country: str = "X
     assert report.failed == 0
 
 
+async def reached(gw: Gateway, advisory_id: str, status: str, n: int, channel: str = "push") -> bool:
+    """Whether exactly ``n`` deliveries of the advisory on ``channel`` are in ``status`` now."""
+    assert gw.store is not None
+    return (await gw.store.counts(advisory_id)).get(channel, {}).get(status) == n
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0, what: str = "") -> None:
     """Poll ``check`` (state in another process or the store) until true; fail after ``within`` s."""
     deadline = asyncio.get_running_loop().time() + within

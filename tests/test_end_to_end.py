@@ -15,13 +15,7 @@ from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.models import delivery_id
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, load_recipients, read_topic, signed
-
-
-async def _all_delivered(gw: Gateway, advisory_id: str, n: int) -> bool:
-    assert gw.store is not None
-    counts = await gw.store.counts(advisory_id)
-    return counts.get("push", {}).get("delivered", 0) == n
+from tests.conftest import advisory, eventually, load_recipients, reached, read_topic, signed
 
 
 async def test_published_advisory_is_delivered_once_to_every_recipient(
@@ -31,7 +25,7 @@ async def test_published_advisory_is_delivered_once_to_every_recipient(
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
 
-    await eventually(lambda: _all_delivered(gateway, record["id"], 1200), what="1200 delivered")
+    await eventually(lambda: reached(gateway, record["id"], "delivered", 1200), what="1200 delivered")
 
     stats = (await sandbox.stats())["channels"]["push"]
     per_advisory = stats["by_advisory"][f"{record['id']}@v1"]
@@ -69,11 +63,11 @@ async def test_recipients_outside_the_audience_are_not_notified(
     await import_file(gateway.store, path)
     record = signed(advisory(audience={"countries": ["XA"]}))
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
-    await eventually(lambda: _all_delivered(gateway, record["id"], 40))
+    await eventually(lambda: reached(gateway, record["id"], "delivered", 40))
 
     by_tag = signed(advisory(audience={"tags": ["consular-list"]}))
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, by_tag)
-    await eventually(lambda: _all_delivered(gateway, by_tag["id"], 1))
+    await eventually(lambda: reached(gateway, by_tag["id"], "delivered", 1))
     stats = (await sandbox.stats())["channels"]["push"]["by_advisory"]
     assert stats[f"{record['id']}@v1"]["unique_recipients"] == 40
     assert stats[f"{by_tag['id']}@v1"]["unique_recipients"] == 1
@@ -86,7 +80,7 @@ async def test_each_recipient_gets_the_first_language_of_their_chain(
     await load_recipients(gateway, tmp_path, 8)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
-    await eventually(lambda: _all_delivered(gateway, record["id"], 8))
+    await eventually(lambda: reached(gateway, record["id"], "delivered", 8))
     stats = (await sandbox.stats())["channels"]["push"]["by_advisory"][f"{record['id']}@v1"]
     assert stats["languages"] == {"en": 4, "kk": 2, "ru": 2}
 
@@ -132,7 +126,9 @@ async def test_malformed_records_go_to_the_dead_letter_topic_and_the_service_kee
     assert b"'en'" in by_case["missing language"]["reason"]
     assert by_case["forged"]["error"] == b"signature"
     assert b"missing" in by_case["unsigned"]["reason"]
-    await eventually(lambda: _all_delivered(gateway, good["id"], 10), what="the good advisory after the bad")
+    await eventually(
+        lambda: reached(gateway, good["id"], "delivered", 10), what="the good advisory after the bad"
+    )
 
 
 async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(
@@ -142,13 +138,9 @@ async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(
     await load_recipients(gateway, tmp_path, 3)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    await eventually(lambda: reached(gateway, record["id"], "sent", 3))
     assert gateway.store is not None
     store = gateway.store
-
-    async def all_sent() -> bool:
-        return (await store.counts(record["id"])).get("push", {}).get("sent") == 3
-
-    await eventually(all_sent)
     did = delivery_id(record["id"], 1, "r00000", "push")
     body = json.dumps({"receipts": [{"idempotency_key": did, "status": "delivered"}]}).encode()
     url = f"{gateway.public_url}/receipts/push"
@@ -169,13 +161,9 @@ async def test_duplicate_and_out_of_order_receipts_are_harmless(
     await load_recipients(gateway, tmp_path, 2)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    await eventually(lambda: reached(gateway, record["id"], "sent", 2))
     assert gateway.store is not None
     store = gateway.store
-
-    async def all_sent() -> bool:
-        return (await store.counts(record["id"])).get("push", {}).get("sent") == 2
-
-    await eventually(all_sent)
     first, second = (delivery_id(record["id"], 1, f"r0000{i}", "push") for i in range(2))
     url = f"{gateway.public_url}/receipts/push"
 

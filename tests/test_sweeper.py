@@ -15,7 +15,7 @@ from gateway.models import delivery_id, now
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings, SweeperSettings
 from gateway.sweeper import Sweeper
-from tests.conftest import advisory, eventually, load_recipients, make_settings, signed
+from tests.conftest import advisory, eventually, load_recipients, make_settings, reached, signed
 
 
 async def _counts(gw: Gateway, advisory_id: str) -> dict[str, int]:
@@ -33,7 +33,7 @@ async def test_deliveries_still_pending_when_the_advisory_expires_become_expired
         await load_recipients(gw, tmp_path, 30)
         record = signed(advisory())
         await publish(gw.bootstrap_servers, settings.kafka.topic_advisories, record)
-        await eventually(lambda: _has(gw, record["id"], "queued", 30), what="30 queued")
+        await eventually(lambda: reached(gw, record["id"], "queued", 30), what="30 queued")
         assert gw.store is not None
         before_expiry = Sweeper(gw.store, SweeperSettings(), clock=lambda: now() + timedelta(hours=1))
         assert await before_expiry.sweep() == (0, 0)
@@ -44,10 +44,6 @@ async def test_deliveries_still_pending_when_the_advisory_expires_become_expired
         await gw.stop()
 
 
-async def _has(gw: Gateway, advisory_id: str, status: str, n: int) -> bool:
-    return (await _counts(gw, advisory_id)).get(status) == n
-
-
 async def test_sent_without_a_receipt_becomes_unknown_and_a_late_receipt_still_counts(
     gateway: Gateway, sandbox: SandboxProcess, secret: str, tmp_path: Path
 ) -> None:
@@ -55,7 +51,7 @@ async def test_sent_without_a_receipt_becomes_unknown_and_a_late_receipt_still_c
     await load_recipients(gateway, tmp_path, 5)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
-    await eventually(lambda: _has(gateway, record["id"], "sent", 5))
+    await eventually(lambda: reached(gateway, record["id"], "sent", 5))
     assert gateway.store is not None
     sweeper = Sweeper(
         gateway.store, SweeperSettings(receipt_timeout_s=600), clock=lambda: now() + timedelta(hours=1)
@@ -85,10 +81,12 @@ async def test_replay_requeues_failed_deliveries_and_they_are_delivered_once(
     await load_recipients(gateway, tmp_path, 12)
     record = signed(advisory())
     await publish(gateway.bootstrap_servers, settings.kafka.topic_advisories, record)
-    await eventually(lambda: _has(gateway, record["id"], "failed", 12), what="12 failed")
+    await eventually(lambda: reached(gateway, record["id"], "failed", 12), what="12 failed")
     await sandbox.faults(count=0)  # the cause is fixed
     assert await replay(settings, record["id"], None, 1000) == 12
-    await eventually(lambda: _has(gateway, record["id"], "delivered", 12), what="12 delivered after replay")
+    await eventually(
+        lambda: reached(gateway, record["id"], "delivered", 12), what="12 delivered after replay"
+    )
     counted = (await sandbox.stats())["channels"]["push"]["by_advisory"][f"{record['id']}@v1"]
     assert (counted["accepted"], counted["unique_recipients"], counted["duplicates"]) == (12, 12, 0)
     assert await replay(settings, record["id"], None, 1000) == 0, "nothing failed is left to replay"
