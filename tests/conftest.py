@@ -182,12 +182,17 @@ def signed(record: dict[str, Any]) -> dict[str, Any]:
     return sign(record, PRIVATE_KEY)
 
 
-async def load_recipients(gw: Gateway, tmp_path: Path, n: int, country: str = "XA") -> None:
-    """Write ``n`` recipients as CSV and import them through the directory importer."""
+async def load_recipients(
+    gw: Gateway, tmp_path: Path, n: int, country: str = "XA", reach: str = "app", languages: str | None = None
+) -> None:
+    """Write ``n`` recipients as CSV and import them through the directory importer. ``reach``: each
+    has only a super-app user (``app``) or only a phone number (``phone``, unique E.164); languages
+    cycle through kk|ru, ru, en, de|en unless ``languages`` gives one chain for all."""
     path = tmp_path / f"recipients-{uuid.uuid4().hex[:6]}.csv"
-    langs = ["kk|ru", "ru", "en", "de|en"]
-    lines = ["id,languages,app_user,country"]
-    lines += [f"r{i:05d},{langs[i % 4]},app-{i:05d},{country}" for i in range(n)]
+    langs = [languages] if languages else ["kk|ru", "ru", "en", "de|en"]
+    column, address = {"app": ("app_user", "app-{i:05d}"), "phone": ("phone", "+7701{i:07d}")}[reach]
+    lines = [f"id,languages,{column},country"]
+    lines += [f"r{i:05d},{langs[i % len(langs)]},{address.format(i=i)},{country}" for i in range(n)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert gw.store is not None
     report = await import_file(gw.store, path)

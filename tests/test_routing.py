@@ -15,10 +15,9 @@ from channels.base import Message, Receipt, Result
 from channels.routing import HealthSettings, RoutedSettings, RoutedSmsAdapter, Router
 from gateway.app import Gateway
 from gateway.cli import publish
-from gateway.directory import import_file
 from gateway.models import Status, now
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, make_settings, signed
+from tests.conftest import advisory, eventually, load_recipients, make_settings, reached, signed
 
 
 class Clock:
@@ -156,19 +155,14 @@ async def test_a_routed_sms_broadcast_is_delivered_through_both_providers_with_r
         try:
             await sandbox.configure("sms-http", receipt_url=f"{gw.public_url}/receipts/sms/one")
             await second.configure("sms-http", receipt_url=f"{gw.public_url}/receipts/sms/two")
-            path = tmp_path / "r.csv"
-            rows = "".join(f"p{i:03d},ru,+7701{i:07d},XA\n" for i in range(200))
-            path.write_text("id,languages,phone,country\n" + rows, encoding="utf-8")
-            assert gw.store is not None
-            store = gw.store
-            await import_file(store, path)
+            await load_recipients(gw, tmp_path, 200, reach="phone", languages="ru")
             record = signed(advisory(channels=["sms"]))
             await publish(gw.bootstrap_servers, settings.kafka.topic_advisories, record)
 
-            async def delivered() -> bool:
-                return (await store.counts(record["id"])).get("sms", {}).get("delivered") == 200
-
-            await eventually(delivered, what="200 SMS delivered through two providers")
+            await eventually(
+                lambda: reached(gw, record["id"], "delivered", 200, "sms"),
+                what="200 SMS delivered through two providers",
+            )
         finally:
             await gw.stop()
         counted = [(await sb.stats())["channels"]["sms-http"] for sb in (sandbox, second)]

@@ -15,10 +15,9 @@ from channels.base import Message, Receipt
 from channels.smpp import SmppAdapter, SmppSettings
 from gateway.app import Gateway
 from gateway.cli import publish
-from gateway.directory import import_file
 from gateway.models import Status, now
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, signed
+from tests.conftest import advisory, eventually, load_recipients, reached, signed
 
 KAZAKH = "Елден шығыңыз: өткізу пункті ашық. Консулдық жедел желі: +7 7172 00 00 00. " * 2
 
@@ -129,19 +128,15 @@ async def test_the_link_is_kept_alive_and_rebinds_after_the_smsc_drops_it(
 async def test_an_smpp_broadcast_ends_delivered_by_deliver_sm(
     gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    path = tmp_path / "smpp.csv"
-    rows = "".join(f"m{i:03d},kk|ru,+7701{i:07d},XA\n" for i in range(80))
-    path.write_text("id,languages,phone,country\n" + rows, encoding="utf-8")
-    assert gateway.store is not None
-    store = gateway.store
-    await import_file(store, path)
+    await load_recipients(gateway, tmp_path, 80, reach="phone", languages="kk|ru")
     record = signed(advisory(channels=["smpp"]))
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
 
-    async def delivered() -> bool:
-        return (await store.counts(record["id"])).get("smpp", {}).get("delivered") == 80
-
-    await eventually(delivered, within=60, what="80 SMPP messages delivered")
+    await eventually(
+        lambda: reached(gateway, record["id"], "delivered", 80, "smpp"),
+        within=60,
+        what="80 SMPP messages delivered",
+    )
     stats = await _stats(sandbox)
     assert (stats["unique_recipients"], stats["duplicates"]) == (80, 0)
     assert stats["encodings"] == {"ucs2": 80}

@@ -19,7 +19,7 @@ from gateway.directory import import_file
 from gateway.errors import AuthError
 from gateway.models import Status, delivery_id, now
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, read_topic, signed
+from tests.conftest import advisory, eventually, load_recipients, reached, read_topic, signed
 
 KAZAKH = "Елден шығыңыз: өткізу пункті ашық. Консулдық жедел желі: +7 7172 00 00 00"
 
@@ -77,21 +77,12 @@ def test_dlr_states_map_to_delivery_statuses(secret: str) -> None:
 async def test_an_sms_broadcast_ends_delivered_by_dlr(
     gateway: Gateway, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    path = tmp_path / "sms.csv"
-    path.write_text(
-        "id,languages,phone,country\n" + "".join(f"s{i:03d},kk,+7701{i:07d},XA\n" for i in range(150)),
-        encoding="utf-8",
-    )
-    assert gateway.store is not None
-    await import_file(gateway.store, path)
+    await load_recipients(gateway, tmp_path, 150, reach="phone", languages="kk")
     record = signed(advisory(channels=["push", "sms-http"]))  # no app users: the cascade picks SMS
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
-    store = gateway.store
-
-    async def delivered() -> bool:
-        return (await store.counts(record["id"])).get("sms-http", {}).get("delivered") == 150
-
-    await eventually(delivered, what="150 SMS delivered")
+    await eventually(
+        lambda: reached(gateway, record["id"], "delivered", 150, "sms-http"), what="150 SMS delivered"
+    )
     stats = (await sandbox.stats())["channels"]["sms-http"]
     per = stats["by_advisory"][f"{record['id']}@v1"]
     assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (150, 150, 0)
