@@ -3,13 +3,15 @@
 An adapter declares its limits as class attributes and writes only ``_send`` (the partner request
 and the mapping of its response) and, where the partner sends receipts to a webhook,
 ``parse_receipts``. The base does rate limiting, timing, logging, metrics and the classification
-of errors into per-message results: ``RetryableError`` → retry, ``PermanentError`` → rejected.
+of errors into per-message results: ``RetryableError`` → retry, ``PermanentError`` → rejected —
+and keeps the provider's circuit breaker (gateway/circuit.py) from what each request showed.
 Adapters know nothing of Kafka or the store; their HTTP session, clock and settings are injected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -26,7 +28,16 @@ from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from gateway import metrics
-from gateway.errors import AuthError, ConfigError, ContentError, PermanentError, RetryableError, SchemaError
+from gateway.circuit import Circuit, CircuitSettings
+from gateway.errors import (
+    AuthError,
+    ConfigError,
+    ContentError,
+    PermanentError,
+    RetryableError,
+    SchemaError,
+    ThrottledError,
+)
 from gateway.logging import get_logger
 from gateway.models import Advisory, Status
 from gateway.settings import describe_validation_error, read_secret
@@ -45,6 +56,9 @@ class ChannelSettings(BaseModel):
     burst: int = Field(500, ge=1)
     max_in_flight: int = Field(4, ge=1, le=1024)  # partner requests (batches) open at once
     timeout_s: float = Field(10.0, gt=0)
+    circuit: CircuitSettings = CircuitSettings()
+    # a recipient not confirmed on this channel this long after it was sent gets the next channel
+    cascade_window_s: float = Field(300.0, gt=0)
 
 
 class SignedChannelSettings(ChannelSettings):
@@ -75,6 +89,7 @@ class Result:
     partner_id: str | None = None
     reason: str | None = None
     retry_after: float | None = None
+    costs_attempt: bool = True  # False for a retry caused by a failed circuit probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +126,36 @@ class Adapter(ABC):
         self.batch_size = min(self.max_batch, settings.burst)
         self._limiter = AsyncLimiter(settings.burst, settings.burst / settings.rate_per_s)
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
+        self.circuit = Circuit(channel, settings.circuit, clock)
 
-    async def send(self, batch: Sequence[Message]) -> list[Result]:
+    async def send(
+        self, batch: Sequence[Message], before_request: Callable[[], Awaitable[None]] | None = None
+    ) -> list[Result]:
         """Send up to ``batch_size`` messages; every message gets exactly one result. At most
-        ``max_in_flight`` requests are open at once, within ``rate_per_s`` / ``burst``."""
-        async with self._in_flight:
-            await self._limiter.acquire(len(batch))
-            started = self.clock()
-            results = await self._classified(batch)
-            elapsed = self.clock() - started
+        ``max_in_flight`` requests are open at once, within ``rate_per_s`` / ``burst``, and none while
+        the circuit is open. ``before_request`` runs right before the request goes out (after every
+        wait) and may raise ``Withdrawn`` to keep the batch from being sent."""
+        probe = await self.circuit.admit()
+        try:
+            async with self._in_flight:
+                await self._limiter.acquire(len(batch))
+                if before_request is not None:
+                    await before_request()
+                started = self.clock()
+                results, healthy = await self._classified(batch)
+                elapsed = self.clock() - started
+        except BaseException:
+            if probe:
+                self.circuit.probe_abandoned()
+            raise
+        if healthy is True:
+            self.circuit.success()
+        elif healthy is False:
+            self.circuit.failure()
+            if probe:  # the circuit's cost, not the messages'
+                results = [dataclasses.replace(r, costs_attempt=False) for r in results]
+        elif probe:
+            self.circuit.probe_abandoned()
         answered = {r.delivery_id for r in results}
         results += [
             Result(m.delivery_id, "retry", reason="no result from partner")
@@ -141,14 +177,22 @@ class Adapter(ABC):
         )
         return results
 
-    async def _classified(self, batch: Sequence[Message]) -> list[Result]:
-        """``_send``, with a batch-wide error turned into one result per message by its class."""
+    async def _classified(self, batch: Sequence[Message]) -> tuple[list[Result], bool | None]:
+        """``_send``, with a batch-wide error turned into one result per message by its class; and
+        what the request showed of the partner: up (True), down (False) or throttling us (None)."""
         try:
-            return await self._send(batch)
+            results = await self._send(batch)
         except RetryableError as e:
-            return [Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch]
+            retry = [
+                Result(m.delivery_id, "retry", reason=e.reason, retry_after=e.retry_after) for m in batch
+            ]
+            return retry, None if isinstance(e, ThrottledError) else False
         except PermanentError as e:
-            return [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch]
+            return [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch], True
+        if results and all(r.outcome == "retry" for r in results):
+            # every message refused: the partner is down, unless it said when to come back
+            return results, None if any(r.retry_after for r in results) else False
+        return results, True
 
     def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
         """Raise ContentError if this channel cannot carry the rendering; by default, ``limits``."""
@@ -229,10 +273,11 @@ class SignedHttpAdapter(Adapter):
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         try:
             async with self.session.post(url, data=body, headers=headers, timeout=timeout) as resp:
-                if resp.status == 429 or resp.status >= 500:
-                    raise RetryableError(
-                        f"partner answered {resp.status}", retry_after(resp.headers.get("Retry-After"))
-                    )
+                after = retry_after(resp.headers.get("Retry-After"))
+                if resp.status == 429:
+                    raise ThrottledError("partner answered 429", after)
+                if resp.status >= 500:
+                    raise RetryableError(f"partner answered {resp.status}", after)
                 if resp.status != 200:
                     raise PermanentError(f"partner answered {resp.status}: {(await resp.text())[:200]}")
                 return await resp.json()

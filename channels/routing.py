@@ -108,9 +108,10 @@ class Router:
         self._last_adjust = clock()
         self._sent: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def choose(self) -> str:
+    def choose(self, available: Sequence[str] | None = None) -> str:
+        """A provider drawn by weight among ``available`` (default: all; an empty list: all too)."""
         self._maybe_adjust()
-        names = list(self.providers)
+        names = [n for n in self.providers if available is None or n in available] or list(self.providers)
         return self.rng.choices(names, [self.providers[n].weight for n in names])[0]
 
     def sent(self, provider: str, results: Sequence[Result]) -> None:
@@ -189,7 +190,8 @@ class RoutedSmsAdapter(SmsAdapter):
             provider.check_rendering(rendered, adv)
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
-        name = self.router.choose()
+        # a provider whose circuit is open is passed over; if every one is, the batch waits for one
+        name = self.router.choose([n for n, p in self.providers.items() if p.circuit.allows_now])
         results = await self.providers[name].send(batch)
         self.router.sent(name, results)
         return results

@@ -20,6 +20,7 @@ from channels.base import Adapter, load_settings
 from gateway import kafka
 from gateway.api import build_app
 from gateway.broker import EmbeddedBroker
+from gateway.cascade import Cascade
 from gateway.dispatch import Dispatcher
 from gateway.intake import Intake
 from gateway.logging import get_logger
@@ -88,11 +89,16 @@ class Gateway:
             ]
         ] = []
 
+        planner = Planner(
+            self.store,
+            self._producer,
+            (s.kafka.topic_deliveries, s.kafka.topic_deliveries_urgent),
+            s.planner.chunk_size,
+            kinds,
+        )
         if "intake" in s.gateway.roles:
             verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
-            planner = Planner(
-                self.store, self._producer, s.kafka.topic_deliveries, s.planner.chunk_size, kinds
-            )
+            self._tasks.append(asyncio.create_task(planner.run(self.stopping), name="planner"))
             intake = Intake(
                 self.store,
                 planner,
@@ -103,15 +109,18 @@ class Gateway:
                 self.adapters,
             )
             loops.append(
-                ("intake", self._consumer(s.kafka.topic_advisories, s.kafka.intake_group), intake.run)
+                ("intake", self._consumer([s.kafka.topic_advisories], s.kafka.intake_group), intake.run)
             )
         if "dispatch" in s.gateway.roles:
-            dispatcher = Dispatcher(self.store, renderer, self.adapters, s.dispatch)
-            sweeper = Sweeper(self.store, s.sweeper)
-            self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
-            loops.append(
-                ("dispatch", self._consumer(s.kafka.topic_deliveries, s.kafka.dispatch_group), dispatcher.run)
+            dispatcher = Dispatcher(
+                self.store, renderer, self.adapters, s.dispatch, s.kafka.topic_deliveries_urgent
             )
+            sweeper = Sweeper(self.store, s.sweeper)
+            cascade = Cascade(self.store, planner, self.adapters, s.cascade)
+            self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
+            self._tasks.append(asyncio.create_task(cascade.run(self.stopping), name="cascade"))
+            topics = [s.kafka.topic_deliveries_urgent, s.kafka.topic_deliveries]
+            loops.append(("dispatch", self._consumer(topics, s.kafka.dispatch_group), dispatcher.run))
         if "receipts" in s.gateway.roles:
             webhook = ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events)
             routes += webhook.routes()
@@ -135,8 +144,8 @@ class Gateway:
             channels=sorted(self.adapters),
         )
 
-    def _consumer(self, topic: str, group: str) -> AIOKafkaConsumer:
-        consumer = kafka.consumer(self.bootstrap_servers, topic, group, self.settings.kafka)
+    def _consumer(self, topics: list[str], group: str) -> AIOKafkaConsumer:
+        consumer = kafka.consumer(self.bootstrap_servers, topics, group, self.settings.kafka)
         self._consumers.append(consumer)
         return consumer
 
@@ -156,8 +165,11 @@ class Gateway:
             if task is not stop_waiter and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Let the loops finish their current batch and commit, then close everything."""
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Let the loops finish their current batch and commit (dispatch within its own
+        ``drain_timeout_s``), then close everything."""
+        if drain_timeout is None:
+            drain_timeout = self.settings.dispatch.drain_timeout_s + 5.0
         self.stopping.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout)

@@ -1,23 +1,38 @@
-"""Dispatch: chunks from the ``deliveries`` topic → render → channel adapter → results in the store.
+"""Dispatch: chunks from the ``deliveries`` topics → per-channel lanes → render → adapter → store.
+
+Each channel has its own **lane**: a queue and ``max_in_flight`` workers, so a slow, failing or
+circuit-broken channel never holds another. In every lane, chunks of urgent advisories (from the
+``deliveries.urgent`` topic) go before bulk ones, and advisories of equal priority take turns.
 
 Only deliveries still pending in the store are sent, and each carries its idempotency key, so a
-chunk replayed after a crash never becomes a second notification. Offsets are committed after the
-chunk's results are durable. Retries use tenacity: exponential backoff with full jitter, at least
-the partner's Retry-After, bounded by attempts and by the advisory's expiry.
+chunk replayed after a crash never becomes a second notification. A chunk's offset is committed once
+it and every chunk before it on its partition are finished (chunks finish out of order across lanes).
+Consumption pauses while ``max_buffered_chunks`` chunks of a topic are unfinished (backpressure:
+memory stays bounded whatever the audience), and resumes at half of it.
+
+Retries use tenacity: exponential backoff with full jitter, at least the partner's Retry-After,
+bounded by attempts and by the advisory's expiry. Right before each request — after the rate
+limiter, the circuit breaker and any backoff — the advisory is read again: a cancelled, superseded or
+expired advisory's batch is not sent. On stop, workers finish the chunk in hand within
+``drain_timeout_s``; waits (backoff, store retries) end at once; unfinished chunks stay uncommitted
+and are replayed by the next consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
 from channels.base import Adapter, Message, Result
-from gateway.errors import ContentError, RetryableError
+from gateway import metrics
+from gateway.errors import ContentError, RetryableError, Withdrawn
 from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Status, now
 from gateway.rendering import Renderer
@@ -27,6 +42,11 @@ from gateway.store import Outcome, Store, WorkItem
 log = get_logger(__name__)
 
 RETRY_DELAY_S = 2.0
+URGENT, BULK = 0, 1
+
+
+class Draining(Exception):
+    """The gateway is stopping: leave this chunk uncommitted for the next consumer."""
 
 
 class _WaitRetryAfter(wait_random_exponential):
@@ -47,15 +67,108 @@ def _outcome(r: Result) -> Outcome | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    chunk: Chunk
+    tp: TopicPartition
+    offset: int
+    priority: int
+
+
+class FairQueue:
+    """Jobs by priority (lower first), then round-robin among advisories of equal priority."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[int, OrderedDict[str, deque[Job]]] = {}
+        self._size = 0
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    def put(self, job: Job) -> None:
+        key = f"{job.chunk.advisory_id}@v{job.chunk.version}"
+        self._lanes.setdefault(job.priority, OrderedDict()).setdefault(key, deque()).append(job)
+        self._size += 1
+        self._ready.set()
+
+    def close(self) -> None:
+        """Workers take no more jobs (what is queued stays uncommitted)."""
+        self.closed = True
+        self._ready.set()
+
+    async def get(self) -> Job | None:
+        """The next job, or None once closed."""
+        while not self.closed:
+            for priority in sorted(self._lanes):
+                turns = self._lanes[priority]
+                if not turns:
+                    continue
+                key, jobs = next(iter(turns.items()))
+                job = jobs.popleft()
+                del turns[key]
+                if jobs:
+                    turns[key] = jobs  # to the back: the next advisory of this priority goes next
+                self._size -= 1
+                return job
+            self._ready.clear()
+            await self._ready.wait()
+        return None
+
+
+class Offsets:
+    """Per partition, the offsets fetched and whether each is finished; what may be committed."""
+
+    def __init__(self) -> None:
+        self._open: dict[TopicPartition, OrderedDict[int, bool]] = {}
+        self._commit: dict[TopicPartition, int] = {}
+
+    def fetched(self, tp: TopicPartition, offset: int) -> None:
+        self._open.setdefault(tp, OrderedDict())[offset] = False
+
+    def finished(self, tp: TopicPartition, offset: int) -> None:
+        offsets = self._open.get(tp)
+        if offsets is None or offset not in offsets:
+            return  # the partition was revoked meanwhile
+        offsets[offset] = True
+        for first, done in list(offsets.items()):
+            if not done:
+                break
+            del offsets[first]
+            self._commit[tp] = first + 1
+
+    def take_committable(self) -> dict[TopicPartition, int]:
+        out, self._commit = self._commit, {}
+        return out
+
+    def forget(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            self._open.pop(tp, None)
+            self._commit.pop(tp, None)
+
+
 class Dispatcher:
     def __init__(
-        self, store: Store, renderer: Renderer, adapters: Mapping[str, Adapter], settings: DispatchSettings
+        self,
+        store: Store,
+        renderer: Renderer,
+        adapters: Mapping[str, Adapter],
+        settings: DispatchSettings,
+        urgent_topic: str,
     ) -> None:
         self.store = store
         self.renderer = renderer
         self.adapters = adapters
         self.settings = settings
+        self.urgent_topic = urgent_topic
+        self.lanes = {channel: FairQueue() for channel in adapters}
+        self.offsets = Offsets()
+        self.buffered = {URGENT: 0, BULK: 0}
+        self.stopping = asyncio.Event()
         self._advisories: dict[tuple[str, int], Advisory] = {}
+
+    # -- one chunk ----------------------------------------------------------------------------
 
     async def _advisory(self, chunk: Chunk) -> tuple[Advisory, str] | None:
         """The advisory (parsed once per process) and its current state (read every chunk, so a
@@ -70,6 +183,14 @@ class Dispatcher:
             return loaded
         state = await self.store.get_advisory_state(*key)
         return None if state is None else (cached, state[0])
+
+    async def _still_wanted(self, adv: Advisory) -> None:
+        """Raise Withdrawn if the advisory may no longer be sent (read from the store, not a cache)."""
+        if adv.expires_at <= now():
+            raise Withdrawn(Status.EXPIRED, "advisory expired")
+        state = await self.store.get_advisory_state(adv.id, adv.version)
+        if state is not None and state[0] != "active":
+            raise Withdrawn(Status.CANCELLED, f"advisory {state[0]}")
 
     def _message(self, adv: Advisory, adapter: Adapter, item: WorkItem) -> Message:
         lang = self.renderer.choose_language(adv, item.recipient, adapter.kind, adapter.parts)
@@ -90,16 +211,17 @@ class Dispatcher:
         if loaded is None:
             log.error("dispatch.unknown_advisory", advisory_id=chunk.advisory_id, version=chunk.version)
             return
-        adv, state = loaded
-        if state == "cancelled":
-            await self.store.record(
-                Outcome(i, Status.CANCELLED, reason="advisory cancelled") for i in chunk.ids
-            )
+        adv, _ = loaded
+        adapter = self.adapters.get(chunk.channel)
+        if adapter is None:
+            reason = f"channel {chunk.channel!r} is not configured on this gateway"
+            await self.store.record(Outcome(i, Status.FAILED, reason=reason) for i in chunk.ids)
             return
-        if adv.expires_at <= now():
-            await self.store.record(Outcome(i, Status.EXPIRED, reason="advisory expired") for i in chunk.ids)
+        try:
+            await self._still_wanted(adv)
+        except Withdrawn as w:
+            await self.store.record(Outcome(i, Status(w.status), reason=w.reason) for i in chunk.ids)
             return
-        adapter = self.adapters[chunk.channel]
         items = await self.store.pending_work(chunk.ids)
         messages: list[Message] = []
         failed: list[Outcome] = []
@@ -114,35 +236,43 @@ class Dispatcher:
             await self.send(adapter, adv, messages[start : start + adapter.batch_size])
 
     async def send(self, adapter: Adapter, adv: Advisory, batch: Sequence[Message]) -> None:
-        """Send a batch until every message is accepted or rejected, or attempts or time run out."""
+        """Send a batch until every message is accepted or rejected, attempts or time run out, or
+        the advisory is withdrawn. Waiting for an open circuit costs no attempt."""
         remaining = list(batch)
+        charged = 0
+
+        def out_of_attempts(_: RetryCallState) -> bool:
+            return charged >= self.settings.max_attempts
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.max_attempts),
+            stop=out_of_attempts,
             wait=_WaitRetryAfter(multiplier=self.settings.backoff_initial_s, max=self.settings.backoff_max_s),
             retry=retry_if_exception_type(RetryableError),
             reraise=True,
+            sleep=self._sleep,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    if adv.expires_at <= now():
-                        await self.store.record(
-                            Outcome(m.delivery_id, Status.EXPIRED, reason="advisory expired")
-                            for m in remaining
-                        )
-                        return
-                    results = await adapter.send(remaining)
+                    results = await adapter.send(remaining, before_request=lambda: self._still_wanted(adv))
                     final = [o for o in map(_outcome, results) if o is not None]
                     await self.store.record(final, attempted=True)
                     retry = [r for r in results if r.outcome == "retry"]
                     if retry:
-                        await self.store.note_retry(
-                            [r.delivery_id for r in retry], retry[0].reason or "retry"
-                        )
+                        if any(r.costs_attempt for r in retry):
+                            charged += 1
+                            await self.store.note_retry(
+                                [r.delivery_id for r in retry], retry[0].reason or "retry"
+                            )
                         keep = {r.delivery_id for r in retry}
                         remaining = [m for m in remaining if m.delivery_id in keep]
                         after = max((r.retry_after or 0.0) for r in retry) or None
                         raise RetryableError(retry[0].reason or "partner asked to retry", after)
+        except Withdrawn as w:
+            await self.store.record(
+                Outcome(m.delivery_id, Status(w.status), reason=w.reason) for m in remaining
+            )
+            log.info("delivery.withdrawn", channel=adapter.channel, advisory_id=adv.id, count=len(remaining))
         except RetryableError as e:
             reason = f"attempts exhausted ({self.settings.max_attempts}): {e.reason}"
             await self.store.record(Outcome(m.delivery_id, Status.FAILED, reason=reason) for m in remaining)
@@ -154,25 +284,116 @@ class Dispatcher:
                 reason=reason,
             )
 
-    async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
-        """Consume chunks until ``stopping``; commit only after each fetched set is recorded."""
-        while not stopping.is_set():
-            fetched = await consumer.getmany(timeout_ms=500, max_records=self.settings.chunks_in_flight)
-            records: list[Any] = [m for msgs in fetched.values() for m in msgs]
-            if not records:
-                continue
-            try:
-                await asyncio.gather(*(self._handle_record(m.value) for m in records))
-                await asyncio.shield(consumer.commit())
-            except Exception as e:  # the store or broker failed: nothing was committed, fetch again
-                log.error("dispatch.retrying", error=f"{type(e).__name__}: {e}", count=len(records))
-                await asyncio.sleep(RETRY_DELAY_S)
-                await consumer.seek_to_committed()
+    async def _sleep(self, seconds: float) -> None:
+        """A wait that ends early, raising Draining, when the gateway stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        if self.stopping.is_set():
+            raise Draining
 
-    async def _handle_record(self, raw: bytes) -> None:
+    # -- lanes ----------------------------------------------------------------------------------
+
+    async def _worker(self, lane: FairQueue) -> None:
+        while (job := await lane.get()) is not None:
+            try:
+                await self._run_job(job)
+            except Draining:
+                return
+            finally:
+                self.buffered[job.priority] -= 1
+                metrics.dispatch_buffered_chunks.labels(_lane_name(job.priority)).dec()
+            self.offsets.finished(job.tp, job.offset)
+
+    async def _run_job(self, job: Job) -> None:
+        """One chunk to the end; an infrastructure failure (store down) is retried, not skipped."""
+        while True:
+            try:
+                await self.handle_chunk(job.chunk)
+                return
+            except Draining:
+                raise
+            except Exception as e:
+                log.error(
+                    "dispatch.retrying",
+                    error=f"{type(e).__name__}: {e}",
+                    advisory_id=job.chunk.advisory_id,
+                    channel=job.chunk.channel,
+                )
+                await self._sleep(RETRY_DELAY_S)
+
+    def _enqueue(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        self.offsets.fetched(tp, record.offset)
         try:
-            chunk = Chunk.decode(raw)
+            chunk = Chunk.decode(record.value or b"")
         except (ValueError, KeyError, TypeError) as e:
-            log.error("dispatch.bad_chunk", error=str(e))
+            log.error("dispatch.bad_chunk", error=str(e), partition=tp.partition, offset=record.offset)
+            self.offsets.finished(tp, record.offset)
             return
-        await self.handle_chunk(chunk)
+        priority = URGENT if tp.topic == self.urgent_topic else BULK
+        lane = self.lanes.get(chunk.channel)
+        if lane is None:
+            lane = self.lanes[chunk.channel] = FairQueue()
+            self._spawn_workers(chunk.channel, lane, 1)  # an unknown channel: its deliveries fail with why
+        self.buffered[priority] += 1
+        metrics.dispatch_buffered_chunks.labels(_lane_name(priority)).inc()
+        lane.put(Job(chunk, tp, record.offset, priority))
+
+    def _spawn_workers(self, channel: str, lane: FairQueue, n: int) -> None:
+        for i in range(n):
+            self._workers.append(asyncio.create_task(self._worker(lane), name=f"lane-{channel}-{i}"))
+
+    def _backpressure(self, consumer: AIOKafkaConsumer) -> None:
+        """Pause a topic's partitions while its bound is reached; resume at half of it."""
+        bound = self.settings.max_buffered_chunks
+        assigned = consumer.assignment()
+        paused = consumer.paused()
+        for priority in (URGENT, BULK):
+            tps = {tp for tp in assigned if (tp.topic == self.urgent_topic) == (priority == URGENT)}
+            if self.buffered[priority] >= bound and not tps <= paused:
+                consumer.pause(*tps)
+                log.info("dispatch.paused", lane=_lane_name(priority), buffered=self.buffered[priority])
+            elif self.buffered[priority] <= bound // 2 and tps & paused:
+                consumer.resume(*(tps & paused))
+                log.info("dispatch.resumed", lane=_lane_name(priority), buffered=self.buffered[priority])
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        offsets = self.offsets.take_committable()
+        assigned = consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await asyncio.shield(consumer.commit(offsets))
+        except Exception as e:  # a rebalance took the partition: its new owner replays from the last commit
+            log.warning("dispatch.commit_failed", error=f"{type(e).__name__}: {e}")
+            self.offsets.forget(set(offsets))
+
+    async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
+        """Fetch chunks into the lanes until ``stopping``; then drain within ``drain_timeout_s``."""
+        self._workers: list[asyncio.Task[None]] = []
+        for channel, lane in self.lanes.items():
+            self._spawn_workers(channel, lane, self.adapters[channel].settings.max_in_flight)
+        try:
+            while not stopping.is_set():
+                self._backpressure(consumer)
+                fetched = await consumer.getmany(
+                    timeout_ms=200, max_records=self.settings.max_buffered_chunks
+                )
+                for tp, records in fetched.items():
+                    for record in records:
+                        self._enqueue(tp, record)
+                await self._commit(consumer)
+        finally:
+            self.stopping.set()
+            for lane in self.lanes.values():
+                lane.close()
+            _, late = await asyncio.wait(self._workers, timeout=self.settings.drain_timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+            await self._commit(consumer)
+            log.info("dispatch.drained", unfinished=len(late))
+
+
+def _lane_name(priority: int) -> str:
+    return "urgent" if priority == URGENT else "bulk"

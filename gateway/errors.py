@@ -13,7 +13,12 @@
     │   └── AuthError          a partner's webhook call is not signed by that partner (HTTP 401)
     └── ChannelError           a channel could not take a message
         ├── RetryableError     try again later (optionally not before ``retry_after`` seconds)
+        │   └── ThrottledError the partner is up but asks us to slow down (HTTP 429): it does not
+        │                      count against the partner's circuit breaker
         └── PermanentError     the partner will never take it: mark the delivery failed
+
+    Withdrawn                  not an error of the channel: the advisory was cancelled, superseded
+                               or expired while a batch waited; the batch is not sent
 
 Retry is decided by class, never by parsing a message.
 """
@@ -70,7 +75,20 @@ class RetryableError(ChannelError):
         self.retry_after = retry_after
 
 
+class ThrottledError(RetryableError):
+    """The partner is healthy but rate-limits us; its Retry-After is honoured."""
+
+
 class PermanentError(ChannelError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
+        self.reason = reason
+
+
+class Withdrawn(GatewayError):
+    """The advisory of a batch about to be sent was cancelled, superseded or has expired."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
         self.reason = reason

@@ -2,9 +2,16 @@
 
 A record that is not a usable advisory goes to the dead-letter topic with its original bytes and
 the reason (headers ``reason``, ``error``, ``source``), and its offset is committed: the service
-never dies of input. An offset is committed only after the advisory and its whole delivery plan are
-durable, so a crash replays the record; replays are harmless (the advisory is stored once, planned
-once, and delivery ids are deterministic).
+never dies of input. An offset is committed only after the advisory is durable; its plan is then
+driven from the store by the planner's schedule (resumed after a crash), so an urgent advisory is
+never stuck behind the planning of a large one. Replays are harmless (the advisory is stored once).
+
+Cancels and updates: a cancel withdraws every version of the advisories it references and cancels
+their pending deliveries at once; an update supersedes the earlier versions (and any advisory it
+references): their pending deliveries are cancelled, and the update is planned for the whole
+audience — who was notified gets the update, who was not gets only the newest. A cancel or update
+that overtakes the advisory it names is remembered: that advisory, arriving later, is stored
+withdrawn and never sent.
 """
 
 from __future__ import annotations
@@ -92,30 +99,48 @@ class Intake:
     async def handle(self, raw: bytes) -> str:
         """Process one record; returns the outcome for the log. Input problems raise InputError."""
         adv, record = self.validate(raw)
-        if adv.msg_type == "cancel":
-            await self.store.save_advisory(adv, record)
-            cancelled = 0
-            for ref in adv.references:
-                cancelled += await self.store.cancel_advisory(ref.split("@", 1)[0])
-            log.info(
-                "advisory.cancel_applied",
-                advisory_id=adv.id,
-                references=list(adv.references),
-                count=cancelled,
-            )
-            return "cancel"
-        state = await self.store.get_advisory_state(adv.id, adv.version)
-        if state is not None and state[1]:
+        if await self.store.get_advisory_state(adv.id, adv.version) is not None:
             log.info("advisory.duplicate", advisory_id=adv.id, version=adv.version)
             return "duplicate"
-        if state is not None and state[0] == "cancelled":
-            return "cancelled"
         await self.store.save_advisory(adv, record)
-        log.info("advisory.accepted", advisory_id=adv.id, version=adv.version, sender=adv.sender)
-        planned = await self.planner.plan(adv)
-        await self.store.mark_planned(adv.id, adv.version)
-        log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=planned)
-        return "planned"
+        if adv.msg_type == "cancel":
+            await self._withdraw(adv, "cancelled")
+            return "cancel"
+        withdrawn = await self.store.withdrawn_state(adv)
+        if withdrawn is not None:
+            await self.store.set_advisory_state(adv.id, adv.version, withdrawn)
+            log.info("advisory.arrived_withdrawn", advisory_id=adv.id, version=adv.version, state=withdrawn)
+            return withdrawn
+        superseded = await self.store.supersede_older(adv)
+        self.planner.drop(adv.id, below_version=adv.version)
+        if adv.msg_type == "update":
+            await self._withdraw(adv, "superseded")
+        log.info(
+            "advisory.accepted",
+            advisory_id=adv.id,
+            version=adv.version,
+            sender=adv.sender,
+            priority=adv.priority,
+            superseded_pending=superseded,
+        )
+        self.planner.submit(adv)
+        return "accepted"
+
+    async def _withdraw(self, adv: Advisory, state: str) -> None:
+        """Withdraw every advisory ``adv`` references (``id`` or ``id@vN``: every version of ``id``)."""
+        count = 0
+        for ref in adv.references:
+            ref_id = ref.split("@", 1)[0]
+            if ref_id == adv.id and state == "superseded":
+                continue  # an update's own earlier versions: supersede_older did them
+            count += await self.store.withdraw(ref_id, state, adv.key)
+            self.planner.drop(ref_id)
+        log.info(
+            f"advisory.{state}",
+            by=adv.key,
+            references=list(adv.references),
+            pending_cancelled=count,
+        )
 
     async def dead_letter(self, msg: ConsumerRecord, error: InputError) -> None:
         reason = str(error)

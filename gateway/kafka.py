@@ -14,7 +14,13 @@ TOPIC_EXISTS = 36
 
 
 def topics_of(settings: KafkaSettings) -> list[str]:
-    return [settings.topic_advisories, settings.topic_deliveries, settings.topic_events, settings.topic_dlq]
+    return [
+        settings.topic_advisories,
+        settings.topic_deliveries,
+        settings.topic_deliveries_urgent,
+        settings.topic_events,
+        settings.topic_dlq,
+    ]
 
 
 async def ensure_topics(bootstrap_servers: str, settings: KafkaSettings) -> None:
@@ -42,9 +48,11 @@ def producer(bootstrap_servers: str) -> AIOKafkaProducer:
     )
 
 
-def consumer(bootstrap_servers: str, topic: str, group: str, settings: KafkaSettings) -> AIOKafkaConsumer:
+def consumer(
+    bootstrap_servers: str, topics: list[str], group: str, settings: KafkaSettings
+) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        topic,
+        *topics,
         bootstrap_servers=bootstrap_servers,
         group_id=group,
         enable_auto_commit=False,

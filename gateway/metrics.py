@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -25,5 +25,23 @@ receipts_total = Counter(
     "gateway_receipts_total",
     "Delivery receipts received, by status",
     ["channel", "status"],
+    registry=REGISTRY,
+)
+circuit_open = Gauge(
+    "gateway_circuit_open",
+    "1 while a channel provider's circuit is open or half-open",
+    ["channel"],
+    registry=REGISTRY,
+)
+dispatch_buffered_chunks = Gauge(
+    "gateway_dispatch_buffered_chunks",
+    "Chunks fetched and not yet finished, by lane (consumption pauses at the bound)",
+    ["lane"],
+    registry=REGISTRY,
+)
+deliveries_cascaded_total = Counter(
+    "gateway_deliveries_cascaded_total",
+    "Recipients sent the next channel of the cascade, by the channel they moved from",
+    ["channel"],
     registry=REGISTRY,
 )

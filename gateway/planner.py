@@ -1,32 +1,48 @@
 """Planner: an advisory's audience → one delivery per recipient on the first channel that reaches
-them → chunks of delivery ids on the ``deliveries`` topic.
+them → chunks of delivery ids on the deliveries topics.
 
-The audience is read a page at a time (keyset paging), so a million recipients never sit in one list.
-Planning is idempotent: delivery ids are deterministic and inserts of existing rows do nothing, so a
-replay after a crash re-publishes the same chunks and dispatch sends only what is still pending.
+Planning runs a page at a time (keyset paging), so a million recipients never sit in one list, and
+it is **scheduled**: urgent advisories (urgency ``immediate`` or severity ``extreme``) are planned
+before bulk ones, and advisories of equal priority take turns page by page — an urgent advisory
+never waits for a large bulk one to finish planning. Their chunks go to ``deliveries.urgent``.
+
+Progress is durable: after each page the cursor (last recipient id) is stored, and at start-up the
+planner resumes every stored advisory whose planning had not finished. Planning is idempotent:
+delivery ids are deterministic and inserts of existing rows do nothing, so a page replayed after a
+crash re-publishes the same chunks and dispatch sends only what is still pending. Before each page
+the advisory's state is read again: a cancelled or superseded advisory stops being planned.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import Mapping
+import contextlib
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from gateway import metrics
+from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id
 from gateway.store import Store
 
+log = get_logger(__name__)
+
+RETRY_DELAY_S = 2.0
+
 
 def choose_channel(
-    adv: Advisory, r: Recipient, kinds: Mapping[str, str]
+    adv: Advisory, r: Recipient, kinds: Mapping[str, str], after: str | None = None
 ) -> tuple[str | None, dict[str, str]]:
-    """The first channel of the advisory's cascade that reaches the recipient, and the channels
-    passed over because the address there is unusable (channel → reason: recorded as skipped)."""
+    """The first channel of the advisory's cascade (after channel ``after``, if given) that reaches
+    the recipient, and the channels passed over because the address there is unusable
+    (channel → reason: recorded as skipped)."""
     unusable: dict[str, str] = {}
-    for channel in adv.channels:
+    channels = adv.channels[adv.channels.index(after) + 1 :] if after is not None else adv.channels
+    for channel in channels:
         kind = kinds[channel]
         if channel in r.opt_outs or kind in r.opt_outs or not r.address(kind):
             continue
@@ -37,7 +53,7 @@ def choose_channel(
     return None, unusable
 
 
-def _row(
+def delivery_row(
     adv: Advisory, recipient_id: str, channel: str, status: Status, reason: str | None = None
 ) -> dict[str, Any]:
     return {
@@ -51,51 +67,151 @@ def _row(
     }
 
 
+def plan_recipients(
+    adv: Advisory, page: Sequence[Recipient], kinds: Mapping[str, str], after: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Delivery rows for a page of recipients (the chosen channel planned, unusable ones skipped)
+    and the planned delivery ids by channel."""
+    rows: list[dict[str, Any]] = []
+    by_channel: dict[str, list[str]] = defaultdict(list)
+    for r in page:
+        channel, unusable = choose_channel(adv, r, kinds, after)
+        for passed_over, reason in unusable.items():
+            rows.append(delivery_row(adv, r.id, passed_over, Status.SKIPPED, reason))
+        if channel is not None:
+            row = delivery_row(adv, r.id, channel, Status.PLANNED)
+            by_channel[channel].append(row["id"])
+            rows.append(row)
+        elif not unusable and after is None:
+            reason = "no address on any channel of the advisory"
+            rows.append(delivery_row(adv, r.id, adv.channels[0], Status.SKIPPED, reason))
+    return rows, by_channel
+
+
+@dataclass
+class _Plan:
+    adv: Advisory
+    cursor: str
+    planned: int = 0
+
+
 class Planner:
     def __init__(
-        self, store: Store, producer: AIOKafkaProducer, topic: str, chunk_size: int, kinds: Mapping[str, str]
+        self,
+        store: Store,
+        producer: AIOKafkaProducer,
+        topics: tuple[str, str],
+        chunk_size: int,
+        kinds: Mapping[str, str],
     ) -> None:
         self.store = store
         self.producer = producer
-        self.topic = topic
+        self.topic_bulk, self.topic_urgent = topics
         self.chunk_size = chunk_size
         self.kinds = kinds
+        self._plans: dict[int, OrderedDict[str, _Plan]] = {}
+        self._wakeup = asyncio.Event()
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def submit(self, adv: Advisory, cursor: str = "") -> None:
+        """Plan ``adv`` (from ``cursor`` on) in its turn."""
+        self._plans.setdefault(adv.priority, OrderedDict()).setdefault(adv.key, _Plan(adv, cursor))
+        self._wakeup.set()
+
+    def drop(self, advisory_id: str, below_version: int | None = None) -> None:
+        """Stop planning an advisory (every version, or those below ``below_version``): it was
+        cancelled or superseded. Its state in the store already says so; this saves the pages."""
+        for plans in self._plans.values():
+            for key in [
+                k
+                for k, p in plans.items()
+                if p.adv.id == advisory_id and (below_version is None or p.adv.version < below_version)
+            ]:
+                del plans[key]
+
+    def _next(self) -> _Plan | None:
+        for priority in sorted(self._plans):
+            plans = self._plans[priority]
+            if plans:
+                key, plan = next(iter(plans.items()))
+                plans.move_to_end(key)  # equal priorities take turns, a page each
+                return plan
+        return None
+
+    @property
+    def idle(self) -> bool:
+        return not any(self._plans.values())
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Resume unfinished plans from the store, then plan page by page until ``stopping``."""
+        watcher = asyncio.create_task(self._wake_when(stopping))
+        try:
+            for adv, cursor in await self.store.unplanned():
+                self.submit(adv, cursor)
+            while not stopping.is_set():
+                plan = self._next()
+                if plan is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                try:
+                    await self.plan_page(plan)
+                except Exception as e:  # the store or broker failed: the same page again, later
+                    log.error("planner.retrying", error=f"{type(e).__name__}: {e}", advisory_id=plan.adv.id)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), RETRY_DELAY_S)
+        finally:
+            watcher.cancel()
+
+    async def _wake_when(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+        self._wakeup.set()
+
+    def _done(self, plan: _Plan) -> None:
+        self._plans.get(plan.adv.priority, OrderedDict()).pop(plan.adv.key, None)
+
+    # -- one page -------------------------------------------------------------------------------
+
+    async def plan_page(self, plan: _Plan) -> None:
+        adv = plan.adv
+        state = await self.store.get_advisory_state(adv.id, adv.version)
+        if state is None or state[0] != "active":
+            self._done(plan)
+            return
+        aud = adv.audience
+        page = await self.store.audience_page(
+            aud.countries, aud.regions, aud.tags, plan.cursor, self.chunk_size
+        )
+        if not page:
+            await self.store.mark_planned(adv.id, adv.version)
+            self._done(plan)
+            log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=plan.planned)
+            return
+        rows, by_channel = plan_recipients(adv, page, self.kinds)
+        await self.store.insert_deliveries(rows)
+        await self.publish(adv, by_channel, page[0].id)
+        plan.cursor = page[-1].id
+        plan.planned += len(rows)
+        await self.store.save_plan_cursor(adv.id, adv.version, plan.cursor)
+
+    async def publish(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
+        """Chunks of planned deliveries onto the advisory's lane, then mark them queued."""
+        topic = self.topic_urgent if adv.priority == 0 else self.topic_bulk
+        sends = []
+        for channel, ids in by_channel.items():
+            for start in range(0, len(ids), self.chunk_size):
+                chunk = Chunk(adv.id, adv.version, channel, tuple(ids[start : start + self.chunk_size]))
+                record_key = f"{adv.key}/{key}/{channel}/{start}".encode()
+                sends.append(await self.producer.send(topic, chunk.encode(), key=record_key))
+            metrics.deliveries_planned_total.labels(channel).inc(len(ids))
+        await asyncio.gather(*sends)
+        await self.store.mark_queued([i for ids in by_channel.values() for i in ids])
 
     async def plan(self, adv: Advisory) -> int:
-        """Plan every recipient of the audience; returns how many deliveries were planned."""
-        after = ""
-        chunk_no = 0
-        total = 0
-        aud = adv.audience
-        while True:
-            page = await self.store.audience_page(
-                aud.countries, aud.regions, aud.tags, after, self.chunk_size
-            )
-            if not page:
-                return total
-            rows: list[dict[str, Any]] = []
-            by_channel: dict[str, list[str]] = defaultdict(list)
-            for r in page:
-                channel, unusable = choose_channel(adv, r, self.kinds)
-                for passed_over, reason in unusable.items():
-                    rows.append(_row(adv, r.id, passed_over, Status.SKIPPED, reason))
-                if channel is not None:
-                    row = _row(adv, r.id, channel, Status.PLANNED)
-                    by_channel[channel].append(row["id"])
-                    rows.append(row)
-                elif not unusable:
-                    reason = "no address on any channel of the advisory"
-                    rows.append(_row(adv, r.id, adv.channels[0], Status.SKIPPED, reason))
-            await self.store.insert_deliveries(rows)
-            sends = []
-            for channel, ids in by_channel.items():
-                chunk = Chunk(adv.id, adv.version, channel, tuple(ids))
-                sends.append(
-                    await self.producer.send(self.topic, chunk.encode(), key=f"{adv.key}/{chunk_no}".encode())
-                )
-                metrics.deliveries_planned_total.labels(channel).inc(len(ids))
-            await asyncio.gather(*sends)
-            await self.store.mark_queued([i for ids in by_channel.values() for i in ids])
-            total += len(rows)
-            chunk_no += 1
-            after = page[-1].id
+        """Plan the whole audience now, outside the schedule (tests, tools); returns rows planned."""
+        plan = _Plan(adv, "")
+        self._plans.setdefault(adv.priority, OrderedDict())[adv.key] = plan
+        while adv.key in self._plans[adv.priority]:
+            await self.plan_page(plan)
+        return plan.planned

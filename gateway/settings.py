@@ -39,6 +39,7 @@ class KafkaSettings(_Section):
     bootstrap_servers: str | None = None
     topic_advisories: str = "advisories"
     topic_deliveries: str = "deliveries"
+    topic_deliveries_urgent: str = "deliveries.urgent"
     topic_events: str = "delivery-events"
     topic_dlq: str = "advisories.dlq"
     partitions: int = Field(4, ge=1, le=256)
@@ -80,12 +81,20 @@ class DispatchSettings(_Section):
     max_attempts: int = Field(5, ge=1)
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
-    chunks_in_flight: int = Field(4, ge=1, le=64)
+    # chunks fetched and unfinished per lane (urgent, bulk) before consumption pauses
+    max_buffered_chunks: int = Field(32, ge=2, le=10_000)
+    # on stop: how long workers may finish the chunk in hand before it is left for the next consumer
+    drain_timeout_s: float = Field(10.0, gt=0)
 
 
 class SweeperSettings(_Section):
     interval_s: float = Field(5.0, gt=0)
     receipt_timeout_s: float = Field(3600.0, gt=0)  # sent this long with no receipt: unknown
+
+
+class CascadeSettings(_Section):
+    interval_s: float = Field(1.0, gt=0)  # how often unconfirmed deliveries are looked for
+    page: int = Field(500, ge=1, le=10_000)
 
 
 class LoggingSettings(_Section):
@@ -103,6 +112,7 @@ class Settings(_Section):
     planner: PlannerSettings = PlannerSettings()
     dispatch: DispatchSettings = DispatchSettings()
     sweeper: SweeperSettings = SweeperSettings()
+    cascade: CascadeSettings = CascadeSettings()
     # channel name -> that adapter's own settings, validated by the adapter's settings model
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()

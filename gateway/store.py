@@ -33,6 +33,8 @@ advisories = sa.Table(
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("state", sa.String(16), nullable=False, server_default="active"),
     sa.Column("planned", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the last recipient id planned: planning resumes after it (a page at a time, see planner)
+    sa.Column("plan_cursor", sa.String(128), nullable=False, server_default=""),
     sa.Column("body", sa.JSON, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
 )
@@ -68,8 +70,23 @@ deliveries = sa.Table(
     sa.Column("partner_id", sa.String(128), index=True),
     sa.Column("reason", sa.String(500)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    # the cascade has dealt with this delivery (sent the recipient the next channel, or had none)
+    sa.Column("cascaded", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
     sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
+    sa.Index("ix_deliveries_cascade", "channel", "cascaded", "status"),
+)
+
+# advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:
+# an alert whose cancel overtook it on the way is stored withdrawn and never planned
+withdrawals = sa.Table(
+    "withdrawals",
+    metadata,
+    sa.Column("advisory_id", sa.String(128), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # cancelled | superseded
+    sa.Column("by_id", sa.String(128), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
 )
 
 receipts = sa.Table(
@@ -258,18 +275,88 @@ class Store:
                 .values(planned=True)
             )
 
-    async def cancel_advisory(self, advisory_id: str) -> int:
-        """Mark every version cancelled and its pending deliveries cancelled; returns how many."""
+    async def withdraw(self, advisory_id: str, state: str, by: str) -> int:
+        """Cancel (``state`` "cancelled") or supersede every version of an advisory — including one
+        not received yet — and cancel its pending deliveries; returns how many were cancelled."""
+        stmt = self._insert(withdrawals).values(advisory_id=advisory_id, state=state, by_id=by, at=now())
+        if state == "cancelled":  # a cancel outranks a supersede
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[withdrawals.c.advisory_id], set_={"state": state, "by_id": by}
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing()
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+            return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by)
+
+    async def supersede_older(self, adv: Advisory) -> int:
+        """Earlier versions of ``adv`` are superseded: their pending deliveries are cancelled (who was
+        already notified gets ``adv`` too; who was not gets only ``adv``). Returns how many."""
+        where = (advisories.c.id == adv.id, advisories.c.version < adv.version)
+        async with self.engine.begin() as conn:
+            return await self._withdraw_in(conn, where, "superseded", adv.key)
+
+    async def _withdraw_in(
+        self, conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], state: str, by: str
+    ) -> int:
+        versions = (await conn.execute(sa.select(advisories.c.id, advisories.c.version).where(*where))).all()
+        await conn.execute(
+            sa.update(advisories).where(*where, advisories.c.state != "cancelled").values(state=state)
+        )
+        moved = 0
+        for advisory_id, version in versions:
+            moved += await _transition(
+                conn,
+                (deliveries.c.advisory_id == advisory_id, deliveries.c.version == version, _IS_PENDING),
+                Status.CANCELLED,
+                f"advisory {state} by {by}",
+            )
+        return moved
+
+    async def withdrawn_state(self, adv: Advisory) -> str | None:
+        """Why ``adv`` may not be planned: "cancelled" or "superseded" (by a later version, or by an
+        update or cancel that named it, even one that arrived first); None if it may."""
+        async with self.engine.connect() as conn:
+            state = (
+                await conn.execute(sa.select(withdrawals.c.state).where(withdrawals.c.advisory_id == adv.id))
+            ).scalar()
+            if state is not None:
+                return str(state)
+            newer = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(advisories)
+                    .where(advisories.c.id == adv.id, advisories.c.version > adv.version)
+                )
+            ).scalar_one()
+        return "superseded" if newer else None
+
+    async def set_advisory_state(self, advisory_id: str, version: int, state: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
-                sa.update(advisories).where(advisories.c.id == advisory_id).values(state="cancelled")
+                sa.update(advisories)
+                .where(advisories.c.id == advisory_id, advisories.c.version == version)
+                .values(state=state)
             )
-            return await _transition(
-                conn,
-                (deliveries.c.advisory_id == advisory_id, _IS_PENDING),
-                Status.CANCELLED,
-                "advisory cancelled",
+
+    async def save_plan_cursor(self, advisory_id: str, version: int, cursor: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(advisories)
+                .where(advisories.c.id == advisory_id, advisories.c.version == version)
+                .values(plan_cursor=cursor)
             )
+
+    async def unplanned(self) -> list[tuple[Advisory, str]]:
+        """Active advisories whose planning has not finished, with the cursor to resume after."""
+        q = sa.select(advisories.c.body, advisories.c.plan_cursor).where(
+            advisories.c.state == "active",
+            advisories.c.planned == sa.false(),
+            advisories.c.msg_type != "cancel",
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [(Advisory.model_validate(body), str(cursor)) for body, cursor in rows]
 
     # -- deliveries ---------------------------------------------------------------------------
 
@@ -334,6 +421,8 @@ class Store:
         }
         if attempted:
             values["attempts"] = deliveries.c.attempts + 1
+        if status is Status.SENT:
+            values["sent_at"] = at
         stmt = (
             sa.update(deliveries)
             .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.rank < status.rank)
@@ -395,6 +484,52 @@ class Store:
                     )
                 )
         return rows
+
+    async def cascade_due(
+        self, channel: str, sent_before: datetime, limit: int
+    ) -> list[tuple[str, str, int, str]]:
+        """Deliveries on ``channel`` that the cascade has not dealt with and that were not confirmed
+        in time — sent (or unknown) before ``sent_before``, or failed — of advisories still active and
+        unexpired. Returns (delivery id, advisory id, version, recipient id)."""
+        active = sa.exists().where(
+            advisories.c.id == deliveries.c.advisory_id,
+            advisories.c.version == deliveries.c.version,
+            advisories.c.state == "active",
+            advisories.c.expires_at > now(),
+        )
+        late = sa.and_(
+            deliveries.c.status.in_([Status.SENT.value, Status.UNKNOWN.value]),
+            deliveries.c.sent_at <= sent_before,
+        )
+        q = (
+            sa.select(
+                deliveries.c.id, deliveries.c.advisory_id, deliveries.c.version, deliveries.c.recipient_id
+            )
+            .where(
+                deliveries.c.channel == channel,
+                deliveries.c.cascaded == sa.false(),
+                sa.or_(late, deliveries.c.status == Status.FAILED.value),
+                active,
+            )
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [(str(i), str(a), int(v), str(r)) for i, a, v, r in (await conn.execute(q)).all()]
+
+    async def mark_cascaded(self, ids: Sequence[str]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.update(deliveries).where(deliveries.c.id.in_(list(ids))).values(cascaded=True)
+            )
+
+    async def recipients_by_id(self, ids: Sequence[str]) -> list[Recipient]:
+        async with self.engine.connect() as conn:
+            rows = (
+                (await conn.execute(sa.select(recipients).where(recipients.c.id.in_(list(ids)))))
+                .mappings()
+                .all()
+            )
+        return [_recipient_from_row(r) for r in rows]
 
     async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> tuple[int, list[Outcome]]:
         """Record receipts and move their deliveries forward. A receipt without a delivery id is
