@@ -59,6 +59,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self.adapters: dict[str, Adapter] = {}
+        self.dispatcher: Dispatcher | None = None
 
     async def start(self) -> None:
         """Bring up what the roles need; if any part fails, close what was opened and re-raise."""
@@ -112,7 +113,7 @@ class Gateway:
                 ("intake", self._consumer([s.kafka.topic_advisories], s.kafka.intake_group), intake.run)
             )
         if "dispatch" in s.gateway.roles:
-            dispatcher = Dispatcher(
+            dispatcher = self.dispatcher = Dispatcher(
                 self.store, renderer, self.adapters, s.dispatch, s.kafka.topic_deliveries_urgent
             )
             sweeper = Sweeper(self.store, s.sweeper)

@@ -32,7 +32,7 @@ class CircuitSettings(BaseModel):
 
     failures_to_open: int = Field(5, ge=1)
     open_s: float = Field(2.0, gt=0)
-    max_open_s: float = Field(60.0, gt=0)
+    max_open_s: float = Field(30.0, gt=0)
 
 
 class State(enum.StrEnum):

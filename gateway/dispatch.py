@@ -165,6 +165,7 @@ class Dispatcher:
         self.lanes = {channel: FairQueue() for channel in adapters}
         self.offsets = Offsets()
         self.buffered = {URGENT: 0, BULK: 0}
+        self.most_buffered = 0  # the most chunks one lane held at once (backpressure keeps it bounded)
         self.stopping = asyncio.Event()
         self._advisories: dict[tuple[str, int], Advisory] = {}
 
@@ -315,7 +316,7 @@ class Dispatcher:
             except Exception as e:
                 log.error(
                     "dispatch.retrying",
-                    error=f"{type(e).__name__}: {e}",
+                    error=f"{type(e).__name__}: {e}"[:500],
                     advisory_id=job.chunk.advisory_id,
                     channel=job.chunk.channel,
                 )
@@ -335,6 +336,7 @@ class Dispatcher:
             lane = self.lanes[chunk.channel] = FairQueue()
             self._spawn_workers(chunk.channel, lane, 1)  # an unknown channel: its deliveries fail with why
         self.buffered[priority] += 1
+        self.most_buffered = max(self.most_buffered, self.buffered[priority])
         metrics.dispatch_buffered_chunks.labels(_lane_name(priority)).inc()
         lane.put(Job(chunk, tp, record.offset, priority))
 
@@ -376,9 +378,8 @@ class Dispatcher:
         try:
             while not stopping.is_set():
                 self._backpressure(consumer)
-                fetched = await consumer.getmany(
-                    timeout_ms=200, max_records=self.settings.max_buffered_chunks
-                )
+                room = self.settings.max_buffered_chunks - max(self.buffered.values())
+                fetched = await consumer.getmany(timeout_ms=200, max_records=max(1, room))
                 for tp, records in fetched.items():
                     for record in records:
                         self._enqueue(tp, record)

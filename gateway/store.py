@@ -102,6 +102,7 @@ receipts = sa.Table(
 
 
 _IS_PENDING = deliveries.c.status.in_(sorted(s.value for s in PENDING))
+WITHDRAWN = (Status.CANCELLED, Status.EXPIRED)
 
 
 async def _transition(
@@ -423,9 +424,17 @@ class Store:
             values["attempts"] = deliveries.c.attempts + 1
         if status is Status.SENT:
             values["sent_at"] = at
+        forward: sa.ColumnElement[bool] = deliveries.c.rank < status.rank
+        if status in WITHDRAWN:
+            # cancel and expiry take only what has not gone out: never a sent or delivered message
+            forward = sa.or_(*(deliveries.c.status == s.value for s in PENDING))
+        elif attempted:
+            # the partner's answer to a request that was already on its way when a cancel, an update
+            # or expiry withdrew the delivery: the message went out, and the store says so
+            forward = sa.or_(forward, *(deliveries.c.status == s.value for s in WITHDRAWN))
         stmt = (
             sa.update(deliveries)
-            .where(deliveries.c.id == sa.bindparam("b_id"), deliveries.c.rank < status.rank)
+            .where(deliveries.c.id == sa.bindparam("b_id"), forward)
             .values(**values)
         )
         result = await conn.execute(stmt, params)

@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ def make_settings(tmp_path: Path, kafka: str, sandbox: SandboxProcess, **env: st
         "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": kafka,
         "GATEWAY__KAFKA__TOPIC_ADVISORIES": f"advisories-{tag}",
         "GATEWAY__KAFKA__TOPIC_DELIVERIES": f"deliveries-{tag}",
+        "GATEWAY__KAFKA__TOPIC_DELIVERIES_URGENT": f"deliveries.urgent-{tag}",
         "GATEWAY__KAFKA__TOPIC_EVENTS": f"delivery-events-{tag}",
         "GATEWAY__KAFKA__TOPIC_DLQ": f"advisories.dlq-{tag}",
         "GATEWAY__KAFKA__INTAKE_GROUP": f"intake-{tag}",
@@ -114,6 +116,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers or "",
         "GATEWAY__KAFKA__TOPIC_ADVISORIES": k.topic_advisories,
         "GATEWAY__KAFKA__TOPIC_DELIVERIES": k.topic_deliveries,
+        "GATEWAY__KAFKA__TOPIC_DELIVERIES_URGENT": k.topic_deliveries_urgent,
         "GATEWAY__KAFKA__TOPIC_EVENTS": k.topic_events,
         "GATEWAY__KAFKA__TOPIC_DLQ": k.topic_dlq,
         "GATEWAY__KAFKA__INTAKE_GROUP": k.intake_group,
@@ -139,14 +142,26 @@ def settings(tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess) -> S
     return make_settings(tmp_path, kafka_bootstrap, sandbox)
 
 
+@asynccontextmanager
+async def running_gateway(
+    settings: Settings, sandbox: SandboxProcess | None = None
+) -> AsyncIterator[Gateway]:
+    """A started gateway (stopped on the way out); the sandbox's receipts come to it if given."""
+    gw = Gateway(settings)
+    await gw.start()
+    try:
+        if sandbox is not None:
+            await sandbox.point_at(gw.public_url)
+        yield gw
+    finally:
+        await gw.stop()
+
+
 @pytest_asyncio.fixture
 async def gateway(settings: Settings, sandbox: SandboxProcess) -> AsyncIterator[Gateway]:
     """A running gateway (all roles) whose receipts the sandbox sends back to it."""
-    gw = Gateway(settings)
-    await gw.start()
-    await sandbox.point_at(gw.public_url)
-    yield gw
-    await gw.stop()
+    async with running_gateway(settings, sandbox) as gw:
+        yield gw
 
 
 def advisory(**over: Any) -> dict[str, Any]:
@@ -183,16 +198,23 @@ def signed(record: dict[str, Any]) -> dict[str, Any]:
 
 
 async def load_recipients(
-    gw: Gateway, tmp_path: Path, n: int, country: str = "XA", reach: str = "app", languages: str | None = None
+    gw: Gateway,
+    tmp_path: Path,
+    n: int,
+    country: str = "XA",
+    reach: str = "app",
+    languages: str | None = None,
+    prefix: str = "r",
 ) -> None:
     """Write ``n`` recipients as CSV and import them through the directory importer. ``reach``: each
     has only a super-app user (``app``) or only a phone number (``phone``, unique E.164); languages
-    cycle through kk|ru, ru, en, de|en unless ``languages`` gives one chain for all."""
+    cycle through kk|ru, ru, en, de|en unless ``languages`` gives one chain for all. Ids are
+    ``<prefix>00000`` on: a second call with the same prefix updates the same people."""
     path = tmp_path / f"recipients-{uuid.uuid4().hex[:6]}.csv"
     langs = [languages] if languages else ["kk|ru", "ru", "en", "de|en"]
     column, address = {"app": ("app_user", "app-{i:05d}"), "phone": ("phone", "+7701{i:07d}")}[reach]
     lines = [f"id,languages,{column},country"]
-    lines += [f"r{i:05d},{langs[i % len(langs)]},{address.format(i=i)},{country}" for i in range(n)]
+    lines += [f"{prefix}{i:05d},{langs[i % len(langs)]},{address.format(i=i)},{country}" for i in range(n)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert gw.store is not None
     report = await import_file(gw.store, path)

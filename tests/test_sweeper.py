@@ -15,7 +15,15 @@ from gateway.models import delivery_id, now
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings, SweeperSettings
 from gateway.sweeper import Sweeper
-from tests.conftest import advisory, eventually, load_recipients, make_settings, reached, signed
+from tests.conftest import (
+    advisory,
+    eventually,
+    load_recipients,
+    make_settings,
+    reached,
+    running_gateway,
+    signed,
+)
 
 
 async def _counts(gw: Gateway, advisory_id: str) -> dict[str, int]:
@@ -27,9 +35,7 @@ async def test_deliveries_still_pending_when_the_advisory_expires_become_expired
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
     settings = make_settings(tmp_path, kafka_bootstrap, sandbox, GATEWAY__GATEWAY__ROLES="[intake]")
-    gw = Gateway(settings)  # intake only: planned and queued, never sent
-    await gw.start()
-    try:
+    async with running_gateway(settings) as gw:  # intake only: planned and queued, never sent
         await load_recipients(gw, tmp_path, 30)
         record = signed(advisory())
         await publish(gw.bootstrap_servers, settings.kafka.topic_advisories, record)
@@ -40,8 +46,6 @@ async def test_deliveries_still_pending_when_the_advisory_expires_become_expired
         after_expiry = Sweeper(gw.store, SweeperSettings(), clock=lambda: now() + timedelta(hours=3))
         assert await after_expiry.sweep() == (30, 0)
         assert await _counts(gw, record["id"]) == {"expired": 30}
-    finally:
-        await gw.stop()
 
 
 async def test_sent_without_a_receipt_becomes_unknown_and_a_late_receipt_still_counts(

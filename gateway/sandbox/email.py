@@ -35,8 +35,8 @@ class EmailSink(SandboxPartner):
             self._server.close()
         await super().stop()
 
-    def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "smtp_port": self.smtp_port, "multipart": self.multipart}
+    def stats(self, since: float | None = None) -> dict[str, Any]:
+        return {**super().stats(since), "smtp_port": self.smtp_port, "multipart": self.multipart}
 
     def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
         return {"message_id": key, "event": status}

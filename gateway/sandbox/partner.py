@@ -1,8 +1,9 @@
 """What every sandbox partner does, whatever its protocol.
 
 It honours idempotency keys (a replayed key is answered with the first answer and not counted
-again), counts what it accepted per recipient and advisory, can be told to fail (status codes,
-Retry-After, latency, hangs), and sends signed receipts to the gateway's webhook after a delay —
+again), counts what it accepted per recipient and advisory (with the wall-clock time of each, so a
+drill can ask what arrived after a moment), can be told to fail (status codes, Retry-After,
+latency, hangs, connection resets), and sends signed receipts to the gateway's webhook after a delay —
 retrying while the gateway is down, as a real partner does. A protocol subclass adds its routes
 (or its server) and says how its receipts look on the wire.
 """
@@ -10,8 +11,10 @@ retrying while the gateway is down, as a real partner does. A protocol subclass 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,6 +42,7 @@ class Faults:
     retry_after: float | None = None
     latency_s: float = 0.0
     hang: bool = False
+    reset: bool = False  # drop the connection without an answer
 
     def take(self) -> Faults | None:
         if self.count == 0:
@@ -55,9 +59,11 @@ class Counter:
     recipients: set[str] = field(default_factory=set)
     seen: set[tuple[str, str]] = field(default_factory=set)
     languages: dict[str, int] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # wall clock of each accepted message, in order
 
     def add(self, recipient: str, advisory: str, language: str) -> None:
         self.accepted += 1
+        self.times.append(time.time())
         self.languages[language] = self.languages.get(language, 0) + 1
         key = (advisory, recipient)
         if key in self.seen:
@@ -65,13 +71,18 @@ class Counter:
         self.seen.add(key)
         self.recipients.add(recipient)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
+    def as_dict(self, since: float | None = None) -> dict[str, Any]:
+        out = {
             "accepted": self.accepted,
             "unique_recipients": len(self.recipients),
             "duplicates": self.duplicates,
             "languages": dict(sorted(self.languages.items())),
+            "first_at": self.times[0] if self.times else None,
+            "last_at": self.times[-1] if self.times else None,
         }
+        if since is not None:
+            out["accepted_since"] = len(self.times) - bisect.bisect_right(self.times, since)
+        return out
 
 
 class SandboxPartner:
@@ -117,7 +128,8 @@ class SandboxPartner:
         if self._session is not None:
             await self._session.close()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, since: float | None = None) -> dict[str, Any]:
+        """Counts; with ``since`` (epoch seconds), also what was accepted after that moment."""
         return {
             **self.total.as_dict(),
             "requests": self.requests,
@@ -126,17 +138,20 @@ class SandboxPartner:
             "receipts_sent": self.receipts_sent,
             "receipts_pending": len(self._pending),
             "most_open_requests": self.most_open_requests,
-            "by_advisory": {k: c.as_dict() for k, c in sorted(self.by_advisory.items())},
+            "by_advisory": {k: c.as_dict(since) for k, c in sorted(self.by_advisory.items())},
         }
 
     async def set_faults(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.faults = Faults(
             status=body.get("status"),
-            count=int(body.get("count", -1 if body.get("status") or body.get("hang") else 0)),
+            count=int(
+                body.get("count", -1 if body.get("status") or body.get("hang") or body.get("reset") else 0)
+            ),
             retry_after=body.get("retry_after"),
             latency_s=float(body.get("latency_s", 0.0)),
             hang=bool(body.get("hang", False)),
+            reset=bool(body.get("reset", False)),
         )
         return web.json_response({"faults": self.faults.__dict__})
 
@@ -203,6 +218,9 @@ class SandboxPartner:
             await asyncio.sleep(fault.latency_s)
         if fault.hang:
             await asyncio.Event().wait()  # never answers; the client's timeout ends it
+        if fault.reset and request.transport is not None:
+            request.transport.abort()  # the client sees the connection reset mid-request
+            return web.Response(status=499)
         if fault.status is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
             return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)

@@ -87,8 +87,14 @@ class SandboxProcess:
             result: dict[str, Any] = await resp.json()
             return result
 
-    async def stats(self) -> dict[str, Any]:
-        return await self._call("GET", "/stats")
+    async def stats(self, since: float | None = None) -> dict[str, Any]:
+        """Every partner's counts; with ``since`` (epoch seconds), also what each accepted after it."""
+        return await self._call("GET", "/stats" + (f"?since={since}" if since is not None else ""))
+
+    async def recipients(self, channel: str, advisory_key: str) -> set[str]:
+        """Who ``channel``'s partner accepted a message for, for advisory ``id@vN``."""
+        body = await self._call("GET", f"/stats/recipients?channel={channel}&advisory={advisory_key}")
+        return set(body["recipients"])
 
     async def faults(self, channel: str = "push", **fault: Any) -> dict[str, Any]:
         return await self._call("POST", f"/control/{channel}/faults", fault)

@@ -32,15 +32,32 @@ def point_at(partners: list[SandboxPartner], gateway_url: str | None) -> None:
 
 
 def build(partners: list[SandboxPartner]) -> web.Application:
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response({"channels": {p.channel: p.stats() for p in partners}})
+    async def stats(request: web.Request) -> web.Response:
+        since = request.query.get("since")
+        at = float(since) if since else None
+        return web.json_response({"channels": {p.channel: p.stats(at) for p in partners}})
+
+    async def recipients(request: web.Request) -> web.Response:
+        """The recipients a partner accepted a message for, for one advisory ("id@vN")."""
+        by_channel = {p.channel: p for p in partners}
+        partner = by_channel.get(request.query.get("channel", ""))
+        if partner is None:
+            return web.json_response({"error": f"channel: one of {sorted(by_channel)}"}, status=400)
+        counted = partner.by_advisory.get(request.query.get("advisory", ""))
+        return web.json_response({"recipients": sorted(counted.recipients) if counted else []})
 
     async def gateway(request: web.Request) -> web.Response:
         point_at(partners, (await request.json()).get("url"))
         return web.json_response({p.channel: p.receipt_url for p in partners})
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
-    app.add_routes([web.get("/stats", stats), web.post("/control/gateway", gateway)])
+    app.add_routes(
+        [
+            web.get("/stats", stats),
+            web.get("/stats/recipients", recipients),
+            web.post("/control/gateway", gateway),
+        ]
+    )
     for p in partners:
         app.add_routes(p.routes())
     return app

@@ -56,9 +56,9 @@ class Smsc(SandboxPartner):
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/control/smpp/drop", self.drop), *super().routes()]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, since: float | None = None) -> dict[str, Any]:
         return {
-            **super().stats(),
+            **super().stats(since),
             "smpp_port": self.smpp_port,
             "binds": self.binds,
             "enquire_links": self.enquire_links,

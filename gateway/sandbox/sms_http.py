@@ -25,9 +25,9 @@ class SmsAggregator(SandboxPartner):
     def routes(self) -> list[web.RouteDef]:
         return [self.batch_route("/sms/v1/messages", MAX_BATCH, self._take), *super().routes()]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, since: float | None = None) -> dict[str, Any]:
         return {
-            **super().stats(),
+            **super().stats(since),
             "parts": self.parts_sent,
             "encodings": dict(sorted(self.encodings.items())),
         }
