@@ -1,4 +1,4 @@
-"""``broadcast-gateway``: run, broker, sandbox, publish, recipients import, status, demo."""
+"""``broadcast-gateway``: run, broker, sandbox, publish, recipients import, replay, status, demo, drill."""
 
 from __future__ import annotations
 
@@ -243,6 +243,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- demo -----------------------------------------------------------------------------------------
 
 
+def cmd_drill(args: argparse.Namespace) -> int:
+    from gateway.drill import main
+
+    return main(args.scenario, args.recipients, args.json, args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -308,6 +314,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     d.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     d.set_defaults(func=cmd_demo)
+    dr = sub.add_parser(
+        "drill", help="rehearse an outage, a crash, a cancel or an urgent advisory against the sandboxes"
+    )
+    dr.add_argument("scenario", choices=["outage", "crash", "cancel", "priority"])
+    dr.add_argument("--recipients", type=int, default=20_000)
+    dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")
+    dr.set_defaults(func=cmd_drill)
     return p
 
 

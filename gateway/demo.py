@@ -42,8 +42,9 @@ FIELDS = ["id", "languages", "phone", "email", "app_user", "country", "region", 
 LANGUAGE_CHAINS = [("kk|ru", 30), ("kk", 15), ("ru", 40), ("en", 10), ("de|en", 5)]
 
 
-def write_recipients(path: Path, n: int, country: str, seed: int = 7) -> None:
-    """A synthetic directory of ``n`` recipients, written row by row (never held in memory)."""
+def write_recipients(path: Path, n: int, country: str, seed: int = 7, push_only: bool = False) -> None:
+    """A synthetic directory of ``n`` recipients, written row by row (never held in memory);
+    ``push_only``: every one on the super-app and nowhere else (the drills count one channel)."""
     rng = random.Random(seed)
     chains, weights = zip(*LANGUAGE_CHAINS, strict=True)
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -51,10 +52,10 @@ def write_recipients(path: Path, n: int, country: str, seed: int = 7) -> None:
         w.writerow(FIELDS)
         for i in range(n):
             rid = f"r{i:07d}"
-            reach = rng.random()  # 60 % on the super-app, 25 % phone only, 15 % e-mail only
+            reach = 0.0 if push_only else rng.random()  # 60 % super-app, 25 % phone only, 15 % e-mail only
             on_app = reach < 0.60
-            has_phone = reach < 0.85
-            has_email = reach >= 0.85 or rng.random() < 0.5
+            has_phone = not push_only and reach < 0.85
+            has_email = not push_only and (reach >= 0.85 or rng.random() < 0.5)
             w.writerow(
                 [
                     rid,
@@ -158,10 +159,11 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
     )
 
 
-def demo_settings(
+def demo_env(
     workdir: Path, bootstrap: str, http_port: int, sandbox: SandboxProcess, sender: str, public_key: str
-) -> Settings:
-    env = {
+) -> dict[str, str]:
+    """GATEWAY__ variables of a gateway on this broker, a SQLite file in ``workdir`` and the sandbox."""
+    return {
         "GATEWAY__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{workdir / 'gateway.db'}",
         "GATEWAY__HTTP__PORT": str(http_port),
@@ -169,6 +171,12 @@ def demo_settings(
         "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({sender: public_key}),
         "GATEWAY__LOGGING__LEVEL": "warning",
     }
+
+
+def demo_settings(
+    workdir: Path, bootstrap: str, http_port: int, sandbox: SandboxProcess, sender: str, public_key: str
+) -> Settings:
+    env = demo_env(workdir, bootstrap, http_port, sandbox, sender, public_key)
     return load_settings(environ={**os.environ, **env})
 
 

@@ -432,11 +432,7 @@ class Store:
             # the partner's answer to a request that was already on its way when a cancel, an update
             # or expiry withdrew the delivery: the message went out, and the store says so
             forward = sa.or_(forward, *(deliveries.c.status == s.value for s in WITHDRAWN))
-        stmt = (
-            sa.update(deliveries)
-            .where(deliveries.c.id == sa.bindparam("b_id"), forward)
-            .values(**values)
-        )
+        stmt = sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"), forward).values(**values)
         result = await conn.execute(stmt, params)
         return int(result.rowcount)
 

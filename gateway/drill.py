@@ -1,0 +1,356 @@
+"""``broadcast-gateway drill {outage,crash,cancel,priority}``: rehearse a bad day before a real one.
+
+Each drill sets up what the demo does — the embedded broker, the sandbox partners as their own
+process, a SQLite store in a temporary folder, N recipients (all on the super-app, so one channel is
+counted) — and runs the gateway as **its own process**, so that it can be killed. Every number in the
+report comes from the sandbox partner's own counts (what it accepted, for whom, when), not from the
+gateway's word; the store's counts are shown beside them.
+
+- ``outage``: the push partner answers 503 for a while, then 429 with Retry-After, then resets
+  connections, then hangs until the client times out; then recovers.
+- ``crash``: the gateway is SIGKILLed after the advisory is stored but before its plan is finished,
+  and again at 15 %, 40 % and 70 % of the broadcast; each time it is started again.
+- ``cancel``: a cancel is published when 30 % of the broadcast is accepted. ``sent_after_cancel``
+  counts messages the partner accepted more than one second after the cancel was published.
+- ``priority``: an urgent advisory is published while a bulk one is under way; the report gives the
+  urgent advisory's time to its first partner request and to its last, and how far the bulk was.
+
+``lost``: recipients who should have been notified and were not (for ``cancel``: messages the store
+records as sent that the partner never accepted). ``duplicates``: a recipient accepted twice for
+the same advisory. The exit status is 0 only when lost, duplicates and sent_after_cancel are 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway import logging as gw_logging
+from gateway.broker import EmbeddedBroker, free_port
+from gateway.cli import publish
+from gateway.demo import demo_advisory, demo_env, write_recipients
+from gateway.directory import import_file
+from gateway.models import PENDING
+from gateway.sandbox.process import SandboxProcess
+from gateway.signing import new_key, sign
+from gateway.store import Store
+
+DRILLS = ("outage", "crash", "cancel", "priority")
+CHUNK = 100  # small chunks and batches: a broadcast is many partner requests, so faults land mid-way
+
+
+class DrillError(Exception):
+    """The drill could not run to its end (the report says how far it got)."""
+
+
+class Rig:
+    """Broker, sandbox, store and a gateway process that can be started, killed and started again."""
+
+    def __init__(self, workdir: Path, broker: EmbeddedBroker, sandbox: SandboxProcess, n: int) -> None:
+        self.workdir = workdir
+        self.broker = broker
+        self.sandbox = sandbox
+        self.n = n
+        self.private_key, public_key = new_key()
+        self.sender = str(demo_advisory()["sender"])
+        self.port = free_port()
+        self.env = {
+            **demo_env(workdir, broker.bootstrap_servers, self.port, sandbox, self.sender, public_key),
+            "GATEWAY__PLANNER__CHUNK_SIZE": str(CHUNK),
+            "GATEWAY__CHANNELS__PUSH__BURST": str(CHUNK),
+            "GATEWAY__CHANNELS__PUSH__TIMEOUT_S": "2.0",
+            "GATEWAY__LOGGING__FORMAT": "json",
+        }
+        self.store: Store | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.kills = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def open(self) -> None:
+        csv_path = self.workdir / "recipients.csv"
+        await asyncio.to_thread(write_recipients, csv_path, self.n, "XA", 7, True)
+        self.store = await Store.open(self.env["GATEWAY__STORE__URL"])
+        report = await import_file(self.store, csv_path)
+        if report.loaded != self.n:
+            raise DrillError(f"imported {report.loaded} of {self.n} recipients")
+        await self.sandbox.point_at(self.url)
+
+    async def start_gateway(self) -> None:
+        self.starts += 1
+        log = (self.workdir / f"gateway-{self.starts}.log").open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            env={**os.environ, **self.env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        await self.until(self._healthy, 60, "the gateway answering /healthz")
+
+    async def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.returncode is not None:
+            raise DrillError(f"the gateway exited with {self.proc.returncode}; see {self.workdir}")
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{self.url}/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def kill_gateway(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        self.kills += 1
+
+    async def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self.store is not None:
+            await self.store.close()
+
+    def advisory(self, name: str, **over: Any) -> dict[str, Any]:
+        record = demo_advisory()
+        record.update(id=f"drill-{name}-{secrets.token_hex(3)}", channels=["push"], **over)
+        return record
+
+    async def publish(self, record: dict[str, Any]) -> float:
+        """Sign and publish; returns the wall-clock time it was on the topic."""
+        await publish(self.broker.bootstrap_servers, "advisories", sign(record, self.private_key))
+        return time.time()
+
+    async def counted(self, record: dict[str, Any], since: float | None = None) -> dict[str, Any]:
+        """What the push partner counted for this advisory version."""
+        stats = await self.sandbox.stats(since)
+        key = f"{record['id']}@v{record.get('version', 1)}"
+        empty = {"accepted": 0, "unique_recipients": 0, "duplicates": 0, "first_at": None, "last_at": None}
+        counted: dict[str, Any] = stats["channels"]["push"]["by_advisory"].get(key, empty)
+        return counted
+
+    async def accepted(self, record: dict[str, Any], at_least: int) -> bool:
+        return int((await self.counted(record))["accepted"]) >= at_least
+
+    async def counts(self, advisory_id: str) -> dict[str, int]:
+        assert self.store is not None
+        return (await self.store.counts(advisory_id)).get("push", {})
+
+    async def settled(self, advisory_id: str, expected: int | None) -> bool:
+        """Planned in full (when ``expected`` is given), nothing pending, no receipt outstanding."""
+        counts = await self.counts(advisory_id)
+        open_ = {s.value for s in PENDING} | {"sent"}
+        if any(counts.get(s) for s in open_):
+            return False
+        return expected is None or sum(counts.values()) == expected
+
+    async def until(self, check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+        deadline = time.monotonic() + within
+        while not await check():
+            if time.monotonic() > deadline:
+                raise DrillError(f"not within {within:.0f}s: {what}")
+            await asyncio.sleep(0.1)  # polling another process's state
+
+    async def report(self, record: dict[str, Any], expected: int) -> dict[str, Any]:
+        counted = await self.counted(record)
+        return {
+            "delivered": counted["unique_recipients"],
+            "lost": expected - counted["unique_recipients"],
+            "duplicates": counted["duplicates"],
+            "partner_accepted": counted["accepted"],
+            "store": await self.counts(record["id"]),
+        }
+
+
+# -- the drills ------------------------------------------------------------------------------------
+
+
+async def outage(rig: Rig, deadline_s: float) -> dict[str, Any]:
+    record = rig.advisory("outage")
+    await rig.publish(record)
+    await rig.until(lambda: rig.accepted(record, rig.n // 10), deadline_s, "10 % accepted before the outage")
+    phases: list[tuple[dict[str, Any], float]] = [
+        ({"status": 503}, 5.0),
+        ({"status": 429, "retry_after": 1, "count": 20}, 3.0),
+        ({"reset": True, "count": 10}, 2.0),
+        ({"hang": True, "count": 4}, 3.0),
+    ]
+    for fault, seconds in phases:
+        await rig.sandbox.faults(**fault)
+        await asyncio.sleep(seconds)  # the fault lasts this long: a scenario's timeline, not a wait
+    await rig.sandbox.faults(count=0)
+    recovered = time.time()
+    await rig.until(lambda: rig.settled(record["id"], rig.n), deadline_s, "every delivery final")
+    report = await rig.report(record, rig.n)
+    counted = await rig.counted(record)
+    report["faults"] = [f for f, _ in phases]
+    report["seconds_from_recovery_to_last_accepted"] = round(counted["last_at"] - recovered, 2)
+    report["circuit_opened"] = _log_events(rig.workdir, "channel.circuit_opened")
+    return report
+
+
+async def crash(rig: Rig, deadline_s: float) -> dict[str, Any]:
+    record = rig.advisory("crash")
+    await rig.publish(record)
+    assert rig.store is not None
+    store = rig.store
+
+    async def stored() -> bool:
+        return await store.get_advisory_state(record["id"], 1) is not None
+
+    await rig.until(stored, deadline_s, "the advisory stored")
+    await rig.kill_gateway()
+    planned_at_first_kill = sum((await rig.counts(record["id"])).values())
+    await rig.start_gateway()
+    for fraction in (0.15, 0.40, 0.70):
+        share = int(rig.n * fraction)
+        await rig.until(partial(rig.accepted, record, share), deadline_s, f"{fraction:.0%} accepted")
+        await rig.kill_gateway()
+        await rig.start_gateway()
+    await rig.until(lambda: rig.settled(record["id"], rig.n), deadline_s, "every delivery final")
+    report = await rig.report(record, rig.n)
+    report["kills"] = rig.kills
+    report["planned_at_first_kill"] = planned_at_first_kill
+    return report
+
+
+async def cancel(rig: Rig, deadline_s: float) -> dict[str, Any]:
+    await rig.sandbox.faults(latency_s=0.05, count=-1)  # a partner slow enough for a cancel to land mid-way
+    alert = rig.advisory("cancel")
+    await rig.publish(alert)
+    await rig.until(lambda: rig.accepted(alert, int(rig.n * 0.3)), deadline_s, "30 % accepted")
+    cancel_record = rig.advisory("cancel-of", msg_type="cancel", references=[alert["id"]])
+    for key in ("template", "data"):
+        cancel_record.pop(key)
+    published = await rig.publish(cancel_record)
+    assert rig.store is not None
+    store = rig.store
+
+    async def applied() -> bool:
+        state = await store.get_advisory_state(alert["id"], 1)
+        return state is not None and state[0] == "cancelled"
+
+    await rig.until(applied, deadline_s, "the cancel applied")
+    applied_after = time.time() - published
+    await rig.until(lambda: rig.settled(alert["id"], None), deadline_s, "nothing pending, no receipt owed")
+    # whatever was still on its way has landed by now; count what came after the cancel
+    await rig.sandbox.faults(count=0)
+    counted = await rig.counted(alert, since=published + 1.0)
+    right_after = await rig.counted(alert, since=published)
+    store_counts = await rig.counts(alert["id"])
+    sent = store_counts.get("delivered", 0) + store_counts.get("sent", 0) + store_counts.get("unknown", 0)
+    return {
+        "delivered": counted["unique_recipients"],
+        "lost": max(0, sent - counted["unique_recipients"]),
+        "duplicates": counted["duplicates"],
+        "sent_after_cancel": counted["accepted_since"],
+        "accepted_within_the_second_after_cancel": right_after["accepted_since"] - counted["accepted_since"],
+        "cancel_seen_after_s": round(applied_after, 3),
+        "cancelled": store_counts.get("cancelled", 0),
+        "never_planned": rig.n - sum(store_counts.values()),
+        "store": store_counts,
+    }
+
+
+async def priority(rig: Rig, deadline_s: float) -> dict[str, Any]:
+    await rig.sandbox.faults(latency_s=0.1, count=-1)  # a slow partner: the bulk takes a while
+    bulk = rig.advisory("bulk", severity="minor", urgency="expected")
+    await rig.publish(bulk)
+    await rig.until(lambda: rig.accepted(bulk, rig.n // 10), deadline_s, "the bulk 10 % accepted")
+    urgent = rig.advisory("urgent", severity="extreme", urgency="immediate")
+    published = await rig.publish(urgent)
+    await rig.until(lambda: rig.accepted(urgent, rig.n), deadline_s, "the urgent advisory accepted by all")
+    bulk_when_urgent_done = (await rig.counted(bulk))["accepted"]
+    await rig.until(lambda: rig.settled(bulk["id"], rig.n), deadline_s, "the bulk advisory final")
+    await rig.until(lambda: rig.settled(urgent["id"], rig.n), deadline_s, "the urgent advisory final")
+    u, b = await rig.report(urgent, rig.n), await rig.report(bulk, rig.n)
+    cu, cb = await rig.counted(urgent), await rig.counted(bulk)
+    return {
+        "delivered": u["delivered"] + b["delivered"],
+        "lost": u["lost"] + b["lost"],
+        "duplicates": u["duplicates"] + b["duplicates"],
+        "urgent_seconds_to_first_partner_request": round(cu["first_at"] - published, 3),
+        "urgent_seconds_to_all_accepted": round(cu["last_at"] - published, 3),
+        "bulk_accepted_when_urgent_done": bulk_when_urgent_done,
+        "bulk_seconds_to_all_accepted_after_urgent_published": round(cb["last_at"] - published, 3),
+        "urgent": u,
+        "bulk": b,
+    }
+
+
+def _log_events(workdir: Path, event: str) -> int:
+    """How many times the gateway processes logged ``event`` (their JSON logs in the drill folder)."""
+    count = 0
+    for path in sorted(workdir.glob("gateway-*.log")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("event") == event:
+                    count += 1
+    return count
+
+
+RUNNERS: dict[str, Callable[[Rig, float], Awaitable[dict[str, Any]]]] = {
+    "outage": outage,
+    "crash": crash,
+    "cancel": cancel,
+    "priority": priority,
+}
+
+
+async def run_drill(name: str, n: int, deadline_s: float) -> dict[str, Any]:
+    """Run one drill from nothing; the report, with ``passed`` and (if it broke off) ``error``."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"gateway-drill-{name}-"))
+    started = time.monotonic()
+    report: dict[str, Any] = {"drill": name, "recipients": n, "workdir": str(workdir)}
+    async with (
+        EmbeddedBroker() as broker,
+        SandboxProcess(secrets.token_urlsafe(32), receipt_delay_s=0.2) as sb,
+    ):
+        rig = Rig(workdir, broker, sb, n)
+        try:
+            await rig.open()
+            await rig.start_gateway()
+            report.update(await RUNNERS[name](rig, deadline_s))
+        except DrillError as e:
+            report["error"] = str(e)
+        finally:
+            await rig.close()
+    report["seconds"] = round(time.monotonic() - started, 1)
+    report["passed"] = "error" not in report and all(
+        report.get(k, 0) == 0 for k in ("lost", "duplicates", "sent_after_cancel")
+    )
+    return report
+
+
+def main(name: str, n: int, as_json: bool, deadline_s: float) -> int:
+    gw_logging.configure("warning", "auto")
+    report = asyncio.run(run_drill(name, n, deadline_s))
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+    else:
+        for key, value in report.items():
+            sys.stdout.write(f"{key:>48}: {value}\n")
+    return 0 if report["passed"] else 1
