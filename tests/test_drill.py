@@ -1,0 +1,74 @@
+"""``broadcast-gateway drill``: each scenario, run as an operator runs it, reports zero lost, zero
+duplicates and nothing sent after a cancel — counted by the sandbox partner, not the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+async def _drill(scenario: str, n: int) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "drill",
+        scenario,
+        "--recipients",
+        str(n),
+        "--json",
+        "--timeout",
+        "90",
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "GATEWAY__LOGGING__LEVEL": "warning"},
+    )
+    out, _ = await proc.communicate()
+    report: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    assert proc.returncode == (0 if report["passed"] else 1)
+    return report
+
+
+@pytest.mark.timeout(240)
+async def test_crash_drill_kills_the_gateway_four_times_and_nobody_is_lost_or_notified_twice() -> None:
+    report = await _drill("crash", 1500)
+    assert report.get("error") is None
+    assert report["kills"] == 4
+    assert (report["delivered"], report["lost"], report["duplicates"]) == (1500, 0, 0)
+    assert report["store"] == {"delivered": 1500}
+
+
+@pytest.mark.timeout(180)
+async def test_outage_drill_rides_out_503s_429s_resets_and_timeouts() -> None:
+    report = await _drill("outage", 1500)
+    assert report.get("error") is None
+    assert (report["delivered"], report["lost"], report["duplicates"]) == (1500, 0, 0)
+    assert report["circuit_opened"] >= 1
+
+
+@pytest.mark.timeout(180)
+async def test_cancel_drill_sends_nothing_a_second_after_the_cancel() -> None:
+    report = await _drill("cancel", 3000)
+    assert report.get("error") is None
+    assert (report["lost"], report["duplicates"], report["sent_after_cancel"]) == (0, 0, 0)
+    assert report["cancelled"] + report["never_planned"] > 0, "the cancel landed mid-broadcast"
+    assert report["delivered"] == report["store"]["delivered"]
+
+
+@pytest.mark.timeout(180)
+async def test_priority_drill_urgent_advisory_finishes_while_the_bulk_one_is_under_way() -> None:
+    report = await _drill("priority", 4000)
+    assert report.get("error") is None
+    assert (report["delivered"], report["lost"], report["duplicates"]) == (8000, 0, 0)
+    assert report["bulk_accepted_when_urgent_done"] < 4000
+    assert (
+        report["urgent_seconds_to_all_accepted"]
+        < report["bulk_seconds_to_all_accepted_after_urgent_published"]
+    )
