@@ -127,6 +127,7 @@ class Adapter(ABC):
         self._limiter = AsyncLimiter(settings.burst, settings.burst / settings.rate_per_s)
         self._in_flight = asyncio.Semaphore(settings.max_in_flight)
         self.circuit = Circuit(channel, settings.circuit, clock)
+        self.requests_open = 0  # partner requests on their way now
 
     async def send(
         self, batch: Sequence[Message], before_request: Callable[[], Awaitable[None]] | None = None
@@ -142,7 +143,11 @@ class Adapter(ABC):
                 if before_request is not None:
                     await before_request()
                 started = self.clock()
-                results, healthy = await self._classified(batch)
+                self.requests_open += 1
+                try:
+                    results, healthy = await self._classified(batch)
+                finally:
+                    self.requests_open -= 1
                 elapsed = self.clock() - started
         except BaseException:
             if probe:
