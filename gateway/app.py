@@ -21,7 +21,7 @@ from gateway import kafka
 from gateway.api import build_app
 from gateway.broker import EmbeddedBroker
 from gateway.cascade import Cascade
-from gateway.dispatch import Dispatcher
+from gateway.dispatch import BULK, URGENT, Dispatcher
 from gateway.intake import Intake
 from gateway.logging import get_logger
 from gateway.planner import Planner
@@ -76,7 +76,7 @@ class Gateway:
             await self.broker.start()
             self.bootstrap_servers = self.broker.bootstrap_servers
         self.store = await Store.open(s.store.url)
-        await kafka.ensure_topics(self.bootstrap_servers, s.kafka)
+        await kafka.ensure_topics(self.bootstrap_servers, s.kafka, s.channels)
         self._producer = kafka.producer(self.bootstrap_servers)
         await self._producer.start()
         self._session = aiohttp.ClientSession()
@@ -93,7 +93,7 @@ class Gateway:
         planner = Planner(
             self.store,
             self._producer,
-            (s.kafka.topic_deliveries, s.kafka.topic_deliveries_urgent),
+            s.kafka,
             s.planner.chunk_size,
             kinds,
         )
@@ -113,15 +113,17 @@ class Gateway:
                 ("intake", self._consumer([s.kafka.topic_advisories], s.kafka.intake_group), intake.run)
             )
         if "dispatch" in s.gateway.roles:
-            dispatcher = self.dispatcher = Dispatcher(
-                self.store, renderer, self.adapters, s.dispatch, s.kafka.topic_deliveries_urgent
-            )
+            lanes = {
+                kafka.deliveries_topic(s.kafka, channel, urgent): (URGENT if urgent else BULK, channel)
+                for channel in self.adapters
+                for urgent in (True, False)
+            }
+            dispatcher = self.dispatcher = Dispatcher(self.store, renderer, self.adapters, s.dispatch, lanes)
             sweeper = Sweeper(self.store, s.sweeper)
             cascade = Cascade(self.store, planner, self.adapters, s.cascade)
             self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
             self._tasks.append(asyncio.create_task(cascade.run(self.stopping), name="cascade"))
-            topics = [s.kafka.topic_deliveries_urgent, s.kafka.topic_deliveries]
-            loops.append(("dispatch", self._consumer(topics, s.kafka.dispatch_group), dispatcher.run))
+            loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
         if "receipts" in s.gateway.roles:
             webhook = ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events)
             routes += webhook.routes()

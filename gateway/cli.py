@@ -62,7 +62,7 @@ async def _broker(settings: Settings, port: int | None) -> None:
     from gateway.broker import EmbeddedBroker
 
     async with EmbeddedBroker(port=port) as broker:
-        await kafka.ensure_topics(broker.bootstrap_servers, settings.kafka)
+        await kafka.ensure_topics(broker.bootstrap_servers, settings.kafka, settings.channels)
         print(f"Kafka (Tansu, memory only) at {broker.bootstrap_servers}", flush=True)
         print(f"  export GATEWAY__KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
         stop = asyncio.Event()
@@ -209,7 +209,8 @@ async def replay(settings: Settings, advisory_id: str, channel: str | None, limi
             for n, start in enumerate(range(0, len(ids), size)):
                 chunk = Chunk(advisory_id, version, ch, tuple(ids[start : start + size]))
                 key = f"{advisory_id}@v{version}/replay-{ch}-{n}".encode()
-                await producer.send_and_wait(settings.kafka.topic_deliveries, chunk.encode(), key=key)
+                topic = kafka.deliveries_topic(settings.kafka, ch, urgent=False)
+                await producer.send_and_wait(topic, chunk.encode(), key=key)
         return len(rows)
     finally:
         await producer.stop()
@@ -246,7 +247,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_drill(args: argparse.Namespace) -> int:
     from gateway.drill import main
 
-    return main(args.scenario, args.recipients, args.json, args.timeout)
+    return main(args.scenario, args.recipients, args.json, args.timeout, args.channel)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -319,6 +320,12 @@ def parser() -> argparse.ArgumentParser:
     )
     dr.add_argument("scenario", choices=["outage", "crash", "cancel", "priority"])
     dr.add_argument("--recipients", type=int, default=20_000)
+    dr.add_argument(
+        "--channel",
+        choices=["push", "sms-http", "smpp"],
+        default="push",
+        help="the one channel every recipient is on (smpp: duplicates are reported against a bound)",
+    )
     dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
     dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")
     dr.set_defaults(func=cmd_drill)

@@ -42,9 +42,10 @@ FIELDS = ["id", "languages", "phone", "email", "app_user", "country", "region", 
 LANGUAGE_CHAINS = [("kk|ru", 30), ("kk", 15), ("ru", 40), ("en", 10), ("de|en", 5)]
 
 
-def write_recipients(path: Path, n: int, country: str, seed: int = 7, push_only: bool = False) -> None:
+def write_recipients(path: Path, n: int, country: str, seed: int = 7, only: str | None = None) -> None:
     """A synthetic directory of ``n`` recipients, written row by row (never held in memory);
-    ``push_only``: every one on the super-app and nowhere else (the drills count one channel)."""
+    ``only`` ("push", "sms" or "email"): every one reachable there and nowhere else (the drills
+    count one channel)."""
     rng = random.Random(seed)
     chains, weights = zip(*LANGUAGE_CHAINS, strict=True)
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -52,10 +53,10 @@ def write_recipients(path: Path, n: int, country: str, seed: int = 7, push_only:
         w.writerow(FIELDS)
         for i in range(n):
             rid = f"r{i:07d}"
-            reach = 0.0 if push_only else rng.random()  # 60 % super-app, 25 % phone only, 15 % e-mail only
-            on_app = reach < 0.60
-            has_phone = not push_only and reach < 0.85
-            has_email = not push_only and (reach >= 0.85 or rng.random() < 0.5)
+            reach = rng.random()  # 60 % on the super-app, 25 % phone only, 15 % e-mail only
+            on_app = reach < 0.60 if only is None else only == "push"
+            has_phone = reach < 0.85 if only is None else only == "sms"
+            has_email = (reach >= 0.85 or rng.random() < 0.5) if only is None else only == "email"
             w.writerow(
                 [
                     rid,

@@ -2,7 +2,7 @@
 
 Each channel has its own **lane**: a queue and ``max_in_flight`` workers, so a slow, failing or
 circuit-broken channel never holds another. In every lane, chunks of urgent advisories (from the
-``deliveries.urgent`` topic) go before bulk ones, and advisories of equal priority take turns.
+``deliveries.urgent.<channel>`` topics) go before bulk ones, and advisories of equal priority take turns.
 
 Only deliveries still pending in the store are sent, and each carries its idempotency key, so a
 chunk replayed after a crash never becomes a second notification. A chunk's offset is committed once
@@ -155,17 +155,17 @@ class Dispatcher:
         renderer: Renderer,
         adapters: Mapping[str, Adapter],
         settings: DispatchSettings,
-        urgent_topic: str,
+        lanes: Mapping[str, tuple[int, str]],
     ) -> None:
         self.store = store
         self.renderer = renderer
         self.adapters = adapters
         self.settings = settings
-        self.urgent_topic = urgent_topic
+        self.topics = lanes  # topic -> (priority, channel)
         self.lanes = {channel: FairQueue() for channel in adapters}
         self.offsets = Offsets()
-        self.buffered = {URGENT: 0, BULK: 0}
-        self.most_buffered = 0  # the most chunks one lane held at once (backpressure keeps it bounded)
+        self.buffered = dict.fromkeys(lanes, 0)  # per topic: chunks fetched and not finished
+        self.most_buffered = 0  # the most chunks one topic had buffered at once (backpressure bounds it)
         self.stopping = asyncio.Event()
         self._advisories: dict[tuple[str, int], Advisory] = {}
 
@@ -301,8 +301,8 @@ class Dispatcher:
             except Draining:
                 return
             finally:
-                self.buffered[job.priority] -= 1
-                metrics.dispatch_buffered_chunks.labels(_lane_name(job.priority)).dec()
+                self.buffered[job.tp.topic] -= 1
+                metrics.dispatch_buffered_chunks.labels(job.tp.topic).dec()
             self.offsets.finished(job.tp, job.offset)
 
     async def _run_job(self, job: Job) -> None:
@@ -330,33 +330,38 @@ class Dispatcher:
             log.error("dispatch.bad_chunk", error=str(e), partition=tp.partition, offset=record.offset)
             self.offsets.finished(tp, record.offset)
             return
-        priority = URGENT if tp.topic == self.urgent_topic else BULK
+        priority = self.topics.get(tp.topic, (BULK, ""))[0]
         lane = self.lanes.get(chunk.channel)
         if lane is None:
             lane = self.lanes[chunk.channel] = FairQueue()
             self._spawn_workers(chunk.channel, lane, 1)  # an unknown channel: its deliveries fail with why
-        self.buffered[priority] += 1
-        self.most_buffered = max(self.most_buffered, self.buffered[priority])
-        metrics.dispatch_buffered_chunks.labels(_lane_name(priority)).inc()
+        self.buffered[tp.topic] = self.buffered.get(tp.topic, 0) + 1
+        self.most_buffered = max(self.most_buffered, self.buffered[tp.topic])
+        metrics.dispatch_buffered_chunks.labels(tp.topic).inc()
         lane.put(Job(chunk, tp, record.offset, priority))
 
     def _spawn_workers(self, channel: str, lane: FairQueue, n: int) -> None:
         for i in range(n):
             self._workers.append(asyncio.create_task(self._worker(lane), name=f"lane-{channel}-{i}"))
 
-    def _backpressure(self, consumer: AIOKafkaConsumer) -> None:
-        """Pause a topic's partitions while its bound is reached; resume at half of it."""
+    def _backpressure(self, consumer: AIOKafkaConsumer) -> int:
+        """Pause each topic whose bound is reached; resume it at half. Returns how many chunks may
+        be fetched now without any running topic passing its bound."""
         bound = self.settings.max_buffered_chunks
         assigned = consumer.assignment()
         paused = consumer.paused()
-        for priority in (URGENT, BULK):
-            tps = {tp for tp in assigned if (tp.topic == self.urgent_topic) == (priority == URGENT)}
-            if self.buffered[priority] >= bound and not tps <= paused:
+        room = bound
+        for topic, buffered in self.buffered.items():
+            tps = {tp for tp in assigned if tp.topic == topic}
+            if buffered >= bound and not tps <= paused:
                 consumer.pause(*tps)
-                log.info("dispatch.paused", lane=_lane_name(priority), buffered=self.buffered[priority])
-            elif self.buffered[priority] <= bound // 2 and tps & paused:
+                log.info("dispatch.paused", topic=topic, buffered=buffered)
+            elif buffered <= bound // 2 and tps & paused:
                 consumer.resume(*(tps & paused))
-                log.info("dispatch.resumed", lane=_lane_name(priority), buffered=self.buffered[priority])
+                log.info("dispatch.resumed", topic=topic, buffered=buffered)
+            if tps and not tps <= consumer.paused():
+                room = min(room, bound - buffered)
+        return max(1, room)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         offsets = self.offsets.take_committable()
@@ -377,9 +382,8 @@ class Dispatcher:
             self._spawn_workers(channel, lane, self.adapters[channel].settings.max_in_flight)
         try:
             while not stopping.is_set():
-                self._backpressure(consumer)
-                room = self.settings.max_buffered_chunks - max(self.buffered.values())
-                fetched = await consumer.getmany(timeout_ms=200, max_records=max(1, room))
+                room = self._backpressure(consumer)
+                fetched = await consumer.getmany(timeout_ms=200, max_records=room)
                 for tp, records in fetched.items():
                     for record in records:
                         self._enqueue(tp, record)
@@ -394,7 +398,3 @@ class Dispatcher:
             await asyncio.gather(*self._workers, return_exceptions=True)
             await self._commit(consumer)
             log.info("dispatch.drained", unfinished=len(late))
-
-
-def _lane_name(priority: int) -> str:
-    return "urgent" if priority == URGENT else "bulk"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -13,23 +15,28 @@ log = get_logger(__name__)
 TOPIC_EXISTS = 36
 
 
-def topics_of(settings: KafkaSettings) -> list[str]:
+def deliveries_topic(settings: KafkaSettings, channel: str, urgent: bool) -> str:
+    """Where one channel's chunks of one priority go: ``deliveries.push``, ``deliveries.urgent.sms-http``.
+    A topic per channel lets dispatch pause a slow channel's intake without holding the others."""
+    return f"{settings.topic_deliveries_urgent if urgent else settings.topic_deliveries}.{channel}"
+
+
+def topics_of(settings: KafkaSettings, channels: Iterable[str]) -> list[str]:
     return [
         settings.topic_advisories,
-        settings.topic_deliveries,
-        settings.topic_deliveries_urgent,
+        *(deliveries_topic(settings, c, urgent) for c in channels for urgent in (True, False)),
         settings.topic_events,
         settings.topic_dlq,
     ]
 
 
-async def ensure_topics(bootstrap_servers: str, settings: KafkaSettings) -> None:
-    """Create the gateway's topics where they do not exist yet."""
+async def ensure_topics(bootstrap_servers: str, settings: KafkaSettings, channels: Iterable[str]) -> None:
+    """Create the gateway's topics (for these channels) where they do not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in topics_of(settings) if t not in existing]
+        missing = [t for t in topics_of(settings, channels) if t not in existing]
         if missing:
             response = await admin.create_topics([NewTopic(t, settings.partitions, 1) for t in missing])
             for topic, code, message in response.topic_errors:

@@ -4,7 +4,7 @@ them → chunks of delivery ids on the deliveries topics.
 Planning runs a page at a time (keyset paging), so a million recipients never sit in one list, and
 it is **scheduled**: urgent advisories (urgency ``immediate`` or severity ``extreme``) are planned
 before bulk ones, and advisories of equal priority take turns page by page — an urgent advisory
-never waits for a large bulk one to finish planning. Their chunks go to ``deliveries.urgent``.
+never waits for a large bulk one to finish planning. Their chunks go to ``deliveries.urgent.<channel>``.
 
 Progress is durable: after each page the cursor (last recipient id) is stored, and at start-up the
 planner resumes every stored advisory whose planning had not finished. Planning is idempotent:
@@ -24,9 +24,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from gateway import metrics
+from gateway import kafka, metrics
 from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id
+from gateway.settings import KafkaSettings
 from gateway.store import Store
 
 log = get_logger(__name__)
@@ -100,13 +101,13 @@ class Planner:
         self,
         store: Store,
         producer: AIOKafkaProducer,
-        topics: tuple[str, str],
+        topics: KafkaSettings,
         chunk_size: int,
         kinds: Mapping[str, str],
     ) -> None:
         self.store = store
         self.producer = producer
-        self.topic_bulk, self.topic_urgent = topics
+        self.topics = topics
         self.chunk_size = chunk_size
         self.kinds = kinds
         self._plans: dict[int, OrderedDict[str, _Plan]] = {}
@@ -197,9 +198,9 @@ class Planner:
 
     async def publish(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
         """Chunks of planned deliveries onto the advisory's lane, then mark them queued."""
-        topic = self.topic_urgent if adv.priority == 0 else self.topic_bulk
         sends = []
         for channel, ids in by_channel.items():
+            topic = kafka.deliveries_topic(self.topics, channel, urgent=adv.priority == 0)
             for start in range(0, len(ids), self.chunk_size):
                 chunk = Chunk(adv.id, adv.version, channel, tuple(ids[start : start + self.chunk_size]))
                 record_key = f"{adv.key}/{key}/{channel}/{start}".encode()

@@ -7,8 +7,10 @@ delivery backwards and concurrent writers cannot undo each other.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -75,7 +77,10 @@ deliveries = sa.Table(
     sa.Column("cascaded", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
     sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
-    sa.Index("ix_deliveries_cascade", "channel", "cascaded", "status"),
+    # the cascade looks for the few deliveries of a channel still sent/unknown/failed, not the many
+    # delivered; the sweeper for the few sent or pending ones
+    sa.Index("ix_deliveries_cascade", "channel", "status", "cascaded"),
+    sa.Index("ix_deliveries_status", "status", "updated_at"),
 )
 
 # advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:
@@ -168,6 +173,20 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        # SQLite has one writer at a time; writers that collide sleep in its busy handler (1 ms,
+        # 2 ms, … 100 ms), which under many concurrent lanes costs more than the writes. In one
+        # process, writers take turns here instead. PostgreSQL needs no such thing.
+        self._write_turn = asyncio.Lock() if self._dialect == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (on SQLite, one at a time in this process)."""
+        if self._write_turn is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_turn, self.engine.begin() as conn:
+            yield conn
 
     @classmethod
     async def open(cls, url: str) -> Store:
@@ -206,7 +225,7 @@ class Store:
             index_elements=[recipients.c.id],
             set_={c.name: stmt.excluded[c.name] for c in recipients.columns if c.name != "id"},
         )
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(stmt, [_recipient_row(r, at) for r in batch])
 
     async def count_recipients(self) -> int:
@@ -255,7 +274,7 @@ class Store:
             )
             .on_conflict_do_nothing()
         )
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(stmt)
 
     async def load_advisory(self, advisory_id: str, version: int) -> tuple[Advisory, str] | None:
@@ -269,7 +288,7 @@ class Store:
         return Advisory.model_validate(row.body), str(row.state)
 
     async def mark_planned(self, advisory_id: str, version: int) -> None:
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 sa.update(advisories)
                 .where(advisories.c.id == advisory_id, advisories.c.version == version)
@@ -286,7 +305,7 @@ class Store:
             )
         else:
             stmt = stmt.on_conflict_do_nothing()
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(stmt)
             return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by)
 
@@ -294,7 +313,7 @@ class Store:
         """Earlier versions of ``adv`` are superseded: their pending deliveries are cancelled (who was
         already notified gets ``adv`` too; who was not gets only ``adv``). Returns how many."""
         where = (advisories.c.id == adv.id, advisories.c.version < adv.version)
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             return await self._withdraw_in(conn, where, "superseded", adv.key)
 
     async def _withdraw_in(
@@ -333,7 +352,7 @@ class Store:
         return "superseded" if newer else None
 
     async def set_advisory_state(self, advisory_id: str, version: int, state: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 sa.update(advisories)
                 .where(advisories.c.id == advisory_id, advisories.c.version == version)
@@ -341,7 +360,7 @@ class Store:
             )
 
     async def save_plan_cursor(self, advisory_id: str, version: int, cursor: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 sa.update(advisories)
                 .where(advisories.c.id == advisory_id, advisories.c.version == version)
@@ -367,13 +386,22 @@ class Store:
             return
         at = now()
         stmt = self._insert(deliveries).on_conflict_do_nothing()
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 stmt, [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows]
             )
 
     async def mark_queued(self, ids: Sequence[str]) -> None:
-        await self.record(Outcome(i, Status.QUEUED) for i in ids)
+        """Planned deliveries whose chunk is on the topic: one UPDATE, not one per row."""
+        if not ids:
+            return
+        planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
+        async with self._begin() as conn:
+            await conn.execute(
+                sa.update(deliveries)
+                .where(*planned)
+                .values(status=Status.QUEUED.value, rank=Status.QUEUED.rank, updated_at=now())
+            )
 
     async def pending_work(self, ids: Sequence[str]) -> list[WorkItem]:
         """The deliveries among ``ids`` that are still to be sent, with their recipients."""
@@ -390,7 +418,7 @@ class Store:
 
     async def record(self, outcomes: Iterable[Outcome], attempted: bool = False) -> int:
         """Move deliveries forward; a write that would move one backwards is ignored. Returns rows moved."""
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             return await self._record_in(conn, outcomes, attempted)
 
     async def _record_in(self, conn: AsyncConnection, outcomes: Iterable[Outcome], attempted: bool) -> int:
@@ -438,7 +466,7 @@ class Store:
 
     async def note_retry(self, ids: Sequence[str], reason: str) -> None:
         """Count an attempt that will be retried; the status stays pending."""
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 sa.update(deliveries)
                 .where(deliveries.c.id.in_(list(ids)), _IS_PENDING)
@@ -452,13 +480,13 @@ class Store:
             advisories.c.version == deliveries.c.version,
             advisories.c.expires_at <= at,
         )
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             return await _transition(conn, (_IS_PENDING, expired), Status.EXPIRED, "advisory expired")
 
     async def mark_unknown(self, sent_before: datetime) -> int:
         """Deliveries ``sent`` before ``sent_before`` with no receipt since become ``unknown``."""
         silent = (deliveries.c.status == Status.SENT.value, deliveries.c.updated_at <= sent_before)
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             return await _transition(conn, silent, Status.UNKNOWN, "no receipt in time")
 
     async def requeue_failed(
@@ -471,7 +499,7 @@ class Store:
         )
         if channel is not None:
             q = q.where(deliveries.c.channel == channel)
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             rows = [(int(v), str(c), str(i)) for v, c, i in (await conn.execute(q.limit(limit))).all()]
             if rows:
                 await conn.execute(
@@ -502,18 +530,16 @@ class Store:
             advisories.c.state == "active",
             advisories.c.expires_at > now(),
         )
-        late = sa.and_(
-            deliveries.c.status.in_([Status.SENT.value, Status.UNKNOWN.value]),
-            deliveries.c.sent_at <= sent_before,
-        )
+        unconfirmed = (Status.SENT.value, Status.UNKNOWN.value, Status.FAILED.value)
         q = (
             sa.select(
                 deliveries.c.id, deliveries.c.advisory_id, deliveries.c.version, deliveries.c.recipient_id
             )
             .where(
                 deliveries.c.channel == channel,
+                deliveries.c.status.in_(unconfirmed),
                 deliveries.c.cascaded == sa.false(),
-                sa.or_(late, deliveries.c.status == Status.FAILED.value),
+                sa.or_(deliveries.c.status == Status.FAILED.value, deliveries.c.sent_at <= sent_before),
                 active,
             )
             .limit(limit)
@@ -522,7 +548,7 @@ class Store:
             return [(str(i), str(a), int(v), str(r)) for i, a, v, r in (await conn.execute(q)).all()]
 
     async def mark_cascaded(self, ids: Sequence[str]) -> None:
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             await conn.execute(
                 sa.update(deliveries).where(deliveries.c.id.in_(list(ids))).values(cascaded=True)
             )
@@ -542,7 +568,7 @@ class Store:
         if not items:
             return 0, []
         at = now()
-        async with self.engine.begin() as conn:
+        async with self._begin() as conn:
             unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
             if unmatched:
                 q = sa.select(deliveries.c.partner_id, deliveries.c.id).where(
