@@ -113,12 +113,21 @@ def load_advisory_file(path: Path) -> dict[str, Any]:
     return dict(json.loads(json.dumps(data, default=lambda v: v.isoformat())))
 
 
+def record_key(record: dict[str, Any]) -> bytes:
+    """The Kafka key of an advisory: its id — or, for a cancel or update, the id of the first
+    advisory it references, so that both share a partition and arrive in the order they were sent."""
+    refs = record.get("references") or []
+    if record.get("msg_type") in {"cancel", "update"} and refs:
+        return str(refs[0]).split("@", 1)[0].encode()
+    return str(record.get("id", "")).encode()
+
+
 async def publish(bootstrap_servers: str, topic: str, record: dict[str, Any]) -> None:
     producer = kafka.producer(bootstrap_servers)
     await producer.start()
     try:
         await producer.send_and_wait(
-            topic, json.dumps(record, ensure_ascii=False).encode(), key=str(record.get("id", "")).encode()
+            topic, json.dumps(record, ensure_ascii=False).encode(), key=record_key(record)
         )
     finally:
         await producer.stop()
@@ -324,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
         "--channel",
         choices=["push", "sms-http", "smpp"],
         default="push",
-        help="the one channel every recipient is on (smpp: duplicates are reported against a bound)",
+        help="the one channel every recipient is on (smpp: for outage and crash; duplicates are reported)",
     )
     dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
     dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")

@@ -81,3 +81,11 @@ def test_demo_runs_end_to_end_and_prints_its_json_summary() -> None:
             per["delivered"],
             0,
         )
+
+
+def test_a_cancel_or_update_is_keyed_by_the_advisory_it_names_so_it_cannot_overtake_it() -> None:
+    from gateway.cli import record_key
+
+    assert record_key({"id": "evac-1", "msg_type": "alert"}) == b"evac-1"
+    assert record_key({"id": "evac-1-cancel", "msg_type": "cancel", "references": ["evac-1@v2"]}) == b"evac-1"
+    assert record_key({"id": "evac-2", "msg_type": "update", "references": ["evac-1"]}) == b"evac-1"

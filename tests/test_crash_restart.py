@@ -154,9 +154,13 @@ async def test_broker_command_serves_the_gateway_topics_until_sigterm() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
         await admin.start()
         try:
-            assert {"advisories", "deliveries", "delivery-events", "advisories.dlq"} <= set(
-                await admin.list_topics()
-            )
+            assert {
+                "advisories",
+                "deliveries.push",
+                "deliveries.urgent.push",
+                "delivery-events",
+                "advisories.dlq",
+            } <= set(await admin.list_topics())
         finally:
             await admin.close()
         proc.send_signal(signal.SIGTERM)

@@ -229,7 +229,12 @@ async def test_a_cancel_that_overtakes_its_alert_keeps_the_alert_from_ever_being
     cancel = signed(
         advisory(id=f"cancel-{uuid.uuid4().hex[:6]}", msg_type="cancel", references=[alert["id"]])
     )
-    await _publish(gateway, cancel)  # the cancel arrives first
+    await _publish(gateway, cancel)  # the cancel arrives first (as if the alert were delayed on its way)
+
+    async def cancel_stored() -> bool:
+        return await _store(gateway).get_advisory_state(cancel["id"], 1) is not None
+
+    await eventually(cancel_stored, what="the cancel taken in")
     await _publish(gateway, alert)
 
     async def stored_cancelled() -> bool:

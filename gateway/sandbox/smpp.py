@@ -49,6 +49,9 @@ class Smsc(SandboxPartner):
         self.parts_received = 0
         self.encodings: dict[str, int] = {}
         self._sessions: set[asyncio.StreamWriter] = set()
+        self._bound: list[asyncio.StreamWriter] = []  # sessions that bound, oldest first
+        self._held: list[DeliverSm] = []  # receipts waiting for a bind (their session had closed)
+        self._scheduled = 0
         self._partial: dict[tuple[str, int, int], dict[int, str]] = {}
         self._sequence = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
@@ -64,6 +67,8 @@ class Smsc(SandboxPartner):
             "enquire_links": self.enquire_links,
             "parts": self.parts_received,
             "encodings": dict(sorted(self.encodings.items())),
+            "receipts_held": len(self._held),
+            "receipts_pending": self._scheduled,  # receipts whose delay has not run out yet
         }
 
     async def start_smpp(self, host: str, port: int) -> None:
@@ -96,6 +101,8 @@ class Smsc(SandboxPartner):
             pass
         finally:
             self._sessions.discard(writer)
+            if writer in self._bound:
+                self._bound.remove(writer)
             writer.close()
 
     @staticmethod
@@ -112,6 +119,11 @@ class Smsc(SandboxPartner):
             self.binds += ok
             status = SmppCommandStatus.ESME_ROK if ok else SmppCommandStatus.ESME_RINVPASWD
             await self._write(writer, BindTransceiverResp(header.sequence_num, status, system_id="sandbox"))
+            if ok:
+                self._bound.append(writer)
+                held, self._held = self._held, []
+                for dlr in held:  # as an SMSC does: receipts kept for the account's next bind
+                    await self._deliver(writer, dlr)
         elif command == SmppCommand.ENQUIRE_LINK:
             self.enquire_links += 1
             await self._write(writer, EnquireLinkResp(header.sequence_num))
@@ -147,6 +159,7 @@ class Smsc(SandboxPartner):
         self.parts_received += 1
         self._reassemble(sm)
         if sm.registered_delivery:
+            self._scheduled += 1
             asyncio.get_running_loop().call_later(
                 self.receipt_delay_s,
                 lambda: asyncio.ensure_future(self._receipt(writer, sm, message_id)),
@@ -167,6 +180,7 @@ class Smsc(SandboxPartner):
         self.count("+" + sm.destination.number, hashlib.sha256(text.encode()).hexdigest()[:12], encoding)
 
     async def _receipt(self, writer: asyncio.StreamWriter, sm: SubmitSm, message_id: str) -> None:
+        self._scheduled -= 1
         now = datetime.now(UTC)
         text = DeliverSm.encode_receipt(
             {
@@ -188,8 +202,17 @@ class Smsc(SandboxPartner):
             esm_class=RECEIPT,
             registered_delivery=0,
         )
+        await self._deliver(writer, dlr)
+
+    async def _deliver(self, writer: asyncio.StreamWriter, dlr: DeliverSm) -> None:
+        """On the submitting session if it is open, else on another bound one, else held for the
+        next bind."""
+        open_ = [w for w in (writer, *reversed(self._bound)) if not w.is_closing() and w in self._bound]
+        if not open_:
+            self._held.append(dlr)
+            return
         try:
-            await self._write(writer, dlr)
-            self.receipts_sent += not writer.is_closing()
+            await self._write(open_[0], dlr)
+            self.receipts_sent += 1
         except ConnectionError:
-            log.info("sandbox.smpp_receipt_lost", message_id=message_id)
+            self._held.append(dlr)
