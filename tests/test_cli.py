@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.cli import load_advisory_file
+from gateway.cli import load_advisory_file, record_key
 from gateway.errors import InputError
 from gateway.settings import PROJECT_ROOT
 
@@ -84,8 +84,6 @@ def test_demo_runs_end_to_end_and_prints_its_json_summary() -> None:
 
 
 def test_a_cancel_or_update_is_keyed_by_the_advisory_it_names_so_it_cannot_overtake_it() -> None:
-    from gateway.cli import record_key
-
     assert record_key({"id": "evac-1", "msg_type": "alert"}) == b"evac-1"
     assert record_key({"id": "evac-1-cancel", "msg_type": "cancel", "references": ["evac-1@v2"]}) == b"evac-1"
     assert record_key({"id": "evac-2", "msg_type": "update", "references": ["evac-1"]}) == b"evac-1"
