@@ -287,13 +287,16 @@ class Store:
             return None
         return Advisory.model_validate(row.body), str(row.state)
 
-    async def mark_planned(self, advisory_id: str, version: int) -> None:
+    async def _set_advisory(self, advisory_id: str, version: int, **values: Any) -> None:
         async with self._begin() as conn:
             await conn.execute(
                 sa.update(advisories)
                 .where(advisories.c.id == advisory_id, advisories.c.version == version)
-                .values(planned=True)
+                .values(**values)
             )
+
+    async def mark_planned(self, advisory_id: str, version: int) -> None:
+        await self._set_advisory(advisory_id, version, planned=True)
 
     async def withdraw(self, advisory_id: str, state: str, by: str) -> int:
         """Cancel (``state`` "cancelled") or supersede every version of an advisory — including one
@@ -352,20 +355,10 @@ class Store:
         return "superseded" if newer else None
 
     async def set_advisory_state(self, advisory_id: str, version: int, state: str) -> None:
-        async with self._begin() as conn:
-            await conn.execute(
-                sa.update(advisories)
-                .where(advisories.c.id == advisory_id, advisories.c.version == version)
-                .values(state=state)
-            )
+        await self._set_advisory(advisory_id, version, state=state)
 
     async def save_plan_cursor(self, advisory_id: str, version: int, cursor: str) -> None:
-        async with self._begin() as conn:
-            await conn.execute(
-                sa.update(advisories)
-                .where(advisories.c.id == advisory_id, advisories.c.version == version)
-                .values(plan_cursor=cursor)
-            )
+        await self._set_advisory(advisory_id, version, plan_cursor=cursor)
 
     async def unplanned(self) -> list[tuple[Advisory, str]]:
         """Active advisories whose planning has not finished, with the cursor to resume after."""

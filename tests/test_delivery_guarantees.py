@@ -15,6 +15,7 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.sandbox.process import SandboxProcess
+from gateway.settings import Settings
 from gateway.store import Store
 from tests.conftest import (
     advisory,
@@ -34,6 +35,11 @@ FINE_GRAINED = {
 BULK = {"severity": "minor", "urgency": "expected"}
 
 
+def _fine_grained(tmp_path: Path, kafka: str, sandbox: SandboxProcess, **env: str) -> Settings:
+    """An isolated gateway's settings with small chunks and batches (and ``env`` on top)."""
+    return make_settings(tmp_path, kafka, sandbox, **{**FINE_GRAINED, **env})
+
+
 async def _publish(gw: Gateway, record: dict[str, Any]) -> None:
     await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
 
@@ -43,6 +49,12 @@ async def _counted(sandbox: SandboxProcess, record: dict[str, Any], channel: str
     key = f"{record['id']}@v{record.get('version', 1)}"
     by: dict[str, Any] = (await sandbox.stats())["channels"][channel]["by_advisory"]
     return by.get(key, {"accepted": 0, "unique_recipients": 0, "duplicates": 0})
+
+
+async def _each_once(sandbox: SandboxProcess, record: dict[str, Any], n: int, channel: str = "push") -> None:
+    """The partner took the advisory for ``n`` recipients, none of them twice."""
+    counted = await _counted(sandbox, record, channel)
+    assert (counted["unique_recipients"], counted["duplicates"]) == (n, 0)
 
 
 async def _accepted_at_least(sandbox: SandboxProcess, record: dict[str, Any], n: int) -> bool:
@@ -80,11 +92,10 @@ async def test_partner_faults_are_retried_and_every_recipient_gets_one_push(
     fault: dict[str, Any],
     opens_circuit: bool,
 ) -> None:
-    settings = make_settings(
+    settings = _fine_grained(
         tmp_path,
         kafka_bootstrap,
         sandbox,
-        **FINE_GRAINED,
         GATEWAY__CHANNELS__PUSH__TIMEOUT_S="0.5",
         GATEWAY__CHANNELS__PUSH__CIRCUIT__FAILURES_TO_OPEN="1",
         GATEWAY__CHANNELS__PUSH__CIRCUIT__OPEN_S="0.2",
@@ -96,19 +107,17 @@ async def test_partner_faults_are_retried_and_every_recipient_gets_one_push(
         await _publish(gw, record)
         await eventually(lambda: reached(gw, record["id"], "delivered", 200), what="200 delivered")
         opened = gw.adapters["push"].circuit.opened
-    counted = await _counted(sandbox, record)
-    assert (counted["unique_recipients"], counted["duplicates"]) == (200, 0)
+    await _each_once(sandbox, record, 200)
     assert (opened > 0) is opens_circuit, "a throttle is not an outage; the others are"
 
 
 async def test_an_outage_opens_the_circuit_and_delays_deliveries_without_failing_them(
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    settings = make_settings(
+    settings = _fine_grained(
         tmp_path,
         kafka_bootstrap,
         sandbox,
-        **FINE_GRAINED,
         GATEWAY__DISPATCH__MAX_ATTEMPTS="3",
         GATEWAY__CHANNELS__PUSH__CIRCUIT__OPEN_S="0.2",
     )
@@ -127,18 +136,16 @@ async def test_an_outage_opens_the_circuit_and_delays_deliveries_without_failing
         assert "failed" not in during, "an outage delays; it does not fail deliveries"
         await sandbox.faults(count=0)
         await eventually(lambda: reached(gw, record["id"], "delivered", 300), what="300 delivered")
-    counted = await _counted(sandbox, record)
-    assert (counted["unique_recipients"], counted["duplicates"]) == (300, 0)
+    await _each_once(sandbox, record, 300)
 
 
 async def test_a_dead_push_partner_never_slows_the_sms_lane(
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    settings = make_settings(
+    settings = _fine_grained(
         tmp_path,
         kafka_bootstrap,
         sandbox,
-        **FINE_GRAINED,
         GATEWAY__CHANNELS__PUSH__TIMEOUT_S="1.0",
         GATEWAY__CHANNELS__PUSH__CIRCUIT__MAX_OPEN_S="2.0",
     )
@@ -161,7 +168,7 @@ async def test_a_dead_push_partner_never_slows_the_sms_lane(
 async def test_an_urgent_advisory_overtakes_a_bulk_broadcast_already_under_way(
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    settings = make_settings(tmp_path, kafka_bootstrap, sandbox, **FINE_GRAINED)
+    settings = _fine_grained(tmp_path, kafka_bootstrap, sandbox)
     async with running_gateway(settings, sandbox) as gw:
         await load_recipients(gw, tmp_path, 1000)
         await sandbox.faults(latency_s=0.15, count=-1)  # a slow partner: the bulk takes a while
@@ -182,7 +189,7 @@ async def test_an_urgent_advisory_overtakes_a_bulk_broadcast_already_under_way(
 async def test_a_cancel_mid_broadcast_stops_every_pending_delivery(
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    settings = make_settings(tmp_path, kafka_bootstrap, sandbox, **FINE_GRAINED)
+    settings = _fine_grained(tmp_path, kafka_bootstrap, sandbox)
     async with running_gateway(settings, sandbox) as gw:
         await load_recipients(gw, tmp_path, 1000)
         await sandbox.faults(latency_s=0.1, count=-1)
@@ -252,7 +259,7 @@ async def test_a_cancel_that_overtakes_its_alert_keeps_the_alert_from_ever_being
 async def test_an_update_supersedes_pending_deliveries_and_reaches_everyone(
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
-    settings = make_settings(tmp_path, kafka_bootstrap, sandbox, **FINE_GRAINED)
+    settings = _fine_grained(tmp_path, kafka_bootstrap, sandbox)
     async with running_gateway(settings, sandbox) as gw:
         await load_recipients(gw, tmp_path, 600)
         await sandbox.faults(latency_s=0.1, count=-1)
@@ -317,8 +324,7 @@ async def test_backpressure_keeps_what_dispatch_holds_bounded(
         await eventually(lambda: reached(gw, record["id"], "delivered", 400), within=60, what="400 delivered")
         assert gw.dispatcher is not None
         assert 0 < gw.dispatcher.most_buffered <= 4
-    counted = await _counted(sandbox, record)
-    assert (counted["unique_recipients"], counted["duplicates"]) == (400, 0)
+    await _each_once(sandbox, record, 400)
 
 
 async def test_a_recipient_not_confirmed_on_push_in_time_gets_sms_and_a_late_push_receipt_undoes_nothing(
@@ -344,5 +350,4 @@ async def test_a_recipient_not_confirmed_on_push_in_time_gets_sms_and_a_late_pus
         await eventually(lambda: reached(gw, record["id"], "delivered", n), what="late push receipts")
         counts = await _store(gw).counts(record["id"])
     assert counts == {"push": {"delivered": n}, "sms-http": {"delivered": n}}
-    sms = await _counted(sandbox, record, "sms-http")
-    assert (sms["unique_recipients"], sms["duplicates"]) == (n, 0)
+    await _each_once(sandbox, record, n, "sms-http")
