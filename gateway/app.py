@@ -22,6 +22,7 @@ from gateway.api import build_app
 from gateway.broker import EmbeddedBroker
 from gateway.cascade import Cascade
 from gateway.dispatch import BULK, URGENT, Dispatcher
+from gateway.errors import ConfigError
 from gateway.intake import Intake
 from gateway.logging import get_logger
 from gateway.planner import Planner
@@ -40,6 +41,13 @@ def build_adapters(settings: Settings, session: aiohttp.ClientSession) -> dict[s
     for channel, raw in settings.channels.items():
         cls = registry.adapter_class(str(raw.get("adapter", channel)))
         channel_settings = load_settings(cls.settings_model, channel, raw)
+        opens_at = channel_settings.circuit.failures_to_open
+        if opens_at >= settings.dispatch.max_attempts:
+            raise ConfigError(
+                f"channels.{channel}.circuit.failures_to_open: {opens_at} must be below "
+                f"dispatch.max_attempts ({settings.dispatch.max_attempts}), or an outage could use up "
+                "a delivery's attempts before the circuit opens"
+            )
         if channel_settings.enabled:
             adapters[channel] = cls(channel, channel_settings, session)
     return adapters

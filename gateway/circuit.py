@@ -30,7 +30,9 @@ log = get_logger(__name__)
 class CircuitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    failures_to_open: int = Field(5, ge=1)
+    # below dispatch.max_attempts (checked at start-up): the circuit must open before a delivery
+    # can spend all its attempts on an outage
+    failures_to_open: int = Field(3, ge=1)
     open_s: float = Field(2.0, gt=0)
     max_open_s: float = Field(30.0, gt=0)
 

@@ -14,6 +14,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.directory import import_file
+from gateway.errors import ConfigError
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings
 from gateway.store import Store
@@ -118,7 +119,8 @@ async def test_an_outage_opens_the_circuit_and_delays_deliveries_without_failing
         tmp_path,
         kafka_bootstrap,
         sandbox,
-        GATEWAY__DISPATCH__MAX_ATTEMPTS="3",
+        GATEWAY__DISPATCH__MAX_ATTEMPTS="4",
+        GATEWAY__CHANNELS__PUSH__CIRCUIT__FAILURES_TO_OPEN="2",
         GATEWAY__CHANNELS__PUSH__CIRCUIT__OPEN_S="0.2",
     )
     async with running_gateway(settings, sandbox) as gw:
@@ -351,3 +353,18 @@ async def test_a_recipient_not_confirmed_on_push_in_time_gets_sms_and_a_late_pus
         counts = await _store(gw).counts(record["id"])
     assert counts == {"push": {"delivered": n}, "sms-http": {"delivered": n}}
     await _each_once(sandbox, record, n, "sms-http")
+
+
+async def test_a_circuit_that_would_open_only_after_every_attempt_is_spent_is_refused_at_start(
+    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        kafka_bootstrap,
+        sandbox,
+        GATEWAY__DISPATCH__MAX_ATTEMPTS="4",
+        GATEWAY__CHANNELS__PUSH__CIRCUIT__FAILURES_TO_OPEN="4",
+    )
+    with pytest.raises(ConfigError, match=r"channels\.push\.circuit\.failures_to_open"):
+        async with running_gateway(settings):
+            pass
