@@ -171,19 +171,15 @@ class Dispatcher:
 
     # -- one chunk ----------------------------------------------------------------------------
 
-    async def _advisory(self, chunk: Chunk) -> tuple[Advisory, str] | None:
-        """The advisory (parsed once per process) and its current state (read every chunk, so a
-        cancel is seen)."""
+    async def _advisory(self, chunk: Chunk) -> Advisory | None:
+        """The advisory, parsed once per process (its state is read by ``_still_wanted``)."""
         key = (chunk.advisory_id, chunk.version)
-        cached = self._advisories.get(key)
-        if cached is None:
+        if key not in self._advisories:
             loaded = await self.store.load_advisory(*key)
             if loaded is None:
                 return None
             self._advisories[key] = loaded[0]
-            return loaded
-        state = await self.store.get_advisory_state(*key)
-        return None if state is None else (cached, state[0])
+        return self._advisories[key]
 
     async def _still_wanted(self, adv: Advisory) -> None:
         """Raise Withdrawn if the advisory may no longer be sent (read from the store, not a cache)."""
@@ -208,11 +204,10 @@ class Dispatcher:
         )
 
     async def handle_chunk(self, chunk: Chunk) -> None:
-        loaded = await self._advisory(chunk)
-        if loaded is None:
+        adv = await self._advisory(chunk)
+        if adv is None:
             log.error("dispatch.unknown_advisory", advisory_id=chunk.advisory_id, version=chunk.version)
             return
-        adv, _ = loaded
         adapter = self.adapters.get(chunk.channel)
         if adapter is None:
             reason = f"channel {chunk.channel!r} is not configured on this gateway"
@@ -330,19 +325,13 @@ class Dispatcher:
             log.error("dispatch.bad_chunk", error=str(e), partition=tp.partition, offset=record.offset)
             self.offsets.finished(tp, record.offset)
             return
-        priority = self.topics.get(tp.topic, (BULK, ""))[0]
-        lane = self.lanes.get(chunk.channel)
-        if lane is None:
-            lane = self.lanes[chunk.channel] = FairQueue()
-            self._spawn_workers(chunk.channel, lane, 1)  # an unknown channel: its deliveries fail with why
+        # the topic names the lane; a chunk naming a channel this gateway lacks fails there, with why
+        priority, channel = self.topics[tp.topic]
+        lane = self.lanes[channel]
         self.buffered[tp.topic] = self.buffered.get(tp.topic, 0) + 1
         self.most_buffered = max(self.most_buffered, self.buffered[tp.topic])
         metrics.dispatch_buffered_chunks.labels(tp.topic).inc()
         lane.put(Job(chunk, tp, record.offset, priority))
-
-    def _spawn_workers(self, channel: str, lane: FairQueue, n: int) -> None:
-        for i in range(n):
-            self._workers.append(asyncio.create_task(self._worker(lane), name=f"lane-{channel}-{i}"))
 
     def _backpressure(self, consumer: AIOKafkaConsumer) -> int:
         """Pause each topic whose bound is reached; resume it at half. Returns how many chunks may
@@ -377,9 +366,11 @@ class Dispatcher:
 
     async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
         """Fetch chunks into the lanes until ``stopping``; then drain within ``drain_timeout_s``."""
-        self._workers: list[asyncio.Task[None]] = []
-        for channel, lane in self.lanes.items():
-            self._spawn_workers(channel, lane, self.adapters[channel].settings.max_in_flight)
+        self._workers = [
+            asyncio.create_task(self._worker(lane), name=f"lane-{channel}-{i}")
+            for channel, lane in self.lanes.items()
+            for i in range(self.adapters[channel].settings.max_in_flight)
+        ]
         try:
             while not stopping.is_set():
                 room = self._backpressure(consumer)

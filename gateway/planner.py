@@ -140,10 +140,6 @@ class Planner:
                 return plan
         return None
 
-    @property
-    def idle(self) -> bool:
-        return not any(self._plans.values())
-
     async def run(self, stopping: asyncio.Event) -> None:
         """Resume unfinished plans from the store, then plan page by page until ``stopping``."""
         watcher = asyncio.create_task(self._wake_when(stopping))
@@ -208,11 +204,3 @@ class Planner:
             metrics.deliveries_planned_total.labels(channel).inc(len(ids))
         await asyncio.gather(*sends)
         await self.store.mark_queued([i for ids in by_channel.values() for i in ids])
-
-    async def plan(self, adv: Advisory) -> int:
-        """Plan the whole audience now, outside the schedule (tests, tools); returns rows planned."""
-        plan = _Plan(adv, "")
-        self._plans.setdefault(adv.priority, OrderedDict())[adv.key] = plan
-        while adv.key in self._plans[adv.priority]:
-            await self.plan_page(plan)
-        return plan.planned
