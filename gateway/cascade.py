@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from channels.base import Adapter
 from gateway import metrics
 from gateway.logging import get_logger
-from gateway.models import Advisory, now
+from gateway.models import now
 from gateway.planner import Planner, plan_recipients
 from gateway.settings import CascadeSettings
 from gateway.store import Store
@@ -45,7 +45,6 @@ class Cascade:
         self.adapters = adapters
         self.settings = settings
         self.clock = clock
-        self._advisories: dict[tuple[str, int], Advisory] = {}
 
     async def step(self) -> int:
         """One pass over every channel; returns how many deliveries were moved on."""
@@ -68,13 +67,8 @@ class Cascade:
         return moved
 
     async def _next_channel(self, key: tuple[str, int], channel: str, recipient_ids: list[str]) -> None:
-        adv = self._advisories.get(key)
-        if adv is None:
-            loaded = await self.store.load_advisory(*key)
-            if loaded is None:
-                return
-            adv = self._advisories[key] = loaded[0]
-        if adv.channels[-1] == channel:
+        adv = await self.store.advisory(*key)
+        if adv is None or adv.channels[-1] == channel:
             return  # the last channel: nothing further to try
         recipients = await self.store.recipients_by_id(recipient_ids)
         rows, by_channel = plan_recipients(adv, recipients, self.planner.kinds, after=channel)

@@ -197,10 +197,11 @@ def cmd_recipients(args: argparse.Namespace) -> int:
 
 
 async def replay(settings: Settings, advisory_id: str, channel: str | None, limit: int) -> int:
-    """Failed deliveries back to queued, and their chunks onto the deliveries topic; returns how many."""
+    """Failed deliveries back to queued, and their chunks onto their lane (the planner's own
+    publishing, so an urgent advisory's replay stays urgent); returns how many."""
     from collections import defaultdict
 
-    from gateway.models import Chunk
+    from gateway.planner import Planner
     from gateway.store import Store
 
     if not settings.kafka.bootstrap_servers:
@@ -209,17 +210,15 @@ async def replay(settings: Settings, advisory_id: str, channel: str | None, limi
     producer = kafka.producer(settings.kafka.bootstrap_servers)
     await producer.start()
     try:
+        planner = Planner(store, producer, settings.kafka, settings.planner.chunk_size, kinds={})
         rows = await store.requeue_failed(advisory_id, channel, limit)
-        groups: dict[tuple[int, str], list[str]] = defaultdict(list)
+        by_version: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
         for version, ch, delivery in rows:
-            groups[(version, ch)].append(delivery)
-        size = settings.planner.chunk_size
-        for (version, ch), ids in groups.items():
-            for n, start in enumerate(range(0, len(ids), size)):
-                chunk = Chunk(advisory_id, version, ch, tuple(ids[start : start + size]))
-                key = f"{advisory_id}@v{version}/replay-{ch}-{n}".encode()
-                topic = kafka.deliveries_topic(settings.kafka, ch, urgent=False)
-                await producer.send_and_wait(topic, chunk.encode(), key=key)
+            by_version[version][ch].append(delivery)
+        for version, by_channel in by_version.items():
+            adv = await store.advisory(advisory_id, version)
+            if adv is not None:
+                await planner.publish(adv, by_channel, "replay")
         return len(rows)
     finally:
         await producer.stop()

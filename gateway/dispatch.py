@@ -167,19 +167,8 @@ class Dispatcher:
         self.buffered = dict.fromkeys(lanes, 0)  # per topic: chunks fetched and not finished
         self.most_buffered = 0  # the most chunks one topic had buffered at once (backpressure bounds it)
         self.stopping = asyncio.Event()
-        self._advisories: dict[tuple[str, int], Advisory] = {}
 
     # -- one chunk ----------------------------------------------------------------------------
-
-    async def _advisory(self, chunk: Chunk) -> Advisory | None:
-        """The advisory, parsed once per process (its state is read by ``_still_wanted``)."""
-        key = (chunk.advisory_id, chunk.version)
-        if key not in self._advisories:
-            loaded = await self.store.load_advisory(*key)
-            if loaded is None:
-                return None
-            self._advisories[key] = loaded[0]
-        return self._advisories[key]
 
     async def _still_wanted(self, adv: Advisory) -> None:
         """Raise Withdrawn if the advisory may no longer be sent (read from the store, not a cache)."""
@@ -204,7 +193,7 @@ class Dispatcher:
         )
 
     async def handle_chunk(self, chunk: Chunk) -> None:
-        adv = await self._advisory(chunk)
+        adv = await self.store.advisory(chunk.advisory_id, chunk.version)
         if adv is None:
             log.error("dispatch.unknown_advisory", advisory_id=chunk.advisory_id, version=chunk.version)
             return

@@ -111,7 +111,7 @@ WITHDRAWN = (Status.CANCELLED, Status.EXPIRED)
 
 
 async def _transition(
-    conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], status: Status, reason: str
+    conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], status: Status, reason: str | None
 ) -> int:
     """Move every delivery matching ``where`` to ``status`` with ``reason``; returns how many moved."""
     result = await conn.execute(
@@ -177,6 +177,7 @@ class Store:
         # 2 ms, … 100 ms), which under many concurrent lanes costs more than the writes. In one
         # process, writers take turns here instead. PostgreSQL needs no such thing.
         self._write_turn = asyncio.Lock() if self._dialect == "sqlite" else None
+        self._parsed: dict[tuple[str, int], Advisory] = {}
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -277,15 +278,20 @@ class Store:
         async with self._begin() as conn:
             await conn.execute(stmt)
 
-    async def load_advisory(self, advisory_id: str, version: int) -> tuple[Advisory, str] | None:
-        q = sa.select(advisories.c.body, advisories.c.state).where(
-            advisories.c.id == advisory_id, advisories.c.version == version
-        )
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(q)).first()
-        if row is None:
-            return None
-        return Advisory.model_validate(row.body), str(row.state)
+    async def advisory(self, advisory_id: str, version: int) -> Advisory | None:
+        """A stored advisory version, parsed once per process (a version never changes; its state,
+        which does, is read with ``get_advisory_state``)."""
+        key = (advisory_id, version)
+        if key not in self._parsed:
+            q = sa.select(advisories.c.body).where(
+                advisories.c.id == advisory_id, advisories.c.version == version
+            )
+            async with self.engine.connect() as conn:
+                body = (await conn.execute(q)).scalar()
+            if body is None:
+                return None
+            self._parsed[key] = Advisory.model_validate(body)
+        return self._parsed[key]
 
     async def _set_advisory(self, advisory_id: str, version: int, **values: Any) -> None:
         async with self._begin() as conn:
@@ -390,11 +396,7 @@ class Store:
             return
         planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
         async with self._begin() as conn:
-            await conn.execute(
-                sa.update(deliveries)
-                .where(*planned)
-                .values(status=Status.QUEUED.value, rank=Status.QUEUED.rank, updated_at=now())
-            )
+            await _transition(conn, planned, Status.QUEUED, None)
 
     async def pending_work(self, ids: Sequence[str]) -> list[WorkItem]:
         """The deliveries among ``ids`` that are still to be sent, with their recipients."""
