@@ -38,6 +38,7 @@ from gateway.models import Advisory, Chunk, Status, now
 from gateway.rendering import Renderer
 from gateway.settings import DispatchSettings
 from gateway.store import Outcome, Store, WorkItem
+from gateway.turns import take_turn
 
 log = get_logger(__name__)
 
@@ -101,19 +102,17 @@ class FairQueue:
     async def get(self) -> Job | None:
         """The next job, or None once closed."""
         while not self.closed:
-            for priority in sorted(self._lanes):
-                turns = self._lanes[priority]
-                if not turns:
-                    continue
-                key, jobs = next(iter(turns.items()))
-                job = jobs.popleft()
-                del turns[key]
-                if jobs:
-                    turns[key] = jobs  # to the back: the next advisory of this priority goes next
-                self._size -= 1
-                return job
-            self._ready.clear()
-            await self._ready.wait()
+            turn = take_turn(self._lanes)
+            if turn is None:
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            key, jobs = turn
+            job = jobs.popleft()
+            if not jobs:
+                del self._lanes[job.priority][key]
+            self._size -= 1
+            return job
         return None
 
 

@@ -29,6 +29,7 @@ from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id
 from gateway.settings import KafkaSettings
 from gateway.store import Store
+from gateway.turns import take_turn
 
 log = get_logger(__name__)
 
@@ -132,13 +133,9 @@ class Planner:
                 del plans[key]
 
     def _next(self) -> _Plan | None:
-        for priority in sorted(self._plans):
-            plans = self._plans[priority]
-            if plans:
-                key, plan = next(iter(plans.items()))
-                plans.move_to_end(key)  # equal priorities take turns, a page each
-                return plan
-        return None
+        """The plan whose turn it is to plan a page (see gateway/turns.py)."""
+        turn = take_turn(self._plans)
+        return None if turn is None else turn[1]
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Resume unfinished plans from the store, then plan page by page until ``stopping``."""
