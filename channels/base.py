@@ -11,6 +11,7 @@ Adapters know nothing of Kafka or the store; their HTTP session, clock and setti
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import hashlib
 import hmac
@@ -43,6 +44,12 @@ from gateway.models import Advisory, Status
 from gateway.settings import describe_validation_error, read_secret
 
 log = get_logger(__name__)
+
+# where ``Adapter.report`` hands results during one ``send`` (a context variable: tasks the adapter
+# starts for its messages see the send they belong to)
+_ON_RESULT: contextvars.ContextVar[Callable[[Sequence[Result]], Awaitable[None]] | None] = (
+    contextvars.ContextVar("on_result", default=None)
+)
 
 
 class ChannelSettings(BaseModel):
@@ -106,6 +113,8 @@ class Adapter(ABC):
     kind: ClassVar[str]  # push | sms | email: chooses templates and the recipient's address
     parts: ClassVar[tuple[str, ...]]
     optional_parts: ClassVar[tuple[str, ...]] = ()
+    # parts that become one header line (a subject, a title): no control characters, no line breaks
+    header_parts: ClassVar[tuple[str, ...]] = ()
     limits: ClassVar[Mapping[str, int]] = {}  # part -> most characters
     max_batch: ClassVar[int] = 1
     settings_model: ClassVar[type[ChannelSettings]] = ChannelSettings
@@ -130,12 +139,55 @@ class Adapter(ABC):
         self.requests_open = 0  # partner requests on their way now
 
     async def send(
-        self, batch: Sequence[Message], before_request: Callable[[], Awaitable[None]] | None = None
+        self,
+        batch: Sequence[Message],
+        before_request: Callable[[], Awaitable[None]] | None = None,
+        on_result: Callable[[Sequence[Result]], Awaitable[None]] | None = None,
     ) -> list[Result]:
         """Send up to ``batch_size`` messages; every message gets exactly one result. At most
         ``max_in_flight`` requests are open at once, within ``rate_per_s`` / ``burst``, and none while
         the circuit is open. ``before_request`` runs right before the request goes out (after every
-        wait) and may raise ``Withdrawn`` to keep the batch from being sent."""
+        wait) and may raise ``Withdrawn`` to keep the batch from being sent. ``on_result`` is told of
+        results as they come, where the adapter sends message by message (``report``), so that each
+        is recorded before the next goes out; every result is also returned.
+
+        A message that cannot be built (text that is not encodable, a header the partner's format
+        cannot carry) is rejected alone with its reason; the rest of the batch is sent."""
+        unbuildable: list[Result] = []
+        sendable: list[Message] = []
+        for m in batch:
+            problem = self.unbuildable(m)
+            if problem is None:
+                sendable.append(m)
+            else:
+                unbuildable.append(Result(m.delivery_id, "rejected", reason=problem))
+        if not sendable:
+            return unbuildable
+        token = _ON_RESULT.set(on_result)
+        try:
+            return unbuildable + await self._send_batch(sendable, before_request)
+        finally:
+            _ON_RESULT.reset(token)
+
+    def unbuildable(self, m: Message) -> str | None:
+        """Why this message cannot be built for the partner, or None. By default: text that is not
+        encodable as UTF-8 (a lone surrogate from a ``\\ud800`` escape). Adapters add their own."""
+        for name, text in (("address", m.address), *m.parts.items()):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{name}: not encodable text ({e.reason} at character {e.start})"
+        return None
+
+    async def report(self, result: Result) -> None:
+        """Hand one result to ``send``'s ``on_result`` now (before the next message goes out)."""
+        on_result = _ON_RESULT.get()
+        if on_result is not None:
+            await on_result([result])
+
+    async def _send_batch(
+        self, batch: Sequence[Message], before_request: Callable[[], Awaitable[None]] | None
+    ) -> list[Result]:
         probe = await self.circuit.admit()
         try:
             async with self._in_flight:
@@ -194,6 +246,10 @@ class Adapter(ABC):
             return retry, None if isinstance(e, ThrottledError) else False
         except PermanentError as e:
             return [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch], True
+        except Exception as e:  # a fault of ours, not the partner's: retried, and bounded by attempts
+            log.exception("channel.adapter_error", channel=self.channel, error=type(e).__name__)
+            reason = f"adapter error: {type(e).__name__}: {e}"[:300]
+            return [Result(m.delivery_id, "retry", reason=reason) for m in batch], None
         if results and all(r.outcome == "retry" for r in results):
             # every message refused: the partner is down, unless it said when to come back
             return results, None if any(r.retry_after for r in results) else False

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import aiosmtplib
+from aiosmtplib.email import flatten_message
 from pydantic import Field, SecretStr
 
 from channels.base import Message, Receipt, Result, SignedChannelSettings, SignedHttpAdapter
 from gateway.errors import SchemaError
+from gateway.lifecycle import key
 from gateway.models import Status
 from gateway.settings import read_secret
 
@@ -54,6 +56,7 @@ class EmailAdapter(SignedHttpAdapter):
     kind = "email"
     parts = ("subject", "text")
     optional_parts = ("html",)
+    header_parts = ("subject",)
     limits: ClassVar[Mapping[str, int]] = {"subject": 200}
     max_batch = 50
     settings_model = EmailSettings
@@ -93,7 +96,7 @@ class EmailAdapter(SignedHttpAdapter):
         msg["Subject"] = m.parts["subject"]
         msg["Date"] = formatdate(usegmt=True)
         msg["Message-ID"] = self.message_id(m.delivery_id)
-        msg["X-Advisory"] = f"{m.advisory_id}@v{m.version}"
+        msg["X-Advisory"] = key(m.advisory_id, m.version)
         msg["Auto-Submitted"] = "auto-generated"
         if m.priority == 0:
             msg["Importance"] = "high"
@@ -107,14 +110,24 @@ class EmailAdapter(SignedHttpAdapter):
         return list(await asyncio.gather(*(self._send_one(m) for m in batch)))
 
     async def _send_one(self, m: Message) -> Result:
+        try:
+            # built and flattened (headers folded and checked) before a connection is taken
+            flat = flatten_message(self.build(m))
+        except Exception as e:  # a header with a line break, a non-ASCII address: this message only
+            reason = f"cannot build the e-mail: {type(e).__name__}: {e}"[:300]
+            return Result(m.delivery_id, "rejected", reason=reason)
         client = await self._pool.get()
         try:
             if not client.is_connected:
                 await client.connect()
                 if self.email_settings.username and self._password:
                     await client.login(self.email_settings.username, self._password)
-            await client.send_message(self.build(m))
-            return Result(m.delivery_id, "accepted", partner_id=self.message_id(m.delivery_id))
+            await client.sendmail(self.email_settings.from_address, [m.address], flat)
+            accepted = Result(m.delivery_id, "accepted", partner_id=self.message_id(m.delivery_id))
+            # recorded before this connection takes the next message: a crash re-sends at most one
+            # message per connection (the relay's 250 not yet recorded)
+            await self.report(accepted)
+            return accepted
         except aiosmtplib.SMTPRecipientsRefused as e:
             refused = e.recipients[0] if e.recipients else None
             code = refused.code if refused else 550

@@ -24,6 +24,7 @@ class PushAdapter(SignedHttpAdapter):
     name = "push"
     kind = "push"
     parts = ("title", "body")
+    header_parts = ("title",)
     limits: ClassVar[Mapping[str, int]] = {"title": 120, "body": 1000}
     max_batch = 500
     settings_model = PushSettings

@@ -104,6 +104,7 @@ class Gateway:
             s.kafka,
             s.planner.chunk_size,
             kinds,
+            s.planner.poll_s,
         )
         if "intake" in s.gateway.roles:
             verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
@@ -116,6 +117,7 @@ class Gateway:
                 self._producer,
                 s.kafka.topic_dlq,
                 self.adapters,
+                s.intake,
             )
             loops.append(
                 ("intake", self._consumer([s.kafka.topic_advisories], s.kafka.intake_group), intake.run)

@@ -21,7 +21,6 @@ and are replayed by the next consumer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,23 +30,20 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
 from channels.base import Adapter, Message, Result
-from gateway import metrics
+from gateway import lifecycle, metrics
 from gateway.errors import ContentError, RetryableError, Withdrawn
+from gateway.lifecycle import may_send
 from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Status, now
 from gateway.rendering import Renderer
+from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
 from gateway.store import Outcome, Store, WorkItem
 from gateway.turns import take_turn
 
 log = get_logger(__name__)
 
-RETRY_DELAY_S = 2.0
 URGENT, BULK = 0, 1
-
-
-class Draining(Exception):
-    """The gateway is stopping: leave this chunk uncommitted for the next consumer."""
 
 
 class _WaitRetryAfter(wait_random_exponential):
@@ -89,7 +85,7 @@ class FairQueue:
         return self._size
 
     def put(self, job: Job) -> None:
-        key = f"{job.chunk.advisory_id}@v{job.chunk.version}"
+        key = lifecycle.key(job.chunk.advisory_id, job.chunk.version)
         self._lanes.setdefault(job.priority, OrderedDict()).setdefault(key, deque()).append(job)
         self._size += 1
         self._ready.set()
@@ -173,9 +169,9 @@ class Dispatcher:
         """Raise Withdrawn if the advisory may no longer be sent (read from the store, not a cache)."""
         if adv.expires_at <= now():
             raise Withdrawn(Status.EXPIRED, "advisory expired")
-        state = await self.store.get_advisory_state(adv.id, adv.version)
-        if state is not None and state[0] != "active":
-            raise Withdrawn(Status.CANCELLED, f"advisory {state[0]}")
+        state = await self.store.advisory_state(adv.id, adv.version)
+        if state is not None and not may_send(state):
+            raise Withdrawn(Status.CANCELLED, f"advisory {state.value}")
 
     def _message(self, adv: Advisory, adapter: Adapter, item: WorkItem) -> Message:
         lang = self.renderer.choose_language(adv, item.recipient, adapter.kind, adapter.parts)
@@ -233,14 +229,21 @@ class Dispatcher:
             wait=_WaitRetryAfter(multiplier=self.settings.backoff_initial_s, max=self.settings.backoff_max_s),
             retry=retry_if_exception_type(RetryableError),
             reraise=True,
-            sleep=self._sleep,
+            sleep=lambda seconds: pause(self.stopping, seconds),
         )
+        recorded: set[str] = set()  # results the adapter reported (and we stored) as they came
+
+        async def record_now(results: Sequence[Result]) -> None:
+            await self._record_results(results)
+            recorded.update(r.delivery_id for r in results)
+
         try:
             async for attempt in retrying:
                 with attempt:
-                    results = await adapter.send(remaining, before_request=lambda: self._still_wanted(adv))
-                    final = [o for o in map(_outcome, results) if o is not None]
-                    await self.store.record(final, attempted=True)
+                    results = await adapter.send(
+                        remaining, before_request=lambda: self._still_wanted(adv), on_result=record_now
+                    )
+                    await self._record_results([r for r in results if r.delivery_id not in recorded])
                     retry = [r for r in results if r.outcome == "retry"]
                     if retry:
                         if any(r.costs_attempt for r in retry):
@@ -268,12 +271,18 @@ class Dispatcher:
                 reason=reason,
             )
 
-    async def _sleep(self, seconds: float) -> None:
-        """A wait that ends early, raising Draining, when the gateway stops."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
-        if self.stopping.is_set():
-            raise Draining
+    async def _record_results(self, results: Sequence[Result]) -> None:
+        """What the partner answered, recorded before anything else happens to the batch: retried
+        while the store is down (a crash in between re-sends with the same idempotency key)."""
+        final = [o for o in map(_outcome, results) if o is not None]
+        if final:
+            await asyncio.shield(
+                until_done(
+                    lambda: self.store.record(final, attempted=True),
+                    "dispatch.record_retrying",
+                    self.stopping,
+                )
+            )
 
     # -- lanes ----------------------------------------------------------------------------------
 
@@ -281,7 +290,7 @@ class Dispatcher:
         while (job := await lane.get()) is not None:
             try:
                 await self._run_job(job)
-            except Draining:
+            except Stopped:
                 return
             finally:
                 self.buffered[job.tp.topic] -= 1
@@ -290,20 +299,13 @@ class Dispatcher:
 
     async def _run_job(self, job: Job) -> None:
         """One chunk to the end; an infrastructure failure (store down) is retried, not skipped."""
-        while True:
-            try:
-                await self.handle_chunk(job.chunk)
-                return
-            except Draining:
-                raise
-            except Exception as e:
-                log.error(
-                    "dispatch.retrying",
-                    error=f"{type(e).__name__}: {e}"[:500],
-                    advisory_id=job.chunk.advisory_id,
-                    channel=job.chunk.channel,
-                )
-                await self._sleep(RETRY_DELAY_S)
+        await until_done(
+            lambda: self.handle_chunk(job.chunk),
+            "dispatch.retrying",
+            self.stopping,
+            advisory_id=job.chunk.advisory_id,
+            channel=job.chunk.channel,
+        )
 
     def _enqueue(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self.offsets.fetched(tp, record.offset)

@@ -39,11 +39,13 @@ from typing import Any
 
 import aiohttp
 
+from gateway import lifecycle
 from gateway import logging as gw_logging
 from gateway.broker import EmbeddedBroker, free_port
 from gateway.cli import publish
 from gateway.demo import demo_advisory, demo_env, write_recipients
 from gateway.directory import import_file
+from gateway.lifecycle import AdvisoryState
 from gateway.models import PENDING
 from gateway.sandbox.process import SandboxProcess
 from gateway.signing import new_key, sign
@@ -164,7 +166,7 @@ class Rig:
     async def counted(self, record: dict[str, Any], since: float | None = None) -> dict[str, Any]:
         """What the drill channel's partner counted for this advisory version."""
         stats = await self.sandbox.stats(since)
-        key = f"{record['id']}@v{record.get('version', 1)}"
+        key = lifecycle.key(record["id"], record.get("version", 1))
         empty = {"accepted": 0, "unique_recipients": 0, "duplicates": 0, "first_at": None, "last_at": None}
         partner = stats["channels"][self.channel]
         if self.channel == "smpp":
@@ -252,7 +254,7 @@ async def crash(rig: Rig, deadline_s: float) -> dict[str, Any]:
     store = rig.store
 
     async def stored() -> bool:
-        return await store.get_advisory_state(record["id"], 1) is not None
+        return await store.advisory_state(record["id"], 1) is not None
 
     await rig.until(stored, deadline_s, "the advisory stored")
     await rig.kill_gateway()
@@ -289,8 +291,7 @@ async def cancel(rig: Rig, deadline_s: float) -> dict[str, Any]:
     store = rig.store
 
     async def applied() -> bool:
-        state = await store.get_advisory_state(alert["id"], 1)
-        return state is not None and state[0] == "cancelled"
+        return await store.advisory_state(alert["id"], 1) == AdvisoryState.CANCELLED
 
     await rig.until(applied, deadline_s, "the cancel applied")
     applied_after = time.time() - published

@@ -10,6 +10,7 @@
     │   ├── SignatureError     unsigned, unknown sender, or the signature does not verify
     │   ├── ExpiredError       expires_at is already past
     │   ├── ContentError       unknown template, missing language content, render failure
+    │   ├── AuthorityError     a cancel or update of another sender's advisory, without authority
     │   └── AuthError          a partner's webhook call is not signed by that partner (HTTP 401)
     └── ChannelError           a channel could not take a message
         ├── RetryableError     try again later (optionally not before ``retry_after`` seconds)
@@ -58,6 +59,10 @@ class ExpiredError(InputError):
 
 class ContentError(InputError):
     kind = "content"
+
+
+class AuthorityError(InputError):
+    kind = "authority"
 
 
 class AuthError(InputError):

@@ -17,47 +17,77 @@ withdrawn and never sent.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import ValidationError
 
 from gateway import metrics
-from gateway.errors import DecodeError, ExpiredError, InputError, SchemaError
+from gateway.errors import ContentError, DecodeError, ExpiredError, InputError, SchemaError, SignatureError
+from gateway.lifecycle import Reference, may_plan
+from gateway.limits import load_json
 from gateway.logging import get_logger
 from gateway.models import Advisory, now
 from gateway.planner import Planner
 from gateway.rendering import Renderer, Target
-from gateway.settings import describe_validation_error
+from gateway.retry import Stopped, until_done
+from gateway.settings import InputLimits, IntakeSettings, describe_validation_error
 from gateway.signing import Verifier
 from gateway.store import Store
 
 log = get_logger(__name__)
 
-RETRY_DELAY_S = 2.0
+
+class Stage:
+    """Input judged where it fails: whatever a stage raises is the record's fault, with this kind.
+
+    ``json.loads`` raises RecursionError, a template filter TypeError, a model validator anything:
+    the class of the exception says nothing about whose fault it is; the stage that raised does.
+    InputErrors pass through as they are; any other exception becomes ``error_class`` with its text.
+    """
+
+    def __init__(self, error_class: type[InputError], what: str) -> None:
+        self.error_class = error_class
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _t: type[BaseException] | None, e: BaseException | None, _tb: object) -> None:
+        if e is None or isinstance(e, InputError) or not isinstance(e, Exception):
+            return
+        text = str(e)[:300] or "(no message)"
+        raise self.error_class(f"{self.what}: {type(e).__name__}: {text}") from e
 
 
-def decode(raw: bytes) -> dict[str, Any]:
-    """Bytes from the topic → a JSON object, or DecodeError saying why not."""
-    text = raw.lstrip()
-    if text.startswith(b"<"):
+def decode(raw: bytes, limits: InputLimits) -> dict[str, Any]:
+    """Bytes from the topic → a JSON object within ``limits``, or DecodeError saying why not."""
+    if raw.lstrip()[:1] == b"<":
         raise DecodeError("CAP 1.2 XML advisories are not accepted yet; send the JSON form")
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DecodeError(f"not JSON: {e}") from e
+    value = load_json(raw, limits)
     if not isinstance(value, dict):
         raise DecodeError(f"an advisory is a JSON object, got {type(value).__name__}")
     return value
 
 
-def parse(record: Mapping[str, Any]) -> Advisory:
+def parse(record: Mapping[str, Any], limits: InputLimits | None = None) -> Advisory:
+    """A decoded record → an Advisory, or SchemaError naming the field (and any limit passed)."""
     try:
-        return Advisory.model_validate(record)
+        adv = Advisory.model_validate(record)
     except ValidationError as e:
         raise SchemaError(describe_validation_error(e)) from e
+    if limits is not None:
+        if adv.version > limits.max_version:
+            raise SchemaError(f"version: {adv.version} is above the limit {limits.max_version}")
+        if len(adv.channels) > limits.max_channels:
+            raise SchemaError(f"channels: {len(adv.channels)} channels; the limit is {limits.max_channels}")
+        for field, n in (("content", len(adv.content)), ("languages", len(adv.languages))):
+            if n > limits.max_languages:
+                raise SchemaError(f"{field}: {n} languages; the limit is {limits.max_languages}")
+    return adv
 
 
 class Intake:
@@ -70,6 +100,7 @@ class Intake:
         producer: AIOKafkaProducer,
         dlq_topic: str,
         targets: Mapping[str, Target],
+        settings: IntakeSettings,
     ) -> None:
         self.store = store
         self.planner = planner
@@ -78,13 +109,19 @@ class Intake:
         self.producer = producer
         self.dlq_topic = dlq_topic
         self.targets = targets
+        self.settings = settings
 
     def validate(self, raw: bytes) -> tuple[Advisory, dict[str, Any]]:
-        """Everything that can be judged from the record alone; raises an InputError."""
-        record = decode(raw)
-        adv = parse(record)
+        """Everything that can be judged from the record alone; raises an InputError, whatever
+        went wrong inside (see ``Stage``)."""
+        limits = self.settings.limits
+        with Stage(DecodeError, "decode"):
+            record = decode(raw, limits)
+        with Stage(SchemaError, "validate"):
+            adv = parse(record, limits)
         if self.verifier is not None:
-            self.verifier.verify(record)
+            with Stage(SignatureError, "signature"):
+                self.verifier.verify(record)
         if adv.msg_type != "cancel":
             if adv.expires_at <= now():
                 raise ExpiredError(f"expires_at: {adv.expires_at.isoformat()} is already past")
@@ -93,57 +130,38 @@ class Intake:
                 raise SchemaError(f"channels: not configured here: {', '.join(unknown)}")
             if adv.audience.segments:
                 raise SchemaError("audience.segments: partner-side segments are not supported yet")
-            self.renderer.check(adv, [self.targets[c] for c in adv.channels])
+            with Stage(ContentError, f"render check of {adv.template or 'inline content'}"):
+                self.renderer.check(adv, [self.targets[c] for c in adv.channels])
         return adv, record
 
     async def handle(self, raw: bytes) -> str:
-        """Process one record; returns the outcome for the log. Input problems raise InputError."""
+        """Process one record; returns the outcome for the log. Input problems raise InputError;
+        anything else (the store, the broker) is an infrastructure failure and is retried."""
         adv, record = self.validate(raw)
-        if await self.store.get_advisory_state(adv.id, adv.version) is not None:
+        accepted = await self.store.accept(adv, record, self.settings.authorities)
+        if accepted.state is None:
             log.info("advisory.duplicate", advisory_id=adv.id, version=adv.version)
-            return "duplicate"
-        await self.store.save_advisory(adv, record)
-        if adv.msg_type == "cancel":
-            await self._withdraw(adv, "cancelled")
-            return "cancel"
-        withdrawn = await self.store.withdrawn_state(adv)
-        if withdrawn is not None:
-            await self.store.set_advisory_state(adv.id, adv.version, withdrawn)
-            log.info("advisory.arrived_withdrawn", advisory_id=adv.id, version=adv.version, state=withdrawn)
-            return withdrawn
-        superseded = await self.store.supersede_older(adv)
+            return accepted.outcome
+        for ref in adv.references:
+            self.planner.drop(Reference.parse(ref).advisory_id)
         self.planner.drop(adv.id, below_version=adv.version)
-        if adv.msg_type == "update":
-            await self._withdraw(adv, "superseded")
         log.info(
-            "advisory.accepted",
+            "advisory.stored",
             advisory_id=adv.id,
             version=adv.version,
+            msg_type=adv.msg_type,
             sender=adv.sender,
+            state=accepted.state.value,
             priority=adv.priority,
-            superseded_pending=superseded,
-        )
-        self.planner.submit(adv)
-        return "accepted"
-
-    async def _withdraw(self, adv: Advisory, state: str) -> None:
-        """Withdraw every advisory ``adv`` references (``id`` or ``id@vN``: every version of ``id``)."""
-        count = 0
-        for ref in adv.references:
-            ref_id = ref.split("@", 1)[0]
-            if ref_id == adv.id and state == "superseded":
-                continue  # an update's own earlier versions: supersede_older did them
-            count += await self.store.withdraw(ref_id, state, adv.key)
-            self.planner.drop(ref_id)
-        log.info(
-            f"advisory.{state}",
-            by=adv.key,
             references=list(adv.references),
-            pending_cancelled=count,
+            withdrawn_pending=accepted.withdrawn_pending,
         )
+        if may_plan(accepted.state):
+            self.planner.submit(adv)
+        return accepted.outcome
 
     async def dead_letter(self, msg: ConsumerRecord, error: InputError) -> None:
-        reason = str(error)
+        reason = str(error)[:1000]
         headers = [
             ("reason", reason.encode()),
             ("error", error.kind.encode()),
@@ -151,6 +169,7 @@ class Intake:
         ]
         await self.producer.send_and_wait(self.dlq_topic, msg.value, key=msg.key, headers=headers)
         metrics.advisories_total.labels("dead_letter").inc()
+        metrics.dead_letters_total.labels(error.kind).inc()
         log.warning(
             "advisory.dead_lettered",
             error=error.kind,
@@ -167,25 +186,40 @@ class Intake:
             await self.dead_letter(msg, e)
 
     async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
-        """Consume until ``stopping``; every record is planned or dead-lettered, then committed."""
+        """Consume until ``stopping``; every record is stored or dead-lettered, then committed.
+        Records of a partition revoked meanwhile are left to its new owner."""
         while not stopping.is_set():
             batches = await consumer.getmany(timeout_ms=500, max_records=16)
             for tp, records in batches.items():
                 for msg in records:
-                    if not await self._process_durably(consumer, tp, msg, stopping):
+                    if tp not in consumer.assignment():
+                        log.info("intake.partition_revoked", partition=tp.partition, left=len(records))
+                        break
+                    try:
+                        await until_done(
+                            partial(self.process, msg), "intake.retrying", stopping, offset=msg.offset
+                        )
+                        await until_done(
+                            partial(self._commit, consumer, tp, msg.offset + 1),
+                            "intake.commit_retrying",
+                            stopping,
+                            offset=msg.offset,
+                        )
+                    except Stopped:
                         return
 
-    async def _process_durably(
-        self, consumer: AIOKafkaConsumer, tp: TopicPartition, msg: ConsumerRecord, stopping: asyncio.Event
-    ) -> bool:
-        """Process then commit one record; on an infrastructure error wait and try the same record again."""
-        while True:
-            try:
-                await self.process(msg)
-                await asyncio.shield(consumer.commit({tp: msg.offset + 1}))
-                return True
-            except Exception as e:  # the store or broker failed, not the input: keep the record, retry
-                log.error("intake.retrying", error=f"{type(e).__name__}: {e}", offset=msg.offset)
-                if stopping.is_set():
-                    return False
-                await asyncio.sleep(RETRY_DELAY_S)
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        """Commit ``offset``; for a partition this consumer no longer owns (a rebalance moved it)
+        the commit is dropped: its new owner replays the record, and storing it again changes nothing."""
+        if tp not in consumer.assignment():
+            log.info("intake.commit_dropped", partition=tp.partition, offset=offset)
+            return
+        try:
+            await asyncio.shield(consumer.commit({tp: offset}))
+        except (CommitFailedError, IllegalStateError) as e:
+            if tp not in consumer.assignment():
+                log.info(
+                    "intake.commit_dropped", partition=tp.partition, offset=offset, error=type(e).__name__
+                )
+                return
+            raise

@@ -45,3 +45,15 @@ deliveries_cascaded_total = Counter(
     ["channel"],
     registry=REGISTRY,
 )
+dead_letters_total = Counter(
+    "gateway_dead_letters_total",
+    "Advisory records sent to the dead-letter topic, by kind of error (decode, schema, content, …)",
+    ["error"],
+    registry=REGISTRY,
+)
+receipts_unmatched_total = Counter(
+    "gateway_receipts_unmatched_total",
+    "Receipts naming no delivery this gateway knows (not applied, not published)",
+    ["channel"],
+    registry=REGISTRY,
+)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway import lifecycle
+
 _LANG = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$"
 
 
@@ -101,7 +103,7 @@ class Advisory(_Model):
 
     @property
     def key(self) -> str:
-        return f"{self.id}@v{self.version}"
+        return lifecycle.key(self.id, self.version)
 
     @property
     def priority(self) -> int:

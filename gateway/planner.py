@@ -20,20 +20,21 @@ import contextlib
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from gateway import kafka, metrics
+from gateway import kafka, lifecycle, metrics
+from gateway.lifecycle import may_plan
 from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id
+from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
 from gateway.store import Store
 from gateway.turns import take_turn
 
 log = get_logger(__name__)
-
-RETRY_DELAY_S = 2.0
 
 
 def choose_channel(
@@ -105,8 +106,11 @@ class Planner:
         topics: KafkaSettings,
         chunk_size: int,
         kinds: Mapping[str, str],
+        poll_s: float = 1.0,
     ) -> None:
         self.store = store
+        self.poll_s = poll_s
+        self._next_poll = 0.0
         self.producer = producer
         self.topics = topics
         self.chunk_size = chunk_size
@@ -138,25 +142,40 @@ class Planner:
         return None if turn is None else turn[1]
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Resume unfinished plans from the store, then plan page by page until ``stopping``."""
+        """Plan page by page until ``stopping``. The store is the schedule: unfinished plans are
+        resumed at start-up, and advisories stored by any intake (this process or another) are
+        picked up within ``poll_s``."""
         watcher = asyncio.create_task(self._wake_when(stopping))
         try:
-            for adv, cursor in await self.store.unplanned():
-                self.submit(adv, cursor)
             while not stopping.is_set():
+                await until_done(self._poll_store, "planner.retrying", stopping)
                 plan = self._next()
                 if plan is None:
                     self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                try:
-                    await self.plan_page(plan)
-                except Exception as e:  # the store or broker failed: the same page again, later
-                    log.error("planner.retrying", error=f"{type(e).__name__}: {e}", advisory_id=plan.adv.id)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stopping.wait(), RETRY_DELAY_S)
+                        await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
+                    continue
+                await until_done(
+                    partial(self.plan_page, plan), "planner.retrying", stopping, advisory_id=plan.adv.id
+                )
+        except Stopped:
+            return
         finally:
             watcher.cancel()
+
+    async def _poll_store(self) -> None:
+        """Submit stored advisories that are active and not fully planned, unless known already."""
+        now_ = asyncio.get_running_loop().time()
+        if now_ < self._next_poll:
+            return
+        self._next_poll = now_ + self.poll_s
+        known = {key for plans in self._plans.values() for key in plans}
+        for advisory_id, version, cursor in await self.store.unplanned():
+            if lifecycle.key(advisory_id, version) in known:
+                continue
+            adv = await self.store.advisory(advisory_id, version)
+            if adv is not None:
+                self.submit(adv, cursor)
 
     async def _wake_when(self, stopping: asyncio.Event) -> None:
         await stopping.wait()
@@ -169,8 +188,8 @@ class Planner:
 
     async def plan_page(self, plan: _Plan) -> None:
         adv = plan.adv
-        state = await self.store.get_advisory_state(adv.id, adv.version)
-        if state is None or state[0] != "active":
+        state = await self.store.advisory_state(adv.id, adv.version)
+        if state is None or not may_plan(state):
             self._done(plan)
             return
         aud = adv.audience

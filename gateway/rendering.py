@@ -8,6 +8,7 @@ Templates run sandboxed with strict undefined variables: a missing value is an e
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -30,6 +31,7 @@ class Target(Protocol):
     kind: ClassVar[str]
     parts: ClassVar[tuple[str, ...]]
     optional_parts: ClassVar[tuple[str, ...]]
+    header_parts: ClassVar[tuple[str, ...]]
 
     def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
         """Raise ContentError if the channel cannot carry this rendering (size, encoding)."""
@@ -135,8 +137,10 @@ class Renderer:
             name = f"{adv.template}/{lang}/{kind}.{part}.j2"
             try:
                 out[part] = self.env.get_template(name).render(context).strip()
-            except jinja2.TemplateError as e:
-                raise ContentError(f"template {name}: {e}") from e
+            except Exception as e:  # a filter given the wrong type raises TypeError, not TemplateError
+                raise ContentError(
+                    f"template {name} (language {lang}, channel {kind}): {type(e).__name__}: {str(e)[:300]}"
+                ) from e
         if not per_recipient:
             self._cache[cache_key] = out
         return out
@@ -159,6 +163,27 @@ class Renderer:
             for lang in sorted(available):
                 rendered = self.render(adv, lang, t.kind, t.parts, optional=t.optional_parts)
                 try:
+                    check_text(rendered, t.header_parts)
                     t.check_rendering(rendered, adv)
                 except ContentError as e:
                     raise ContentError(f"language {lang!r} on channel {t.channel!r}: {e}") from e
+
+
+def check_text(rendered: Mapping[str, str], header_parts: Iterable[str]) -> None:
+    """Raise ContentError if a part is not encodable text, or a header part (a subject, a title:
+    one line at the partner) holds a line break or another control character."""
+    for part, text in rendered.items():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ContentError(f"{part}: not encodable text ({e.reason} at character {e.start})") from e
+    for part in header_parts:
+        text = rendered.get(part, "")
+        bad = next(
+            (i for i, ch in enumerate(text) if unicodedata.category(ch) == "Cc" or ch in "\u2028\u2029"), None
+        )
+        if bad is not None:
+            raise ContentError(
+                f"{part}: a line break or control character ({text[bad]!r}) at character {bad}; "
+                f"a {part} is one line"
+            )

@@ -58,9 +58,24 @@ class HttpSettings(_Section):
     public_url: str | None = None
 
 
+class InputLimits(_Section):
+    """Limits on an advisory record (or a receipt body): each refusal names the limit passed."""
+
+    max_record_bytes: int = Field(262_144, ge=1024)
+    max_depth: int = Field(16, ge=2, le=200)  # nesting of objects and lists
+    max_string_chars: int = Field(8000, ge=64)
+    max_list_items: int = Field(1000, ge=1)  # items of a list, keys of an object
+    max_languages: int = Field(24, ge=1)
+    max_channels: int = Field(8, ge=1)
+    max_version: int = Field(1_000_000, ge=1)
+
+
 class IntakeSettings(_Section):
     require_signature: bool = True
     trusted_keys: dict[str, str] = Field(default_factory=dict)
+    # sender -> the senders whose advisories it may also cancel or update (its own, always)
+    authorities: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    limits: InputLimits = InputLimits()
 
 
 class RenderingSettings(_Section):
@@ -75,6 +90,8 @@ class RenderingSettings(_Section):
 
 class PlannerSettings(_Section):
     chunk_size: int = Field(500, ge=1, le=10_000)
+    # how often the store is asked for advisories stored by another intake process
+    poll_s: float = Field(1.0, gt=0)
 
 
 class DispatchSettings(_Section):

@@ -20,7 +20,20 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from gateway.errors import AuthorityError
+from gateway.lifecycle import (
+    A,
+    AdvisoryState,
+    Reference,
+    arrival_state,
+    has_authority,
+    sources_of,
+    withdrawal_by,
+)
+from gateway.logging import get_logger
 from gateway.models import PENDING, Advisory, Recipient, Status, now
+
+log = get_logger(__name__)
 
 metadata = sa.MetaData()
 
@@ -91,6 +104,8 @@ withdrawals = sa.Table(
     sa.Column("advisory_id", sa.String(128), primary_key=True),
     sa.Column("state", sa.String(16), nullable=False),  # cancelled | superseded
     sa.Column("by_id", sa.String(128), nullable=False),
+    # the sender of the withdrawing advisory: it applies to a later arrival only with authority
+    sa.Column("by_sender", sa.String(200)),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
 )
 
@@ -130,6 +145,16 @@ class WorkItem:
     recipient: Recipient
     channel: str
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What storing an advisory did: ``outcome`` for the log and metrics (accepted, duplicate,
+    cancelled, superseded, completed), its state (None for a duplicate), pending deliveries withdrawn."""
+
+    outcome: str
+    state: AdvisoryState | None
+    withdrawn_pending: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,33 +275,155 @@ class Store:
 
     # -- advisories ---------------------------------------------------------------------------
 
-    async def get_advisory_state(self, advisory_id: str, version: int) -> tuple[str, bool] | None:
-        """(state, planned) of a stored advisory version, or None."""
-        q = sa.select(advisories.c.state, advisories.c.planned).where(
+    async def advisory_state(self, advisory_id: str, version: int) -> AdvisoryState | None:
+        """The state of a stored advisory version, or None if it is not stored."""
+        q = sa.select(advisories.c.state).where(
             advisories.c.id == advisory_id, advisories.c.version == version
         )
         async with self.engine.connect() as conn:
-            row = (await conn.execute(q)).first()
-        return None if row is None else (str(row.state), bool(row.planned))
+            state = (await conn.execute(q)).scalar()
+        return None if state is None else AdvisoryState(state)
 
-    async def save_advisory(self, adv: Advisory, raw: Mapping[str, Any]) -> None:
-        """Store an advisory version once; storing it again changes nothing."""
-        stmt = (
-            self._insert(advisories)
-            .values(
-                id=adv.id,
-                version=adv.version,
-                msg_type=adv.msg_type,
-                sender=adv.sender,
-                priority=adv.priority,
-                expires_at=adv.expires_at,
-                body=dict(raw),
-                received_at=now(),
-            )
-            .on_conflict_do_nothing()
-        )
+    async def accept(
+        self, adv: Advisory, raw: Mapping[str, Any], authorities: Mapping[str, Sequence[str]]
+    ) -> Accepted:
+        """Store an advisory version and apply what it carries — in **one transaction**: the record,
+        the supersede of its older versions, the withdrawals it makes (cancel, update) and those
+        made of it before it came, and its plan's schedule (``active``, not yet planned). A record
+        stored already changes nothing (``duplicate``). A cancel or update of another sender's
+        advisory without authority raises AuthorityError and stores nothing (gateway/lifecycle.py)."""
         async with self._begin() as conn:
-            await conn.execute(stmt)
+            if await self._state_in(conn, adv.id, adv.version) is not None:
+                return Accepted("duplicate", None, 0)
+            await self._check_authority(conn, adv, authorities)
+            withdraws = withdrawal_by(adv.msg_type)
+            if withdraws is A.CANCELLED:
+                state = A.COMPLETED  # a cancel's work is done once it is applied, below
+            else:
+                remembered = await self._remembered(conn, adv, authorities)
+                newer = (
+                    await conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(advisories)
+                        .where(advisories.c.id == adv.id, advisories.c.version > adv.version)
+                    )
+                ).scalar_one()
+                state = arrival_state(remembered, bool(newer))
+            await conn.execute(
+                self._insert(advisories).values(
+                    id=adv.id,
+                    version=adv.version,
+                    msg_type=adv.msg_type,
+                    sender=adv.sender,
+                    priority=adv.priority,
+                    expires_at=adv.expires_at,
+                    state=state.value,
+                    body=dict(raw),
+                    received_at=now(),
+                )
+            )
+            moved = 0
+            if withdraws is not A.CANCELLED:
+                older = (advisories.c.id == adv.id, advisories.c.version < adv.version)
+                moved += await self._withdraw_in(conn, older, A.SUPERSEDED, adv.key)
+            if withdraws is not None:
+                for ref in map(Reference.parse, adv.references):
+                    if ref.advisory_id == adv.id and withdraws is A.SUPERSEDED:
+                        continue  # an update's own earlier versions: superseded just above
+                    moved += await self._withdraw_ref(conn, ref.advisory_id, withdraws, adv)
+        return Accepted(state.value if state is not A.ACTIVE else "accepted", state, moved)
+
+    async def _state_in(self, conn: AsyncConnection, advisory_id: str, version: int) -> AdvisoryState | None:
+        q = sa.select(advisories.c.state).where(
+            advisories.c.id == advisory_id, advisories.c.version == version
+        )
+        state = (await conn.execute(q)).scalar()
+        return None if state is None else AdvisoryState(state)
+
+    async def _check_authority(
+        self, conn: AsyncConnection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
+    ) -> None:
+        """Another version of this id, or an advisory it cancels or updates, sent by someone over
+        whom ``adv.sender`` has no authority → AuthorityError naming both."""
+        named = {adv.id}
+        if withdrawal_by(adv.msg_type) is not None:
+            named |= {Reference.parse(r).advisory_id for r in adv.references}
+        q = (
+            sa.select(advisories.c.id, advisories.c.sender)
+            .where(advisories.c.id.in_(sorted(named)))
+            .distinct()
+        )
+        for advisory_id, owner in (await conn.execute(q)).all():
+            if not has_authority(adv.sender, str(owner), authorities):
+                raise AuthorityError(
+                    f"sender: {adv.sender!r} may not {'cancel' if adv.msg_type == 'cancel' else 'update'} "
+                    f"{advisory_id!r}, sent by {owner!r} (intake.authorities names who may)"
+                )
+
+    async def _remembered(
+        self, conn: AsyncConnection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
+    ) -> AdvisoryState | None:
+        """A withdrawal that named ``adv`` before it arrived, if its sender had authority."""
+        row = (
+            await conn.execute(
+                sa.select(withdrawals.c.state, withdrawals.c.by_sender, withdrawals.c.by_id).where(
+                    withdrawals.c.advisory_id == adv.id
+                )
+            )
+        ).first()
+        if row is None:
+            return None
+        by_sender = str(row.by_sender or adv.sender)  # rows from before by_sender was kept: trusted
+        if not has_authority(by_sender, adv.sender, authorities):
+            log.warning(
+                "advisory.withdrawal_ignored",
+                advisory_id=adv.id,
+                by=row.by_id,
+                by_sender=by_sender,
+                sender=adv.sender,
+                reason="the withdrawal's sender has no authority over this sender",
+            )
+            return None
+        return AdvisoryState(row.state)
+
+    async def _withdraw_ref(
+        self, conn: AsyncConnection, advisory_id: str, state: AdvisoryState, by: Advisory
+    ) -> int:
+        """Remember that ``by`` withdrew ``advisory_id`` (every version, even one not received yet)
+        and withdraw what is stored of it. A cancel outranks a supersede."""
+        stmt = self._insert(withdrawals).values(
+            advisory_id=advisory_id, state=state.value, by_id=by.key, by_sender=by.sender, at=now()
+        )
+        if state is A.CANCELLED:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[withdrawals.c.advisory_id],
+                set_={"state": state.value, "by_id": by.key, "by_sender": by.sender},
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing()
+        await conn.execute(stmt)
+        return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by.key)
+
+    async def _withdraw_in(
+        self, conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], state: AdvisoryState, by: str
+    ) -> int:
+        """Versions matching ``where`` move to ``state`` where the lifecycle allows it; their pending
+        deliveries are cancelled. Returns how many deliveries were cancelled."""
+        versions = (await conn.execute(sa.select(advisories.c.id, advisories.c.version).where(*where))).all()
+        await conn.execute(
+            sa.update(advisories)
+            .where(*where, advisories.c.state.in_(sources_of(state)))
+            .values(state=state.value)
+        )
+        moved = 0
+        for advisory_id, version in versions:
+            moved += await _transition(
+                conn,
+                (deliveries.c.advisory_id == advisory_id, deliveries.c.version == version, _IS_PENDING),
+                Status.CANCELLED,
+                f"advisory {state.value} by {by}",
+            )
+        return moved
 
     async def advisory(self, advisory_id: str, version: int) -> Advisory | None:
         """A stored advisory version, parsed once per process (a version never changes; its state,
@@ -301,81 +448,29 @@ class Store:
                 .values(**values)
             )
 
+    async def plan_finished(self, advisory_id: str, version: int) -> bool:
+        q = sa.select(advisories.c.planned).where(
+            advisories.c.id == advisory_id, advisories.c.version == version
+        )
+        async with self.engine.connect() as conn:
+            return bool((await conn.execute(q)).scalar())
+
     async def mark_planned(self, advisory_id: str, version: int) -> None:
         await self._set_advisory(advisory_id, version, planned=True)
-
-    async def withdraw(self, advisory_id: str, state: str, by: str) -> int:
-        """Cancel (``state`` "cancelled") or supersede every version of an advisory — including one
-        not received yet — and cancel its pending deliveries; returns how many were cancelled."""
-        stmt = self._insert(withdrawals).values(advisory_id=advisory_id, state=state, by_id=by, at=now())
-        if state == "cancelled":  # a cancel outranks a supersede
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[withdrawals.c.advisory_id], set_={"state": state, "by_id": by}
-            )
-        else:
-            stmt = stmt.on_conflict_do_nothing()
-        async with self._begin() as conn:
-            await conn.execute(stmt)
-            return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by)
-
-    async def supersede_older(self, adv: Advisory) -> int:
-        """Earlier versions of ``adv`` are superseded: their pending deliveries are cancelled (who was
-        already notified gets ``adv`` too; who was not gets only ``adv``). Returns how many."""
-        where = (advisories.c.id == adv.id, advisories.c.version < adv.version)
-        async with self._begin() as conn:
-            return await self._withdraw_in(conn, where, "superseded", adv.key)
-
-    async def _withdraw_in(
-        self, conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], state: str, by: str
-    ) -> int:
-        versions = (await conn.execute(sa.select(advisories.c.id, advisories.c.version).where(*where))).all()
-        await conn.execute(
-            sa.update(advisories).where(*where, advisories.c.state != "cancelled").values(state=state)
-        )
-        moved = 0
-        for advisory_id, version in versions:
-            moved += await _transition(
-                conn,
-                (deliveries.c.advisory_id == advisory_id, deliveries.c.version == version, _IS_PENDING),
-                Status.CANCELLED,
-                f"advisory {state} by {by}",
-            )
-        return moved
-
-    async def withdrawn_state(self, adv: Advisory) -> str | None:
-        """Why ``adv`` may not be planned: "cancelled" or "superseded" (by a later version, or by an
-        update or cancel that named it, even one that arrived first); None if it may."""
-        async with self.engine.connect() as conn:
-            state = (
-                await conn.execute(sa.select(withdrawals.c.state).where(withdrawals.c.advisory_id == adv.id))
-            ).scalar()
-            if state is not None:
-                return str(state)
-            newer = (
-                await conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(advisories)
-                    .where(advisories.c.id == adv.id, advisories.c.version > adv.version)
-                )
-            ).scalar_one()
-        return "superseded" if newer else None
-
-    async def set_advisory_state(self, advisory_id: str, version: int, state: str) -> None:
-        await self._set_advisory(advisory_id, version, state=state)
 
     async def save_plan_cursor(self, advisory_id: str, version: int, cursor: str) -> None:
         await self._set_advisory(advisory_id, version, plan_cursor=cursor)
 
-    async def unplanned(self) -> list[tuple[Advisory, str]]:
-        """Active advisories whose planning has not finished, with the cursor to resume after."""
-        q = sa.select(advisories.c.body, advisories.c.plan_cursor).where(
-            advisories.c.state == "active",
+    async def unplanned(self) -> list[tuple[str, int, str]]:
+        """Active advisories whose planning has not finished: (id, version, cursor to resume after)."""
+        q = sa.select(advisories.c.id, advisories.c.version, advisories.c.plan_cursor).where(
+            advisories.c.state == A.ACTIVE.value,
             advisories.c.planned == sa.false(),
             advisories.c.msg_type != "cancel",
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q)).all()
-        return [(Advisory.model_validate(body), str(cursor)) for body, cursor in rows]
+        return [(str(i), int(v), str(c)) for i, v, c in rows]
 
     # -- deliveries ---------------------------------------------------------------------------
 
@@ -522,7 +617,7 @@ class Store:
         active = sa.exists().where(
             advisories.c.id == deliveries.c.advisory_id,
             advisories.c.version == deliveries.c.version,
-            advisories.c.state == "active",
+            advisories.c.state == A.ACTIVE.value,
             advisories.c.expires_at > now(),
         )
         unconfirmed = (Status.SENT.value, Status.UNKNOWN.value, Status.FAILED.value)

@@ -68,8 +68,7 @@ async def test_killed_after_planning_and_mid_send_every_recipient_gets_exactly_o
             await publish(kafka, settings.kafka.topic_advisories, first)
 
             async def planned() -> bool:
-                state = await store.get_advisory_state(first["id"], 1)
-                return state is not None and state[1]
+                return await store.plan_finished(first["id"], 1)
 
             await eventually(planned, within=60, what="advisory planned")
             proc.send_signal(signal.SIGKILL)

@@ -15,6 +15,7 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.errors import ConfigError
+from gateway.lifecycle import AdvisoryState
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings
 from gateway.store import Store
@@ -204,8 +205,7 @@ async def test_a_cancel_mid_broadcast_stops_every_pending_delivery(
         await _publish(gw, cancel)
 
         async def cancelled() -> bool:
-            state = await _store(gw).get_advisory_state(alert["id"], 1)
-            return state is not None and state[0] == "cancelled"
+            return await _store(gw).advisory_state(alert["id"], 1) == AdvisoryState.CANCELLED
 
         await eventually(cancelled, what="the cancel applied")
         applied_at = time.time()
@@ -241,14 +241,13 @@ async def test_a_cancel_that_overtakes_its_alert_keeps_the_alert_from_ever_being
     await _publish(gateway, cancel)  # the cancel arrives first (as if the alert were delayed on its way)
 
     async def cancel_stored() -> bool:
-        return await _store(gateway).get_advisory_state(cancel["id"], 1) is not None
+        return await _store(gateway).advisory_state(cancel["id"], 1) is not None
 
     await eventually(cancel_stored, what="the cancel taken in")
     await _publish(gateway, alert)
 
     async def stored_cancelled() -> bool:
-        state = await _store(gateway).get_advisory_state(alert["id"], 1)
-        return state is not None and state[0] == "cancelled"
+        return await _store(gateway).advisory_state(alert["id"], 1) == AdvisoryState.CANCELLED
 
     await eventually(stored_cancelled, what="the alert stored as cancelled")
     later = signed(advisory())  # an unrelated advisory behind it is delivered: the alert's turn has passed

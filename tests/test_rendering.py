@@ -56,7 +56,10 @@ def test_evacuation_template_renders_in_kazakh_with_the_crossings_and_hotline() 
 
 def test_a_missing_variable_is_an_error_naming_the_template() -> None:
     adv = _adv(data={"country_name": "Arvenia"})
-    with pytest.raises(ContentError, match=r"evacuation/en/push.title.j2: 'open_crossings' is undefined"):
+    with pytest.raises(
+        ContentError,
+        match=r"evacuation/en/push.title.j2 \(language en, channel push\): UndefinedError: 'open_crossings' is undefined",
+    ):
         _renderer().render(adv, "en", "push", PUSH)
 
 
