@@ -58,7 +58,8 @@ def test_a_missing_variable_is_an_error_naming_the_template() -> None:
     adv = _adv(data={"country_name": "Arvenia"})
     with pytest.raises(
         ContentError,
-        match=r"evacuation/en/push.title.j2 \(language en, channel push\): UndefinedError: 'open_crossings' is undefined",
+        match=r"evacuation/en/push.title.j2 \(language en, channel push\): "
+        r"UndefinedError: 'open_crossings' is undefined",
     ):
         _renderer().render(adv, "en", "push", PUSH)
 
