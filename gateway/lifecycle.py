@@ -121,13 +121,6 @@ def withdrawal_by(msg_type: str) -> AdvisoryState | None:
     return {"cancel": A.CANCELLED, "update": A.SUPERSEDED}.get(msg_type)
 
 
-def stronger(a: AdvisoryState | None, b: AdvisoryState | None) -> AdvisoryState | None:
-    """Of two withdrawals of one advisory, the one that stands (a cancel outranks a supersede)."""
-    if a is A.CANCELLED or b is A.CANCELLED:
-        return A.CANCELLED
-    return a or b
-
-
 def has_authority(by: str, owner: str, authorities: Mapping[str, Sequence[str]]) -> bool:
     """Whether sender ``by`` may cancel or update an advisory sent by ``owner``."""
     return by == owner or owner in authorities.get(by, ())

@@ -29,6 +29,7 @@ from gateway.models import now
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings, load_settings
 from gateway.signing import new_key, sign
+from gateway.store import Store
 
 SENDER = "mfa.test"
 PRIVATE_KEY, PUBLIC_KEY = new_key()
@@ -265,3 +266,44 @@ def postgres_url() -> str:
             pytest.fail("PostgreSQL is required when CI=true and is not listening on 127.0.0.1:5432")
         pytest.skip("PostgreSQL not running on 127.0.0.1:5432")
     return POSTGRES_URL
+
+
+@asynccontextmanager
+async def fresh_postgres_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database for one test (dropped after); yields its URL."""
+    import asyncpg
+
+    base = postgres_url()
+    name = f"gw_{uuid.uuid4().hex[:10]}"
+    admin_dsn = base.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An empty store on SQLite and, again, on PostgreSQL."""
+    if request.param == "sqlite":
+        s = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+        try:
+            yield s
+        finally:
+            await s.close()
+        return
+    async with fresh_postgres_database() as url:
+        s = await Store.open(url)
+        try:
+            yield s
+        finally:
+            await s.close()
