@@ -83,7 +83,7 @@ class Gateway:
             self.broker = EmbeddedBroker()
             await self.broker.start()
             self.bootstrap_servers = self.broker.bootstrap_servers
-        self.store = await Store.open(s.store.url)
+        self.store = await Store.open(s.store.url, s.store.migrate)
         await kafka.ensure_topics(self.bootstrap_servers, s.kafka, s.channels)
         self._producer = kafka.producer(self.bootstrap_servers)
         await self._producer.start()

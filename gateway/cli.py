@@ -1,4 +1,4 @@
-"""``broadcast-gateway``: run, broker, sandbox, publish, recipients import, replay, status, demo, drill."""
+"""``broadcast-gateway``: run, broker, sandbox, publish, recipients, replay, db, status, demo, drill."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ async def _import(settings: Settings, path: Path) -> int:
     from gateway.directory import RowError, import_file
     from gateway.store import Store
 
-    store = await Store.open(settings.store.url)
+    store = await Store.open(settings.store.url, settings.store.migrate)
     err = sys.stderr
 
     def on_error(e: RowError) -> None:
@@ -206,7 +206,7 @@ async def replay(settings: Settings, advisory_id: str, channel: str | None, limi
 
     if not settings.kafka.bootstrap_servers:
         raise ConfigError("kafka.bootstrap_servers: not set; replay needs the gateway's broker")
-    store = await Store.open(settings.store.url)
+    store = await Store.open(settings.store.url, settings.store.migrate)
     producer = kafka.producer(settings.kafka.bootstrap_servers)
     await producer.start()
     try:
@@ -237,7 +237,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 async def _status(settings: Settings, advisory_id: str | None) -> dict[str, Any]:
     from gateway.store import Store
 
-    store = await Store.open(settings.store.url)
+    store = await Store.open(settings.store.url, settings.store.migrate)
     try:
         return {"advisory_id": advisory_id, "by_channel": await store.counts(advisory_id)}
     finally:
@@ -246,6 +246,30 @@ async def _status(settings: Settings, advisory_id: str | None) -> dict[str, Any]
 
 def cmd_status(args: argparse.Namespace) -> int:
     print(json.dumps(asyncio.run(_status(_settings(args), args.advisory)), indent=2))
+    return 0
+
+
+# -- db -------------------------------------------------------------------------------------------
+
+
+async def _db(settings: Settings, action: str) -> str:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from gateway import migrate
+
+    engine = create_async_engine(settings.store.url)
+    try:
+        if action == "upgrade":
+            before, after = await migrate.upgrade(engine)
+            return f"schema upgraded: {before or '(empty)'} → {after}" if before != after else f"at {after}"
+        revision = await migrate.current(engine)
+        return f"schema at {revision or '(empty)'}; this release needs {migrate.head()}"
+    finally:
+        await engine.dispose()
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    print(asyncio.run(_db(_settings(args), args.action)))
     return 0
 
 
@@ -311,6 +335,10 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--channel", help="only this channel")
     rp.add_argument("--limit", type=int, default=1_000_000, help="at most this many")
     rp.set_defaults(func=cmd_replay)
+
+    db = sub.add_parser("db", help="the store's schema: upgrade it to this release, or show its revision")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.set_defaults(func=cmd_db)
 
     st = sub.add_parser("status", help="delivery counts per channel and status")
     st.add_argument("advisory", nargs="?")

@@ -50,6 +50,8 @@ class KafkaSettings(_Section):
 
 class StoreSettings(_Section):
     url: str = "sqlite+aiosqlite:///var/gateway.db"
+    # an older schema at start-up: upgrade it, or refuse and name `broadcast-gateway db upgrade`
+    migrate: Literal["upgrade", "refuse"] = "upgrade"
 
 
 class HttpSettings(_Section):

@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from gateway import migrate as migrations
 from gateway.errors import AuthorityError
 from gateway.lifecycle import (
     A,
@@ -31,6 +32,7 @@ from gateway.lifecycle import (
     withdrawal_by,
 )
 from gateway.logging import get_logger
+from gateway.migrate import Mode
 from gateway.models import PENDING, Advisory, Recipient, Status, now
 
 log = get_logger(__name__)
@@ -215,8 +217,8 @@ class Store:
             yield conn
 
     @classmethod
-    async def open(cls, url: str) -> Store:
-        """Connect and create the schema if missing."""
+    async def open(cls, url: str, migrate: Mode = "upgrade") -> Store:
+        """Connect, and bring the schema to this release's (or refuse: gateway/migrate.py)."""
         if url.startswith("sqlite"):
             engine = create_async_engine(url, connect_args={"timeout": 30})
 
@@ -230,8 +232,11 @@ class Store:
 
         else:
             engine = create_async_engine(url, pool_size=10)
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        try:
+            await migrations.ensure(engine, migrate)
+        except BaseException:
+            await engine.dispose()
+            raise
         return cls(engine)
 
     async def close(self) -> None:

@@ -7,16 +7,17 @@ import uuid
 import sqlalchemy as sa
 
 from gateway.models import Recipient, Status
-from gateway.store import Outcome, Store, metadata
-from tests.conftest import postgres_url
+from gateway.store import Outcome, Store
+from tests.conftest import fresh_postgres_database
 
 
 async def test_store_round_trip_and_rank_guard_on_postgresql() -> None:
-    store = await Store.open(postgres_url())
+    async with fresh_postgres_database() as url:
+        await _round_trip(await Store.open(url))
+
+
+async def _round_trip(store: Store) -> None:
     try:
-        async with store.engine.begin() as conn:  # a clean schema for this run
-            await conn.run_sync(metadata.drop_all)
-            await conn.run_sync(metadata.create_all)
         rid = f"pg-{uuid.uuid4().hex[:6]}"
         await store.upsert_recipients(
             [Recipient(id=rid, languages=("kk",), app_user="u", country="XA", tags=("a",))]
