@@ -2,7 +2,7 @@
 
 Sources, later ones winning: ``config/gateway.yaml`` (the embedded defaults), any extra YAML files
 named with ``--config``, then environment variables ``GATEWAY__SECTION__KEY`` (values parsed as
-YAML). Unknown keys and invalid values stop start-up with a :class:`ConfigError` that names the key.
+YAML, except secrets: a ``secret`` or ``password`` value is taken verbatim, as a string). Unknown keys and invalid values stop start-up with a :class:`ConfigError` that names the key.
 Secrets (keys named ``secret`` or ``password``) are refused in YAML files: they come from the
 environment or from a ``*_file`` key.
 """
@@ -181,10 +181,13 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{name}: value is not valid YAML: {e}") from e
+        if keys[-1] in SECRET_KEYS:
+            value: Any = raw if raw != "" else None  # verbatim: "abc #def" is not "abc"
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{name}: value is not valid YAML: {e}") from e
         node = out
         for key in keys[:-1]:
             node = node.setdefault(key, {})

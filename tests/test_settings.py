@@ -76,3 +76,32 @@ async def test_a_disabled_channel_needs_no_secret_and_is_not_built() -> None:
     ):
         async with aiohttp.ClientSession() as session:
             build_adapters(load_settings(environ={"GATEWAY__CHANNELS__PUSH__SECRET": "s"}), session)
+
+
+@pytest.mark.parametrize("value", ["abc #def", "[unclosed", "{a: b}", "123", "true", " padded ", "a: b"])
+async def test_a_secret_from_the_environment_is_taken_verbatim(value: str) -> None:
+    """YAML would make 'abc #def' into 'abc', '123' into a number and '[unclosed' into an error."""
+    env = {
+        "GATEWAY__CHANNELS__PUSH__SECRET": value,
+        "GATEWAY__CHANNELS__SMPP__PASSWORD": value,
+        "GATEWAY__CHANNELS__SMS_HTTP__ENABLED": "false",
+        "GATEWAY__CHANNELS__EMAIL__ENABLED": "false",
+    }
+    settings = load_settings(environ=env)
+    assert settings.channels["push"]["secret"] == value
+    assert settings.channels["smpp"]["password"] == value
+    async with aiohttp.ClientSession() as session:
+        adapters = build_adapters(settings, session)
+    assert adapters["push"]._secret == value
+
+
+async def test_a_secret_never_appears_in_a_configuration_error() -> None:
+    env = {
+        "GATEWAY__CHANNELS__PUSH__SECRET": "hunter2-very-secret",
+        "GATEWAY__CHANNELS__PUSH__RATE_PER_S": "x",
+    }
+    with pytest.raises(ConfigError) as caught:
+        async with aiohttp.ClientSession() as session:
+            build_adapters(load_settings(environ=env), session)
+    assert "channels.push.rate_per_s" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
