@@ -39,6 +39,7 @@ from gateway.errors import (
     SchemaError,
     ThrottledError,
 )
+from gateway.limits import check_depth
 from gateway.logging import get_logger
 from gateway.models import Advisory, Status
 from gateway.settings import describe_validation_error, read_secret
@@ -349,6 +350,7 @@ class SignedHttpAdapter(Adapter):
         """The list under ``key`` of a webhook body signed by the partner; AuthError / SchemaError."""
         verify_hmac(self._secret, body, headers)
         try:
+            check_depth(body, MAX_RECEIPT_DEPTH)
             items = json.loads(body)[key]
         except (ValueError, KeyError, TypeError) as e:
             raise SchemaError(f"{key}: malformed body: {e}") from e
@@ -369,6 +371,7 @@ def load_settings(model: type[SettingsT], channel: str, raw: Mapping[str, Any]) 
 
 # -- HMAC request signatures (shared by adapters, sandboxes and receipt webhooks) -------------
 
+MAX_RECEIPT_DEPTH = 16  # a receipt batch is a list of flat objects
 SIGNATURE_HEADER = "X-Signature"
 TIMESTAMP_HEADER = "X-Timestamp"
 MAX_SKEW_S = 300
@@ -385,7 +388,7 @@ def verify_hmac(secret: str, body: bytes, headers: Mapping[str, str], at: float 
     """Raise AuthError unless ``headers`` sign ``body`` with ``secret`` within the allowed clock skew."""
     ts = headers.get(TIMESTAMP_HEADER, "")
     given = headers.get(SIGNATURE_HEADER, "")
-    if not ts.isdigit() or not given.startswith("v1="):
+    if not (ts.isascii() and ts.isdigit() and given.isascii() and given.startswith("v1=")):
         raise AuthError("missing or malformed signature headers")
     if abs((time.time() if at is None else at) - int(ts)) > MAX_SKEW_S:
         raise AuthError("signature timestamp outside the allowed window")

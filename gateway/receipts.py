@@ -27,6 +27,18 @@ log = get_logger(__name__)
 MAX_BODY = 4 * 1024 * 1024
 
 
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None if it is longer than ``limit`` (read no further than that)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    async for block in request.content.iter_chunked(64 * 1024):
+        body += block
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class ReceiptWebhook:
     def __init__(
         self, store: Store, adapters: Mapping[str, Adapter], producer: AIOKafkaProducer, events_topic: str
@@ -56,24 +68,27 @@ class ReceiptWebhook:
             return problem(
                 404, "Unknown provider", f"channel {channel!r} has no provider {provider!r}", field="provider"
             )
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes")
-        body = await request.read()
+        body = await read_limited(request, MAX_BODY)
+        if body is None:
+            return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes", field="body")
         try:
             found = parser.parse_receipts(body, request.headers)
         except AuthError as e:
             log.warning("receipt.rejected", channel=channel, reason=str(e))
             return problem(401, "Unauthenticated", str(e))
-        except InputError as e:
-            return problem(400, "Malformed receipts", str(e), field="receipts")
+        except Exception as e:  # whatever parsing the body raised, the body is at fault: 400, not 500
+            reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {str(e)[:200]}"
+            return problem(400, "Malformed receipts", reason, field="receipts")
         moved = await self.apply(channel, adapter, found)
         return web.json_response({"received": len(found), "moved": moved})
 
     async def apply(self, channel: str, adapter: Adapter, found: Sequence[Receipt]) -> int:
-        """Store receipts (rank-guarded), tell the adapter, publish events; returns deliveries moved.
-        Used by the webhooks and, for protocols that bring receipts themselves (SMPP), as their sink."""
+        """Store receipts (rank-guarded), tell the adapter, publish an event for each receipt that
+        moved a delivery; returns deliveries moved. A receipt naming no delivery of ours is counted
+        and logged, never published. Used by the webhooks and, for protocols that bring receipts
+        themselves (SMPP), as their sink."""
         outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
-        moved, outcomes = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
+        applied = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
         adapter.receipts_seen(found)
         at = now().isoformat()
         sends = [
@@ -90,13 +105,28 @@ class ReceiptWebhook:
                 ).encode(),
                 key=o.delivery_id.encode(),
             )
-            for o in outcomes
+            for o in applied.moved
         ]
         await asyncio.gather(*sends)
-        for o in outcomes:
+        for o in applied.moved:
             metrics.receipts_total.labels(channel, o.status.value).inc()
-        log.info("receipts.applied", channel=channel, count=len(outcomes), moved=moved)
-        return moved
+        if applied.unknown:
+            metrics.receipts_unmatched_total.labels(channel).inc(len(applied.unknown))
+            log.warning(
+                "receipts.unmatched",
+                channel=channel,
+                count=len(applied.unknown),
+                partner_ids=[o.partner_id for o in applied.unknown[:5]],
+            )
+        log.info(
+            "receipts.applied",
+            channel=channel,
+            count=len(outcomes),
+            moved=len(applied.moved),
+            unchanged=applied.unchanged,
+            unmatched=len(applied.unknown),
+        )
+        return len({o.delivery_id for o in applied.moved})
 
     def sink(self, channel: str, adapter: Adapter) -> Callable[[Sequence[Receipt]], Awaitable[None]]:
         async def take(found: Sequence[Receipt]) -> None:

@@ -2,7 +2,8 @@
 
 Sources, later ones winning: ``config/gateway.yaml`` (the embedded defaults), any extra YAML files
 named with ``--config``, then environment variables ``GATEWAY__SECTION__KEY`` (values parsed as
-YAML, except secrets: a ``secret`` or ``password`` value is taken verbatim, as a string). Unknown keys and invalid values stop start-up with a :class:`ConfigError` that names the key.
+YAML, except secrets: a ``secret`` or ``password`` value is taken verbatim, as a string).
+Unknown keys and invalid values stop start-up with a :class:`ConfigError` that names the key.
 Secrets (keys named ``secret`` or ``password``) are refused in YAML files: they come from the
 environment or from a ``*_file`` key.
 """

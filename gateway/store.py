@@ -160,6 +160,21 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class AppliedReceipts:
+    moved: list[Outcome]  # receipts that moved their delivery forward, in arrival order
+    unknown: list[Outcome]  # receipts naming no delivery of ours (not stored)
+    unchanged: int  # duplicates and late receipts: stored, changed nothing
+
+
+def _last_per_delivery(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The furthest move of each delivery (one UPDATE per delivery, not one per receipt)."""
+    last: dict[str, Outcome] = {}
+    for o in outcomes:
+        last[o.delivery_id] = o
+    return list(last.values())
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     delivery_id: str
     status: Status
@@ -657,11 +672,12 @@ class Store:
             )
         return [_recipient_from_row(r) for r in rows]
 
-    async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> tuple[int, list[Outcome]]:
+    async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> AppliedReceipts:
         """Record receipts and move their deliveries forward. A receipt without a delivery id is
-        matched by the partner's message id. Returns (deliveries moved, the receipts as matched)."""
+        matched by the partner's message id. Returns which receipts changed a delivery (the only ones
+        worth an event), which named no delivery we know, and how many changed nothing."""
         if not items:
-            return 0, []
+            return AppliedReceipts([], [], 0)
         at = now()
         async with self._begin() as conn:
             unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
@@ -676,21 +692,35 @@ class Store:
                     else o
                     for o in items
                 ]
-            moved = await self._record_in(conn, items, attempted=False)
-            await conn.execute(
-                sa.insert(receipts),
-                [
-                    {
-                        "delivery_id": o.delivery_id,
-                        "channel": channel,
-                        "status": o.status.value,
-                        "partner_id": o.partner_id,
-                        "received_at": at,
-                    }
-                    for o in items
-                ],
+            ranks_q = (
+                sa.select(deliveries.c.id, deliveries.c.rank)
+                .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
+                .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
             )
-        return moved, list(items)
+            ranks = {str(i): int(r) for i, r in (await conn.execute(ranks_q)).all()}
+            known = [o for o in items if o.delivery_id in ranks]
+            unknown = [o for o in items if o.delivery_id not in ranks]
+            moved: list[Outcome] = []
+            for o in known:  # in arrival order: "read" after "delivered" moves twice
+                if ranks[o.delivery_id] < o.status.rank:
+                    ranks[o.delivery_id] = o.status.rank
+                    moved.append(o)
+            await self._record_in(conn, _last_per_delivery(moved), attempted=False)
+            if known:
+                await conn.execute(
+                    sa.insert(receipts),
+                    [
+                        {
+                            "delivery_id": o.delivery_id,
+                            "channel": channel,
+                            "status": o.status.value,
+                            "partner_id": o.partner_id,
+                            "received_at": at,
+                        }
+                        for o in known
+                    ],
+                )
+        return AppliedReceipts(moved, unknown, len(known) - len(moved))
 
     async def delivery(self, delivery_id: str) -> sa.RowMapping | None:
         """One delivery's row (status, reason, attempts, partner_id, …), or None."""

@@ -27,15 +27,28 @@ async def _store_with_one_sent(tmp_path: Path) -> Store:
 async def test_a_receipt_without_our_id_is_matched_by_the_partner_message_id(tmp_path: Path) -> None:
     store = await _store_with_one_sent(tmp_path)
     try:
-        moved, matched = await store.apply_receipts(
-            "smpp", [Outcome("", Status.DELIVERED, partner_id="smsc-42")]
-        )
-        assert (moved, [o.delivery_id for o in matched]) == (1, ["d1"])
+        applied = await store.apply_receipts("smpp", [Outcome("", Status.DELIVERED, partner_id="smsc-42")])
+        assert [o.delivery_id for o in applied.moved] == ["d1"]
         assert (await store.delivery("d1") or {}).get("status") == "delivered"
-        moved, matched = await store.apply_receipts(
-            "smpp", [Outcome("", Status.DELIVERED, partner_id="unknown")]
+        applied = await store.apply_receipts("smpp", [Outcome("", Status.DELIVERED, partner_id="unknown")])
+        assert (applied.moved, [o.partner_id for o in applied.unknown]) == ([], ["unknown"])
+    finally:
+        await store.close()
+
+
+async def test_only_receipts_that_move_a_delivery_are_reported_as_moved(tmp_path: Path) -> None:
+    """A duplicate or out-of-order receipt is stored but changes nothing: no event is due for it."""
+    store = await _store_with_one_sent(tmp_path)
+    try:
+        batch = [Outcome("d1", Status.DELIVERED), Outcome("d1", Status.DELIVERED), Outcome("d1", Status.READ)]
+        applied = await store.apply_receipts("smpp", batch)
+        assert [o.status for o in applied.moved] == [Status.DELIVERED, Status.READ]
+        assert applied.unchanged == 1
+        late = await store.apply_receipts(
+            "smpp", [Outcome("d1", Status.DELIVERED), Outcome("zz", Status.READ)]
         )
-        assert (moved, [o.delivery_id for o in matched]) == (0, [""])
+        assert (late.moved, late.unchanged, [o.delivery_id for o in late.unknown]) == ([], 1, ["zz"])
+        assert (await store.delivery("d1") or {}).get("status") == "read"
     finally:
         await store.close()
 

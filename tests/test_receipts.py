@@ -1,0 +1,154 @@
+"""Receipt webhooks: whatever a caller sends, the answer is 2xx, 400, 401 or 413 problem+json —
+never a 500; and only receipts that change a delivery become events on ``delivery-events``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.partitioner import DefaultPartitioner
+
+from channels.base import hmac_headers
+from gateway.app import Gateway
+from gateway.cli import publish
+from gateway.models import delivery_id
+from gateway.sandbox.process import SandboxProcess
+from tests.conftest import advisory, eventually, load_recipients, reached, signed
+
+
+async def _events_until_read(gw: Gateway, ids: list[str]) -> list[tuple[str, str]]:
+    """(delivery id, status) of every event from the start of ``delivery-events`` until each of
+    ``ids`` has its ``read`` event. Events of one delivery id share a partition, in order."""
+    consumer = AIOKafkaConsumer(
+        gw.settings.kafka.topic_events,
+        bootstrap_servers=gw.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    seen: list[tuple[str, str]] = []
+    try:
+        async with asyncio.timeout(30):
+            while not all((i, "read") in seen for i in ids):
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    seen += [
+                        (json.loads(r.value)["delivery_id"], json.loads(r.value)["status"]) for r in records
+                    ]
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def _same_partition_as(key: str, partitions: int = 4) -> str:
+    """An id that is no delivery of ours, whose events would share ``key``'s partition."""
+    partitioner = DefaultPartitioner()
+    target = partitioner(key.encode(), list(range(partitions)), list(range(partitions)))
+    return next(
+        f"no-such-delivery-{n}"
+        for n in range(10_000)
+        if partitioner(f"no-such-delivery-{n}".encode(), list(range(partitions)), list(range(partitions)))
+        == target
+    )
+
+
+async def _unmatched(http: aiohttp.ClientSession) -> float:
+    async with http.get("/metrics") as resp:
+        for line in (await resp.text()).splitlines():
+            if line.startswith('gateway_receipts_unmatched_total{channel="push"}'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(gateway.public_url) as session:
+        yield session
+
+
+def _signed_post(secret: str, body: bytes) -> dict[str, str]:
+    return {"Content-Type": "application/json", **hmac_headers(secret, body)}
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 100_000, "deep nesting"),
+        (b'{"receipts": ' + b"[" * 50 + b"]" * 50 + b"}", "nested lists as receipts"),
+        (b"\xff\xfe\x00garbage", "not UTF-8"),
+        (b'{"receipts": "not a list"}', "wrong type"),
+        (b'{"receipts": [{"status": "delivered"}]}', "receipt without its key"),
+        (b'{"receipts": [{"idempotency_key": "x", "status": "teleported"}]}', "unknown status"),
+        (b'{"receipts": [[1, 2]]}', "a receipt that is a list"),
+    ],
+)
+async def test_a_malformed_signed_body_is_a_400_problem(
+    http: aiohttp.ClientSession, secret: str, body: bytes, why: str
+) -> None:
+    async with http.post("/receipts/push", data=body, headers=_signed_post(secret, body)) as resp:
+        assert resp.status == 400, why
+        problem = await resp.json(content_type="application/problem+json")
+        assert problem["field"] == "receipts"
+        assert problem["detail"]
+
+
+async def test_an_oversized_body_without_a_length_is_a_413_problem(
+    http: aiohttp.ClientSession, secret: str
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(80):  # 5 MiB, chunked: no Content-Length to refuse it by
+            yield b" " * 65536
+
+    async with http.post("/receipts/push", data=chunks(), headers={"X-Timestamp": "1"}) as resp:
+        assert resp.status == 413
+        assert (await resp.json(content_type="application/problem+json"))["field"] == "body"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Timestamp": "1700000000", "X-Signature": "v1=é" * 10},
+        {"X-Timestamp": "١٧٠٠٠٠٠٠٠٠", "X-Signature": "v1=00"},  # Arabic-Indic digits are isdigit()
+        {"X-Timestamp": "²", "X-Signature": "v1=00"},
+    ],
+)
+async def test_a_non_ascii_signature_header_is_a_401(
+    http: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    raw = {k: v.encode("utf-8").decode("latin-1") for k, v in headers.items()}
+    async with http.post("/receipts/push", data=b'{"receipts": []}', headers=raw) as resp:
+        assert resp.status == 401
+        assert (await resp.json(content_type="application/problem+json"))["title"] == "Unauthenticated"
+
+
+async def test_only_receipts_that_change_a_delivery_become_events(
+    gateway: Gateway, sandbox: SandboxProcess, http: aiohttp.ClientSession, secret: str, tmp_path: Path
+) -> None:
+    await load_recipients(gateway, tmp_path, 3)
+    record = signed(advisory())
+    await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
+    await eventually(lambda: reached(gateway, record["id"], "delivered", 3), what="3 delivered")
+
+    unmatched = await _unmatched(http)
+    ids = [delivery_id(record["id"], 1, f"r{i:05d}", "push") for i in range(3)]
+    stranger = _same_partition_as(ids[0])
+    again = [{"idempotency_key": i, "status": "delivered", "message_id": "m"} for i in ids]
+    unknown = [{"idempotency_key": stranger, "status": "delivered", "message_id": "m"}]
+    body = json.dumps({"receipts": again + unknown}).encode()
+    async with http.post("/receipts/push", data=body, headers=_signed_post(secret, body)) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"received": 4, "moved": 0}
+
+    read = json.dumps(
+        {"receipts": [{"idempotency_key": i, "status": "read", "message_id": "m"} for i in ids]}
+    )
+    async with http.post("/receipts/push", data=read, headers=_signed_post(secret, read.encode())) as resp:
+        assert await resp.json() == {"received": 3, "moved": 3}
+    events = await _events_until_read(gateway, ids)
+    assert sorted(events) == sorted([(i, "delivered") for i in ids] + [(i, "read") for i in ids])
+    assert await _unmatched(http) == unmatched + 1
