@@ -161,7 +161,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 # -- recipients import ----------------------------------------------------------------------------
 
 
-async def _import(settings: Settings, path: Path) -> int:
+async def _import(settings: Settings, path: Path, encoding: str | None) -> int:
     from rich.progress import BarColumn, Progress, TextColumn
 
     from gateway.directory import RowError, import_file
@@ -182,7 +182,9 @@ async def _import(settings: Settings, path: Path) -> int:
             disable=not sys.stderr.isatty(),
         ) as progress:
             task = progress.add_task("rows", total=None)
-            report = await import_file(store, path, lambda n: progress.advance(task, n), on_error, on_error)
+            report = await import_file(
+                store, path, lambda n: progress.advance(task, n), on_error, on_error, encoding
+            )
     finally:
         await store.close()
     print(f"loaded {report.loaded} recipients ({report.warned} with warnings); {report.failed} rows skipped")
@@ -190,7 +192,7 @@ async def _import(settings: Settings, path: Path) -> int:
 
 
 def cmd_recipients(args: argparse.Namespace) -> int:
-    return asyncio.run(_import(_settings(args), Path(args.file)))
+    return asyncio.run(_import(_settings(args), Path(args.file), args.encoding))
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -326,6 +328,7 @@ def parser() -> argparse.ArgumentParser:
     rsub = r.add_subparsers(dest="action", required=True)
     ri = rsub.add_parser("import", help="import CSV or JSON Lines; bad rows are reported and skipped")
     ri.add_argument("file")
+    ri.add_argument("--encoding", help="the file's encoding if not UTF-8 or UTF-16 with a BOM (e.g. cp1251)")
     ri.set_defaults(func=cmd_recipients)
 
     rp = sub.add_parser(
