@@ -256,6 +256,13 @@ class Adapter(ABC):
             return results, None if any(r.retry_after for r in results) else False
         return results, True
 
+    @classmethod
+    def unrecorded_bound(cls, settings: ChannelSettings) -> int:
+        """The most messages that may have reached the partner with their results not yet recorded,
+        at any instant: what a crash may send again to a partner without idempotency keys. By
+        default every batch in flight (results are recorded when the whole batch is answered)."""
+        return settings.max_in_flight * min(cls.max_batch, settings.burst)
+
     def check_rendering(self, rendered: Mapping[str, str], adv: Advisory) -> None:
         """Raise ContentError if this channel cannot carry the rendering; by default, ``limits``."""
         for part, text in rendered.items():

@@ -20,7 +20,14 @@ import aiosmtplib
 from aiosmtplib.email import flatten_message
 from pydantic import Field, SecretStr
 
-from channels.base import Message, Receipt, Result, SignedChannelSettings, SignedHttpAdapter
+from channels.base import (
+    ChannelSettings,
+    Message,
+    Receipt,
+    Result,
+    SignedChannelSettings,
+    SignedHttpAdapter,
+)
 from gateway.errors import SchemaError
 from gateway.lifecycle import key
 from gateway.models import Status
@@ -84,6 +91,12 @@ class EmailAdapter(SignedHttpAdapter):
             validate_certs=s.validate_certs,
             timeout=s.timeout_s,
         )
+
+    @classmethod
+    def unrecorded_bound(cls, settings: ChannelSettings) -> int:
+        """One message per pooled connection: each result is recorded before its connection takes
+        the next message (``Adapter.report``)."""
+        return cast(EmailSettings, settings).pool_size
 
     def message_id(self, delivery_id: str) -> str:
         return f"<{delivery_id}@{self.email_settings.message_id_domain}>"

@@ -361,9 +361,10 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--recipients", type=int, default=20_000)
     dr.add_argument(
         "--channel",
-        choices=["push", "sms-http", "smpp"],
+        choices=["push", "sms-http", "smpp", "email"],
         default="push",
-        help="the one channel every recipient is on (smpp: for outage and crash; duplicates are reported)",
+        help="the one channel every recipient is on (smpp, email: for outage and crash; duplicates are "
+        "reported against the in-flight bound)",
     )
     dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
     dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")

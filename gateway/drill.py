@@ -95,7 +95,7 @@ class Rig:
 
     async def open(self) -> None:
         csv_path = self.workdir / "recipients.csv"
-        only = "push" if self.channel == "push" else "sms"
+        only = {"push": "push", "email": "email"}.get(self.channel, "sms")
         await asyncio.to_thread(write_recipients, csv_path, self.n, "XA", 7, only)
         self.store = await Store.open(self.env["GATEWAY__STORE__URL"])
         report = await import_file(self.store, csv_path)
@@ -197,7 +197,7 @@ class Rig:
         until the gateway takes them, so a `sent` delivery still has one coming. An SMSC writes a
         receipt on a session once: one the gateway took but had not stored when it was killed is
         gone, and its delivery stays `sent` (later `unknown`) — reported as receipts_lost_in_crash."""
-        if self.channel in IDEMPOTENT:
+        if self.channel in RECEIPTS_RETRIED:
             return False
         partner = (await self.sandbox.stats())["channels"][self.channel]
         return not partner["receipts_held"] and not partner["receipts_pending"]
@@ -388,7 +388,7 @@ async def run_drill(name: str, n: int, deadline_s: float, channel: str = "push")
     must_be_zero = ["lost", "sent_after_cancel"]
     if channel in IDEMPOTENT:
         must_be_zero.append("duplicates")
-    else:  # SMPP has no idempotency key: a crash may resend what was in flight, and is reported
+    else:  # SMPP and SMTP have no idempotency key: a crash may resend what was in flight, reported
         report["duplicates_bound"] = _duplicates_bound(rig)
         if report.get("duplicates", 0) > report["duplicates_bound"]:
             report["error"] = "more duplicates than the in-flight bound"
@@ -397,12 +397,12 @@ async def run_drill(name: str, n: int, deadline_s: float, channel: str = "push")
 
 
 IDEMPOTENT = frozenset({"push", "sms-http"})  # partners that honour our idempotency key
+RECEIPTS_RETRIED = frozenset({"push", "sms-http", "email"})  # webhooks: a receipt comes until taken
 
 
 def _duplicates_bound(rig: Rig) -> int:
-    """What a crash may resend without an idempotency key: per kill, every batch in flight —
-    ``max_in_flight`` of them, each of up to the adapter's batch size (its results are recorded
-    when the whole batch is answered)."""
+    """What a crash may resend without an idempotency key: per kill, every message that may have
+    reached the partner with its result not yet recorded (``Adapter.unrecorded_bound``)."""
     from channels import registry
     from channels.base import load_settings as channel_settings
     from gateway.settings import load_settings
@@ -410,7 +410,7 @@ def _duplicates_bound(rig: Rig) -> int:
     raw = load_settings(environ={**os.environ, **rig.env}).channels[rig.channel]
     cls = registry.adapter_class(str(raw.get("adapter", rig.channel)))
     s = channel_settings(cls.settings_model, rig.channel, raw)
-    return max(1, rig.kills) * s.max_in_flight * min(cls.max_batch, s.burst)
+    return max(1, rig.kills) * cls.unrecorded_bound(s)
 
 
 def main(name: str, n: int, as_json: bool, deadline_s: float, channel: str = "push") -> int:

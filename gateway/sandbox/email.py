@@ -21,6 +21,7 @@ class EmailSink(SandboxPartner):
         super().__init__(*args, **kwargs)
         self.smtp_port = 0
         self.multipart = 0
+        self.resent = 0  # messages whose Message-ID was taken before
         self._server: asyncio.base_events.Server | None = None
 
     async def start_smtp(self, host: str, port: int) -> None:
@@ -36,7 +37,12 @@ class EmailSink(SandboxPartner):
         await super().stop()
 
     def stats(self, since: float | None = None) -> dict[str, Any]:
-        return {**super().stats(since), "smtp_port": self.smtp_port, "multipart": self.multipart}
+        return {
+            **super().stats(since),
+            "smtp_port": self.smtp_port,
+            "multipart": self.multipart,
+            "resent_message_ids": self.resent,
+        }
 
     def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
         return {"message_id": key, "event": status}
@@ -66,5 +72,11 @@ class EmailSink(SandboxPartner):
         language = str(msg.get("Content-Language", "?"))
         for rcpt in envelope.rcpt_tos:
             key = message_id if len(envelope.rcpt_tos) == 1 else f"{message_id}/{rcpt}"
+            if key in self.answers:
+                # a relay delivers every DATA it takes: the same Message-ID again is a second e-mail
+                # in the citizen's inbox, counted as a duplicate (it used to be hidden as a replay)
+                self.resent += 1
+                self.count(rcpt, advisory, language)
+                continue
             self.accept(key, rcpt, advisory, language, status="bounced" if "bounce" in rcpt else None)
         return "250 2.0.0 OK queued"
