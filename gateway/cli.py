@@ -357,7 +357,7 @@ def parser() -> argparse.ArgumentParser:
     dr = sub.add_parser(
         "drill", help="rehearse an outage, a crash, a cancel or an urgent advisory against the sandboxes"
     )
-    dr.add_argument("scenario", choices=["outage", "crash", "cancel", "priority"])
+    dr.add_argument("scenario", choices=["outage", "crash", "cancel", "priority", "poison"])
     dr.add_argument("--recipients", type=int, default=20_000)
     dr.add_argument(
         "--channel",

@@ -1,4 +1,4 @@
-"""``broadcast-gateway drill {outage,crash,cancel,priority}``: rehearse a bad day before a real one.
+"""``broadcast-gateway drill {outage,crash,cancel,priority,poison}``: rehearse a bad day before a real one.
 
 Each drill sets up what the demo does — the embedded broker, the sandbox partners as their own
 process, a SQLite store in a temporary folder, N recipients (all on the super-app, so one channel is
@@ -15,6 +15,12 @@ gateway's word; the store's counts are shown beside them.
   counts messages the partner accepted more than one second after the cancel was published.
 - ``priority``: an urgent advisory is published while a bulk one is under way; the report gives the
   urgent advisory's time to its first partner request and to its last, and how far the bulk was.
+- ``poison``: every bad record of gateway/poison.py (deep nesting, binary, wrong types, template
+  runtime errors, header line breaks, oversized, forged, XML bombs, another sender's cancel and
+  update) is put on the topic, then a good advisory. ``dead_lettered`` by kind (from the DLQ itself),
+  ``intake_stalled_s`` (the longest time intake spent on one record), and the good advisory's
+  ``good_delivered`` / ``duplicates`` from the partner's counts. Passes when every bad record is
+  dead-lettered with its kind, the good one reaches everyone once, and nothing stalled 5 s.
 
 ``lost``: recipients who should have been notified and were not (for ``cancel``: messages the store
 records as sent that the partner never accepted). ``duplicates``: a recipient accepted twice for
@@ -38,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiokafka import AIOKafkaConsumer
 
-from gateway import lifecycle
+from gateway import kafka, lifecycle
 from gateway import logging as gw_logging
 from gateway.broker import EmbeddedBroker, free_port
 from gateway.cli import publish
@@ -47,11 +54,13 @@ from gateway.demo import demo_advisory, demo_env, write_recipients
 from gateway.directory import import_file
 from gateway.lifecycle import AdvisoryState
 from gateway.models import PENDING
+from gateway.poison import corpus
 from gateway.sandbox.process import SandboxProcess
 from gateway.signing import new_key, sign
 from gateway.store import Store
 
-DRILLS = ("outage", "crash", "cancel", "priority")
+DRILLS = ("outage", "crash", "cancel", "priority", "poison")
+ROGUE = "embassy.rogue"  # a trusted sender of the drills, with no authority over the ministry's advisories
 CHUNK = 100  # small chunks and batches: a broadcast is many partner requests, so faults land mid-way
 
 
@@ -72,6 +81,7 @@ class Rig:
         self.channel = channel
         self.private_key, public_key = new_key()
         self.sender = str(demo_advisory()["sender"])
+        self.rogue_key, rogue_public = new_key()  # another trusted sender, with no authority over ours
         self.port = free_port()
         self.env = {
             **demo_env(workdir, broker.bootstrap_servers, self.port, sandbox, self.sender, public_key),
@@ -83,6 +93,7 @@ class Rig:
             "GATEWAY__CHANNELS__SMPP__RATE_PER_S": "2000",
             "GATEWAY__CHANNELS__SMPP__BURST": str(CHUNK),
             "GATEWAY__CHANNELS__SMS_HTTP__BURST": str(CHUNK),
+            "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({self.sender: public_key, ROGUE: rogue_public}),
         }
         self.store: Store | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -152,6 +163,10 @@ class Rig:
                 await self.proc.wait()
         if self.store is not None:
             await self.store.close()
+
+    def rogue(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` as another trusted sender's (its sender and signature)."""
+        return sign({**record, "sender": ROGUE}, self.rogue_key)
 
     def advisory(self, name: str, **over: Any) -> dict[str, Any]:
         record = demo_advisory()
@@ -358,11 +373,122 @@ def _log_events(workdir: Path, event: str) -> int:
     return count
 
 
+async def poison(rig: Rig, deadline_s: float) -> dict[str, Any]:
+    """Every bad record of gateway/poison.py on the topic, then a good advisory (then the cancel and
+    update of it by a sender without authority): each bad one dead-lettered with its kind, the good
+    one delivered to everyone once, and intake never idle while a record waited."""
+    good = rig.advisory("poison")
+    bad = corpus(good, partial(sign, private_key_b64=rig.private_key), _forge, rig.rogue)
+    published: dict[tuple[int, int], tuple[str, float]] = {}  # (partition, offset) -> (name, at)
+    producer = kafka.producer(rig.broker.bootstrap_servers)
+    await producer.start()
+    try:
+
+        async def put(name: str, raw: bytes, key: str) -> None:
+            meta = await producer.send_and_wait("advisories", raw, key=key.encode())
+            published[(meta.partition, meta.offset)] = (name, time.time())
+
+        for p in bad:
+            if not p.after_good:
+                await put(p.name, p.raw, p.name)
+        good_signed = sign(good, rig.private_key)
+        await put("good", json.dumps(good_signed, ensure_ascii=False).encode(), good["id"])
+        assert rig.store is not None
+        store = rig.store
+
+        async def good_stored() -> bool:
+            return await store.advisory_state(good["id"], 1) is not None
+
+        await rig.until(good_stored, deadline_s, "the good advisory stored")
+        for p in bad:
+            if p.after_good:
+                await put(p.name, p.raw, good["id"])  # keyed as a real cancel or update would be
+    finally:
+        await producer.stop()
+    dead = await _read_dlq(rig, len(bad), deadline_s)
+    await rig.until(lambda: rig.settled(good["id"], rig.n), deadline_s, "the good advisory final")
+    consumed = {source: at for source, (_, at) in dead.items()}
+    good_at = await store.received_at(good["id"], 1)
+    good_source = next(src for src, (name, _) in published.items() if name == "good")
+    if good_at is not None:
+        consumed[good_source] = good_at
+    expected = {p.name: p.expected for p in bad}
+    got = {published[src][0]: kind for src, (kind, _) in dead.items() if src in published}
+    wrong = {
+        name: {"expected": kind, "got": got.get(name)}
+        for name, kind in expected.items()
+        if got.get(name) != kind
+    }
+    by_kind: dict[str, int] = {}
+    for kind, _ in dead.values():
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+    report = await rig.report(good, rig.n)
+    return {
+        "records": len(bad) + 1,
+        "dead_lettered": by_kind,
+        "not_dead_lettered_as_expected": wrong,
+        "intake_stalled_s": _longest_stall(published, consumed),
+        "good_delivered": report["delivered"],
+        "lost": report["lost"],
+        "duplicates": report["duplicates"],
+        "store": report["store"],
+        **({"error": f"{len(wrong)} records not dead-lettered as expected"} if wrong else {}),
+    }
+
+
+STALL_LIMIT_S = 5.0
+
+
+def _longest_stall(
+    published: dict[tuple[int, int], tuple[str, float]], consumed: dict[tuple[int, int], float]
+) -> float:
+    """The longest time intake spent on one record: from when it could be taken (published, and
+    the record before it done) to when it was done (dead-lettered or stored). A record never
+    consumed counts to now."""
+    stall = 0.0
+    previous = 0.0
+    now_ = time.time()
+    for src, (_, at) in sorted(published.items(), key=lambda kv: kv[1][1]):
+        done = consumed.get(src, now_)
+        stall = max(stall, done - max(at, previous))
+        previous = max(previous, done)
+    return round(stall, 2)
+
+
+async def _read_dlq(rig: Rig, count: int, deadline_s: float) -> dict[tuple[int, int], tuple[str, float]]:
+    """The dead-letter topic's records: source (partition, offset) -> (error kind, when written)."""
+    consumer = AIOKafkaConsumer(
+        "advisories.dlq",
+        bootstrap_servers=rig.broker.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    try:
+        deadline = time.monotonic() + deadline_s
+        while len(out) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    headers = {k: v.decode() for k, v in r.headers}
+                    _, partition, offset = headers["source"].rsplit("/", 2)
+                    out[(int(partition), int(offset))] = (headers["error"], r.timestamp / 1000)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def _forge(record: dict[str, Any]) -> dict[str, Any]:
+    return sign(record, new_key()[0])
+
+
 RUNNERS: dict[str, Callable[[Rig, float], Awaitable[dict[str, Any]]]] = {
     "outage": outage,
     "crash": crash,
     "cancel": cancel,
     "priority": priority,
+    "poison": poison,
 }
 
 
@@ -392,6 +518,10 @@ async def run_drill(name: str, n: int, deadline_s: float, channel: str = "push")
         report["duplicates_bound"] = _duplicates_bound(rig)
         if report.get("duplicates", 0) > report["duplicates_bound"]:
             report["error"] = "more duplicates than the in-flight bound"
+    if report.get("intake_stalled_s", 0) > STALL_LIMIT_S:
+        report["error"] = (
+            f"intake stalled {report['intake_stalled_s']} s on one record (limit {STALL_LIMIT_S})"
+        )
     report["passed"] = "error" not in report and all(report.get(k, 0) == 0 for k in must_be_zero)
     return report
 

@@ -12,7 +12,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -467,6 +467,15 @@ class Store:
                 .where(advisories.c.id == advisory_id, advisories.c.version == version)
                 .values(**values)
             )
+
+    async def received_at(self, advisory_id: str, version: int) -> float | None:
+        """When an advisory version was stored (epoch seconds), or None."""
+        q = sa.select(advisories.c.received_at).where(
+            advisories.c.id == advisory_id, advisories.c.version == version
+        )
+        async with self.engine.connect() as conn:
+            at = (await conn.execute(q)).scalar()
+        return None if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
     async def plan_finished(self, advisory_id: str, version: int) -> bool:
         q = sa.select(advisories.c.planned).where(

@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-async def _drill(scenario: str, n: int) -> dict[str, Any]:
+async def _drill(scenario: str, n: int, channel: str = "push") -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -23,6 +23,8 @@ async def _drill(scenario: str, n: int) -> dict[str, Any]:
         scenario,
         "--recipients",
         str(n),
+        "--channel",
+        channel,
         "--json",
         "--timeout",
         "90",
@@ -78,3 +80,27 @@ async def test_priority_drill_urgent_advisory_finishes_while_the_bulk_one_is_und
         report["urgent_seconds_to_all_accepted"]
         < report["bulk_seconds_to_all_accepted_after_urgent_published"]
     )
+
+
+@pytest.mark.timeout(180)
+async def test_poison_drill_dead_letters_every_bad_record_and_the_good_one_reaches_everyone() -> None:
+    """Deep nesting, binary, template TypeErrors, header line breaks, forgeries, XML bombs and another
+    sender's cancel: each dead-lettered with its kind, while intake never stalls."""
+    report = await _drill("poison", 500)
+    assert report.get("error") is None
+    assert report["not_dead_lettered_as_expected"] == {}
+    assert sum(report["dead_lettered"].values()) == report["records"] - 1
+    assert set(report["dead_lettered"]) == {"decode", "schema", "signature", "content", "authority"}
+    assert (report["good_delivered"], report["lost"], report["duplicates"]) == (500, 0, 0)
+    assert report["intake_stalled_s"] < 5
+
+
+@pytest.mark.timeout(240)
+async def test_an_email_crash_resends_no_more_than_one_message_per_relay_connection_per_kill() -> None:
+    """SMTP has no idempotency key: what a kill may resend is bounded by the results not yet recorded,
+    one per pooled connection (each is recorded before the connection takes the next message)."""
+    report = await _drill("crash", 800, channel="email")
+    assert report.get("error") is None
+    assert (report["delivered"], report["lost"]) == (800, 0)
+    assert report["duplicates_bound"] == report["kills"] * 4
+    assert report["duplicates"] <= report["duplicates_bound"]
