@@ -9,9 +9,10 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -307,3 +308,26 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             yield s
         finally:
             await s.close()
+
+
+@asynccontextmanager
+async def gateway_process(
+    settings: Settings, roles: Sequence[str], **extra_env: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``broadcast-gateway run`` as its own process with these settings and roles (killed on the way
+    out if still running); ``extra_env`` overrides single variables (another HTTP port, say)."""
+    env = {
+        **os.environ,
+        **settings_env(settings),
+        "GATEWAY__GATEWAY__ROLES": "[" + ",".join(roles) + "]",
+        **extra_env,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", env=env, stdin=asyncio.subprocess.DEVNULL
+    )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

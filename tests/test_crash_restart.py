@@ -7,8 +7,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -21,25 +19,9 @@ from gateway.directory import import_file
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.conftest import advisory, eventually, settings_env, signed
+from tests.conftest import advisory, eventually, gateway_process, signed
 
 pytestmark = pytest.mark.slow
-
-
-@asynccontextmanager
-async def gateway_process(
-    settings: Settings, roles: Sequence[str]
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = {**os.environ, **settings_env(settings), "GATEWAY__GATEWAY__ROLES": "[" + ",".join(roles) + "]"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", env=env, stdin=asyncio.subprocess.DEVNULL
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def _counts(store: Store, advisory_id: str) -> dict[str, int]:

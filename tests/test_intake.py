@@ -4,12 +4,16 @@ the record's fault — an InputError of the stage's kind, never an exception tha
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, cast
 
 import pytest
+from aiokafka import TopicPartition
+from structlog.testing import capture_logs
 
 from channels.email import EmailAdapter, EmailSettings
 from channels.push import PushAdapter, PushSettings
+from gateway import kafka
 from gateway.errors import ContentError, DecodeError, InputError, SchemaError
 from gateway.intake import Intake, Stage
 from gateway.poison import Poison, corpus
@@ -125,3 +129,19 @@ def test_a_stage_turns_any_exception_into_its_input_error_and_lets_input_errors_
         1 / 0  # noqa: B018 - the point is the exception
     with pytest.raises(ContentError, match="as it was"), Stage(SchemaError, "validate"):
         raise ContentError("as it was")
+
+
+async def test_a_commit_for_a_partition_this_consumer_lost_is_dropped_not_fatal(kafka_bootstrap: str) -> None:
+    """After a rebalance the record's partition belongs to another member, which replays it (storing
+    it again changes nothing): the commit is dropped and intake goes on with its own partitions."""
+    topic = f"advisories-{uuid.uuid4().hex[:8]}"
+    consumer = kafka.consumer(kafka_bootstrap, [topic], f"intake-{uuid.uuid4().hex[:8]}", SETTINGS.kafka)
+    await consumer.start()
+    try:
+        lost = TopicPartition(f"{topic}-elsewhere", 0)
+        with capture_logs() as logs:
+            await _intake()._commit(consumer, lost, 42)
+        assert [e["event"] for e in logs] == ["intake.commit_dropped"]
+        assert logs[0]["offset"] == 42
+    finally:
+        await consumer.stop()
