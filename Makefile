@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types unit venv clean bench
+.PHONY: demo test lint types unit venv clean bench fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,14 @@ test: lint types unit
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# Coverage-guided fuzzing (atheris) of intake, receipt webhooks, SMPP receipts and recipient files,
+# FUZZ_SECONDS each; not part of `make test`. A crash leaves its input in var/fuzz/<target>/.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/pip install --quiet atheris
+	for t in intake receipts smpp recipients; do \
+	  mkdir -p var/fuzz/$$t/corpus && \
+	  $(BIN)/python -m tests.fuzz.targets $$t var/fuzz/$$t/corpus -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=var/fuzz/$$t/ -rss_limit_mb=4096 || exit 1; \
+	done

@@ -43,6 +43,7 @@ from pydantic import Field, SecretStr
 
 from channels.base import Message, Receipt, Result, required_secret
 from channels.sms import DLR_STATUS, SmsAdapter, SmsSettings, udh_segments
+from gateway.errors import SchemaError
 from gateway.logging import get_logger
 
 log = get_logger(__name__)
@@ -211,18 +212,31 @@ class SmppAdapter(SmsAdapter):
         if fut is not None and not fut.done():
             fut.set_exception(ConnectionError(f"{type(error).__name__}: {error}"))
 
-    async def _on_receipt(self, dlr: DeliverSm) -> None:
-        receipt = dlr.parse_receipt()
+    @staticmethod
+    def receipt_of(dlr: DeliverSm) -> Receipt | None:
+        """The receipt a deliver_sm carries, or None (not final, unknown, or not the last part: the
+        last part speaks for the message). SchemaError if its text cannot be read."""
+        try:
+            receipt = dlr.parse_receipt()  # raises ValueError on "sub:abc" or a bad date
+        except Exception as e:  # an SMSC's text, whatever the parser raises
+            raise SchemaError(f"deliver_sm: malformed receipt text: {type(e).__name__}: {e}") from e
         stat = str(receipt.get("stat", "")).upper()
         message_id = str(receipt.get("id", ""))
         delivery_id, _, part = dlr.log_id.partition("#")
         seq, _, total = part.partition("/")
         status = DLR_STATUS.get(stat)
         if status is None or seq != total:
-            return  # not final, unknown, or not the last part: the last part speaks for the message
+            return None
         # without a log id (the gateway restarted since it sent), the store finds it by SMSC id
-        found = Receipt(delivery_id, status, message_id)
-        if self.receipt_sink is not None:
+        return Receipt(delivery_id, status, message_id)
+
+    async def _on_receipt(self, dlr: DeliverSm) -> None:
+        try:
+            found = self.receipt_of(dlr)
+        except SchemaError as e:
+            log.warning("smpp.receipt_malformed", channel=self.channel, reason=str(e))
+            return
+        if found is not None and self.receipt_sink is not None:
             await self.receipt_sink([found])
 
     async def close(self) -> None:
