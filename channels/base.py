@@ -42,6 +42,7 @@ from gateway.errors import (
 from gateway.limits import check_depth
 from gateway.logging import get_logger
 from gateway.models import Advisory, Status
+from gateway.retry import Stopped
 from gateway.settings import describe_validation_error, read_secret
 
 log = get_logger(__name__)
@@ -247,6 +248,8 @@ class Adapter(ABC):
             return retry, None if isinstance(e, ThrottledError) else False
         except PermanentError as e:
             return [Result(m.delivery_id, "rejected", reason=e.reason) for m in batch], True
+        except Stopped:
+            raise
         except Exception as e:  # a fault of ours, not the partner's: retried, and bounded by attempts
             log.exception("channel.adapter_error", channel=self.channel, error=type(e).__name__)
             reason = f"adapter error: {type(e).__name__}: {e}"[:300]

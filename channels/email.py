@@ -31,6 +31,7 @@ from channels.base import (
 from gateway.errors import SchemaError
 from gateway.lifecycle import key
 from gateway.models import Status
+from gateway.retry import Stopped
 from gateway.settings import read_secret
 
 EVENT_STATUS: dict[str, Status | None] = {
@@ -103,6 +104,8 @@ class EmailAdapter(SignedHttpAdapter):
 
     def build(self, m: Message) -> EmailMessage:
         s = self.email_settings
+        if not m.address.isascii():
+            raise ValueError("address: not ASCII; internationalised addresses (SMTPUTF8) are not sent")
         msg = EmailMessage()
         msg["From"] = formataddr((s.from_name, s.from_address))
         msg["To"] = m.address
@@ -152,11 +155,13 @@ class EmailAdapter(SignedHttpAdapter):
                 "rejected" if e.code >= 500 else "retry",
                 reason=f"relay answered {e.code} {e.message}",
             )
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        except Stopped:
+            raise
+        except Exception as e:  # unreachable, reset, timed out — or the client failed: a new connection
             with contextlib.suppress(Exception):
                 client.close()
             client = self._client()
-            return Result(m.delivery_id, "retry", reason=f"relay unreachable: {type(e).__name__}: {e}")
+            return Result(m.delivery_id, "retry", reason=f"relay unreachable: {type(e).__name__}: {e}"[:300])
         finally:
             self._pool.put_nowait(client)
 

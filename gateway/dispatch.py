@@ -244,7 +244,8 @@ class Dispatcher:
                         remaining, before_request=lambda: self._still_wanted(adv), on_result=record_now
                     )
                     await self._record_results([r for r in results if r.delivery_id not in recorded])
-                    retry = [r for r in results if r.outcome == "retry"]
+                    # a message the adapter reported (and we recorded) is done, whatever came after
+                    retry = [r for r in results if r.outcome == "retry" and r.delivery_id not in recorded]
                     if retry:
                         if any(r.costs_attempt for r in retry):
                             charged += 1

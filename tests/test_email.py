@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from channels.base import Message, hmac_headers
+from channels.base import Message, Result, hmac_headers
 from channels.email import EmailAdapter, EmailSettings
 from gateway.app import Gateway
 from gateway.broker import free_port
@@ -195,3 +196,41 @@ async def test_starttls_is_used_when_the_relay_requires_it(tmp_path: Path) -> No
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_message_that_cannot_be_built_fails_alone_and_the_rest_go_once(
+    inbox: tuple[Inbox, int],
+) -> None:
+    """A subject with a line break (or a non-ASCII address) once raised ValueError inside the
+    adapter: the whole chunk was retried every 2 s and the good messages re-sent each time."""
+    handler, port = inbox
+    good = _rendered_kazakh()
+    header_break = dataclasses.replace(
+        good, delivery_id="d-bad", parts={**good.parts, "subject": "Leave\nnow"}
+    )
+    bad_address = dataclasses.replace(good, delivery_id="d-addr", address="айгерим@мысал.kz")
+    second = dataclasses.replace(good, delivery_id="d0e2")
+    reported: list[str] = []
+
+    async def on_result(results: Sequence[Result]) -> None:
+        reported.extend(r.delivery_id for r in results)
+
+    async with aiohttp.ClientSession() as session:
+        adapter = _adapter(session, port)
+        try:
+            results = await adapter.send([good, header_break, bad_address, second], on_result=on_result)
+        finally:
+            await adapter.close()
+    outcome = {r.delivery_id: (r.outcome, (r.reason or "")[:25]) for r in results}
+    assert outcome == {
+        "d0e1": ("accepted", ""),
+        "d0e2": ("accepted", ""),
+        "d-bad": ("rejected", "cannot build the e-mail: "),
+        "d-addr": ("rejected", "cannot build the e-mail: "),
+    }
+    assert sorted(reported) == ["d0e1", "d0e2"]  # each recorded as its relay answered, one by one
+    received = [await handler.messages.get() for _ in range(2)]
+    assert sorted(str(m["Message-ID"]) for m in received) == sorted(
+        [adapter.message_id("d0e1"), adapter.message_id("d0e2")]
+    )
+    assert handler.messages.empty()
