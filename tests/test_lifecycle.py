@@ -18,7 +18,7 @@ from gateway.lifecycle import (
 )
 from gateway.models import Advisory, Recipient
 from gateway.planner import plan_recipients
-from gateway.store import Store
+from gateway.store import Accepted, Store
 from tests.conftest import advisory
 
 A = AdvisoryState
@@ -54,6 +54,10 @@ def test_authority_is_the_sender_itself_or_a_configured_authority() -> None:
     assert not has_authority("embassy.kz.tr", "mfa.kz", authorities)
 
 
+async def _accept(store: Store, adv: Advisory, authorities: dict[str, tuple[str, ...]]) -> Accepted:
+    return await store.accept(adv, adv.model_dump(mode="json"), authorities)
+
+
 async def _planned(store: Store, adv: Advisory, n: int = 3) -> list[str]:
     people = [Recipient(id=f"r{i}", app_user=f"u{i}", country="XA") for i in range(n)]
     await store.upsert_recipients(people)
@@ -68,23 +72,23 @@ async def _statuses(store: Store, ids: list[str]) -> list[str]:
 
 async def test_a_cancel_withdraws_every_version_and_its_pending_deliveries(store: Store) -> None:
     alert = _adv()
-    accepted = await store.accept(alert, alert.model_dump(mode="json"), {})
+    accepted = await _accept(store, alert, {})
     assert (accepted.outcome, accepted.state) == ("accepted", A.ACTIVE)
     ids = await _planned(store, alert)
     cancel = _adv(msg_type="cancel", references=[alert.id])
-    done = await store.accept(cancel, cancel.model_dump(mode="json"), {})
+    done = await _accept(store, cancel, {})
     assert (done.state, done.withdrawn_pending) == (A.COMPLETED, 3)
     assert await store.advisory_state(alert.id, 1) is A.CANCELLED
     assert await _statuses(store, ids) == ["cancelled"] * 3
-    again = await store.accept(cancel, cancel.model_dump(mode="json"), {})
+    again = await _accept(store, cancel, {})
     assert (again.outcome, again.state) == ("duplicate", None)
 
 
 async def test_a_cancel_that_overtakes_its_alert_is_remembered(store: Store) -> None:
     alert = _adv()
     cancel = _adv(msg_type="cancel", references=[alert.id])
-    await store.accept(cancel, cancel.model_dump(mode="json"), {})
-    late = await store.accept(alert, alert.model_dump(mode="json"), {})
+    await _accept(store, cancel, {})
+    late = await _accept(store, alert, {})
     assert late.state is A.CANCELLED
     assert await store.unplanned() == []
 
@@ -92,67 +96,67 @@ async def test_a_cancel_that_overtakes_its_alert_is_remembered(store: Store) -> 
 async def test_an_overtaking_cancel_from_a_sender_without_authority_is_ignored(store: Store) -> None:
     alert = _adv()
     rogue_cancel = _adv(msg_type="cancel", references=[alert.id], sender="embassy.rogue")
-    await store.accept(rogue_cancel, rogue_cancel.model_dump(mode="json"), {})
-    late = await store.accept(alert, alert.model_dump(mode="json"), {})
+    await _accept(store, rogue_cancel, {})
+    late = await _accept(store, alert, {})
     assert late.state is A.ACTIVE
 
 
 async def test_a_higher_version_supersedes_the_older_ones_pending_deliveries(store: Store) -> None:
     v1 = _adv()
-    await store.accept(v1, v1.model_dump(mode="json"), {})
+    await _accept(store, v1, {})
     ids = await _planned(store, v1)
     v2 = _adv(id=v1.id, version=2)
-    done = await store.accept(v2, v2.model_dump(mode="json"), {})
+    done = await _accept(store, v2, {})
     assert (done.state, done.withdrawn_pending) == (A.ACTIVE, 3)
     assert await store.advisory_state(v1.id, 1) is A.SUPERSEDED
     assert await _statuses(store, ids) == ["cancelled"] * 3
     old = _adv(id=v1.id, version=1)  # v1 replayed after v2: nothing changes
-    assert (await store.accept(old, old.model_dump(mode="json"), {})).outcome == "duplicate"
+    assert (await _accept(store, old, {})).outcome == "duplicate"
 
 
 async def test_an_older_version_arriving_after_a_newer_one_is_stored_superseded(store: Store) -> None:
     v2 = _adv(version=2)
-    await store.accept(v2, v2.model_dump(mode="json"), {})
+    await _accept(store, v2, {})
     v1 = _adv(id=v2.id, version=1)
-    assert (await store.accept(v1, v1.model_dump(mode="json"), {})).state is A.SUPERSEDED
+    assert (await _accept(store, v1, {})).state is A.SUPERSEDED
 
 
 async def test_another_senders_cancel_or_update_is_refused_and_changes_nothing(store: Store) -> None:
     alert = _adv()
-    await store.accept(alert, alert.model_dump(mode="json"), {})
+    await _accept(store, alert, {})
     ids = await _planned(store, alert)
     cancel = _adv(msg_type="cancel", references=[alert.id], sender="embassy.rogue")
     with pytest.raises(AuthorityError, match=r"'embassy.rogue' may not cancel"):
-        await store.accept(cancel, cancel.model_dump(mode="json"), {})
+        await _accept(store, cancel, {})
     update = _adv(id=alert.id, version=2, sender="embassy.rogue")
     with pytest.raises(AuthorityError, match=r"may not update"):
-        await store.accept(update, update.model_dump(mode="json"), {})
+        await _accept(store, update, {})
     assert await store.advisory_state(alert.id, 1) is A.ACTIVE
     assert await store.advisory_state(cancel.id, 1) is None  # the refused cancel was not stored
     assert await _statuses(store, ids) == ["planned"] * 3
     # the same cancel from a configured authority is applied
-    done = await store.accept(cancel, cancel.model_dump(mode="json"), {"embassy.rogue": (alert.sender,)})
+    done = await _accept(store, cancel, {"embassy.rogue": (alert.sender,)})
     assert done.withdrawn_pending == 3
 
 
 async def test_an_update_naming_another_advisory_supersedes_it(store: Store) -> None:
     first = _adv()
-    await store.accept(first, first.model_dump(mode="json"), {})
+    await _accept(store, first, {})
     ids = await _planned(store, first)
     update = _adv(msg_type="update", references=[first.id])
-    done = await store.accept(update, update.model_dump(mode="json"), {})
+    done = await _accept(store, update, {})
     assert (done.state, done.withdrawn_pending) == (A.ACTIVE, 3)
     assert await store.advisory_state(first.id, 1) is A.SUPERSEDED
     assert await _statuses(store, ids) == ["cancelled"] * 3
     cancel = _adv(msg_type="cancel", references=[first.id])  # a cancel still outranks the supersede
-    await store.accept(cancel, cancel.model_dump(mode="json"), {})
+    await _accept(store, cancel, {})
     assert await store.advisory_state(first.id, 1) is A.CANCELLED
 
 
 async def test_a_failure_inside_accept_leaves_nothing_half_done(store: Store) -> None:
     """One transaction: the record, the supersede and the withdrawals all happen, or none does."""
     v1 = _adv()
-    await store.accept(v1, v1.model_dump(mode="json"), {})
+    await _accept(store, v1, {})
     ids = await _planned(store, v1)
     v2 = _adv(id=v1.id, version=2, msg_type="update", references=["other-1"])
     bad_body = {"not": {"json": object()}}  # the advisory row cannot be written
@@ -161,5 +165,5 @@ async def test_a_failure_inside_accept_leaves_nothing_half_done(store: Store) ->
     assert await store.advisory_state(v1.id, 1) is A.ACTIVE
     assert await store.advisory_state(v2.id, 2) is None
     assert await _statuses(store, ids) == ["planned"] * 3
-    done = await store.accept(v2, v2.model_dump(mode="json"), {})  # the replay does all of it
+    done = await _accept(store, v2, {})  # the replay does all of it
     assert (done.state, done.withdrawn_pending) == (A.ACTIVE, 3)
