@@ -11,7 +11,12 @@ their pending deliveries at once; an update supersedes the earlier versions (and
 references): their pending deliveries are cancelled, and the update is planned for the whole
 audience — who was notified gets the update, who was not gets only the newest. A cancel or update
 that overtakes the advisory it names is remembered: that advisory, arriving later, is stored
-withdrawn and never sent.
+withdrawn and never sent. Only the advisory's sender (or an authority over it) may cancel or update
+it. All of it happens in one transaction (``Store.accept``); the rules are gateway/lifecycle.py.
+
+Whatever a record raises while it is decoded, validated, verified or render-checked is the record's
+fault (``Stage``) and goes to the DLQ; only store and broker failures are retried
+(``retry.until_done``), and a commit for a partition lost in a rebalance is dropped.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pydantic import ValidationError
 
 from gateway import metrics
 from gateway.errors import ContentError, DecodeError, ExpiredError, InputError, SchemaError, SignatureError
-from gateway.lifecycle import Reference, may_plan
+from gateway.lifecycle import Reference, may_plan, withdrawal_by
 from gateway.limits import load_json
 from gateway.logging import get_logger
 from gateway.models import Advisory, now
@@ -142,8 +147,9 @@ class Intake:
         if accepted.state is None:
             log.info("advisory.duplicate", advisory_id=adv.id, version=adv.version)
             return accepted.outcome
-        for ref in adv.references:
-            self.planner.drop(Reference.parse(ref).advisory_id)
+        if withdrawal_by(adv.msg_type) is not None:  # the store has withdrawn them; spare the pages
+            for ref in adv.references:
+                self.planner.drop(Reference.parse(ref).advisory_id)
         self.planner.drop(adv.id, below_version=adv.version)
         log.info(
             "advisory.stored",

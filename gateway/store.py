@@ -313,9 +313,9 @@ class Store:
         stored already changes nothing (``duplicate``). A cancel or update of another sender's
         advisory without authority raises AuthorityError and stores nothing (gateway/lifecycle.py)."""
         async with self._begin() as conn:
+            await self._check_authority(conn, adv, authorities)  # before all: a forged replay too
             if await self._state_in(conn, adv.id, adv.version) is not None:
                 return Accepted("duplicate", None, 0)
-            await self._check_authority(conn, adv, authorities)
             withdraws = withdrawal_by(adv.msg_type)
             if withdraws is A.CANCELLED:
                 state = A.COMPLETED  # a cancel's work is done once it is applied, below

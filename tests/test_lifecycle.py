@@ -131,6 +131,9 @@ async def test_another_senders_cancel_or_update_is_refused_and_changes_nothing(s
     update = _adv(id=alert.id, version=2, sender="embassy.rogue")
     with pytest.raises(AuthorityError, match=r"may not update"):
         await _accept(store, update, {})
+    same_id = _adv(id=alert.id, sender="embassy.rogue")  # its id and version, someone else's word
+    with pytest.raises(AuthorityError):
+        await _accept(store, same_id, {})
     assert await store.advisory_state(alert.id, 1) is A.ACTIVE
     assert await store.advisory_state(cancel.id, 1) is None  # the refused cancel was not stored
     assert await _statuses(store, ids) == ["planned"] * 3
