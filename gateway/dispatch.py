@@ -32,7 +32,7 @@ from tenacity.wait import wait_random_exponential
 from channels.base import Adapter, Message, Result
 from gateway import lifecycle, metrics
 from gateway.errors import ContentError, RetryableError, Withdrawn
-from gateway.lifecycle import may_send
+from gateway.lifecycle import AdvisoryState, why_not_sent
 from gateway.logging import get_logger
 from gateway.models import Advisory, Chunk, Status, now
 from gateway.rendering import Renderer
@@ -167,11 +167,12 @@ class Dispatcher:
 
     async def _still_wanted(self, adv: Advisory) -> None:
         """Raise Withdrawn if the advisory may no longer be sent (read from the store, not a cache)."""
-        if adv.expires_at <= now():
-            raise Withdrawn(Status.EXPIRED, "advisory expired")
         state = await self.store.advisory_state(adv.id, adv.version)
-        if state is not None and not may_send(state):
-            raise Withdrawn(Status.CANCELLED, f"advisory {state.value}")
+        why = why_not_sent(state, adv.expires_at, now())
+        if why is AdvisoryState.EXPIRED:
+            raise Withdrawn(Status.EXPIRED, "advisory expired")
+        if why is not None:
+            raise Withdrawn(Status.CANCELLED, f"advisory {why.value}")
 
     def _message(self, adv: Advisory, adapter: Adapter, item: WorkItem) -> Message:
         lang = self.renderer.choose_language(adv, item.recipient, adapter.kind, adapter.parts)

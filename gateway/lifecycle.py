@@ -22,8 +22,8 @@ Withdrawals — what cancels, updates and later versions do to the advisories th
   as an authority over it (``intake.authorities``); anyone else's cancel or update is refused;
 - **expiry** withdraws what has not been sent; it never touches a sent message (nor does a cancel).
 
-The store applies these rules inside one transaction per advisory (``Store.accept``); dispatch and the
-planner ask ``may_send`` / ``may_plan`` right before acting.
+The store applies these rules inside one transaction per advisory (``Store.accept``); the planner asks
+``may_plan`` before each page and dispatch ``why_not_sent`` right before each partner request.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class AdvisoryState(enum.StrEnum):
@@ -91,6 +92,16 @@ def may_plan(state: AdvisoryState) -> bool:
 
 def may_send(state: AdvisoryState) -> bool:
     return state in {A.ACTIVE, A.COMPLETED}
+
+
+def why_not_sent(state: AdvisoryState | None, expires_at: datetime, at: datetime) -> AdvisoryState | None:
+    """Why an advisory's pending deliveries may not go out at ``at``: EXPIRED once ``expires_at``
+    has passed, else its state if that is withdrawn; None if they may."""
+    if expires_at <= at:
+        return A.EXPIRED
+    if state is not None and not may_send(state):
+        return state
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ in one transaction (on SQLite and PostgreSQL): cancel, update, supersede, overta
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,8 +16,9 @@ from gateway.lifecycle import (
     Reference,
     check_move,
     has_authority,
+    why_not_sent,
 )
-from gateway.models import Advisory, Recipient
+from gateway.models import Advisory, Recipient, now
 from gateway.planner import plan_recipients
 from gateway.store import Accepted, Store
 from tests.conftest import advisory
@@ -170,3 +172,14 @@ async def test_a_failure_inside_accept_leaves_nothing_half_done(store: Store) ->
     assert await _statuses(store, ids) == ["planned"] * 3
     done = await _accept(store, v2, {})  # the replay does all of it
     assert (done.state, done.withdrawn_pending) == (A.ACTIVE, 3)
+
+
+def test_expiry_withholds_first_then_a_withdrawn_state_and_active_advisories_go_out() -> None:
+    at = now()
+    later, earlier = at + timedelta(minutes=1), at - timedelta(seconds=1)
+    assert why_not_sent(A.ACTIVE, later, at) is None
+    assert why_not_sent(A.COMPLETED, later, at) is None  # its last pages are still being sent
+    assert why_not_sent(A.CANCELLED, later, at) is A.CANCELLED
+    assert why_not_sent(A.SUPERSEDED, later, at) is A.SUPERSEDED
+    assert why_not_sent(A.ACTIVE, earlier, at) is A.EXPIRED
+    assert why_not_sent(A.CANCELLED, earlier, at) is A.EXPIRED
