@@ -79,6 +79,8 @@ class IntakeSettings(_Section):
     # sender -> the senders whose advisories it may also cancel or update (its own, always)
     authorities: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     limits: InputLimits = InputLimits()
+    # CAP carries no channels: a CAP advisory goes out on these, in this cascade order
+    cap_channels: tuple[str, ...] = ("push", "sms-http", "email")
 
 
 class RenderingSettings(_Section):
