@@ -4,7 +4,8 @@ Every class of input that once stalled intake or could flood a citizen: deep nes
 numbers and strings past the limits, wrong types, a template filter given the wrong type, a header
 with a line break, text that is not encodable, forged and unsigned records, CAP-like XML bombs, and
 cancels or updates of another sender's advisory. ``drill poison`` puts them on the topic before a
-good advisory; the intake tests take each one through ``Intake.validate`` / the store.
+good advisory; the intake tests take each one through ``Intake.validate`` / the store. CAP documents
+travel without the record header ``signature``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ XML_BOMB = b"""<?xml version="1.0"?>
 <alert xmlns="urn:oasis:names:tc:emergency:cap:1.2"><identifier>&lol3;</identifier></alert>"""
 XXE = b"""<?xml version="1.0"?><!DOCTYPE alert [<!ENTITY x SYSTEM "file:///etc/passwd">]>
 <alert xmlns="urn:oasis:names:tc:emergency:cap:1.2"><identifier>&x;</identifier></alert>"""
+
+
+def cap_alert(identifier: str, sender: str, severity: str = "Extreme") -> bytes:
+    """A small CAP 1.2 alert (English, country XA) for the corpus."""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<alert xmlns="urn:oasis:names:tc:emergency:cap:1.2"><identifier>{identifier}</identifier>
+<sender>{sender}</sender><sent>2026-11-25T10:00:00+00:00</sent><status>Actual</status>
+<msgType>Alert</msgType><scope>Public</scope><info><category>Safety</category><event>Evacuation</event>
+<urgency>Immediate</urgency><severity>{severity}</severity><certainty>Observed</certainty>
+<expires>2036-11-25T10:00:00+00:00</expires><headline>Leave now</headline><description>Go north.</description>
+<area><areaDesc>Arvenia</areaDesc><geocode><valueName>ISO3166-1</valueName><value>XA</value></geocode></area>
+</info></alert>""".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +76,12 @@ def corpus(good: Record, sign: Signer, forge: Signer, rogue: Signer) -> list[Poi
         Poison("json_array", "decode", b"[1, 2, 3]"),
         Poison("xml_bomb", "decode", XML_BOMB),
         Poison("xml_external_entity", "decode", XXE),
+        Poison(
+            "cap_bad_enumeration",
+            "schema",
+            cap_alert(f"poison-{uuid.uuid4().hex[:8]}", good["sender"], "Dire"),
+        ),
+        Poison("cap_unsigned", "signature", cap_alert(f"poison-{uuid.uuid4().hex[:8]}", good["sender"])),
         Poison("long_string", "schema", _bytes(sign(variant(data=data(hotline="7" * 20_000))))),
         Poison("long_list", "schema", _bytes(sign(variant(data=data(open_crossings=[{}] * 5000))))),
         Poison("wrong_types", "schema", _bytes(sign(variant(version="one", channels="push")))),
