@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from gateway import audit as audit_log
 from gateway import migrate as migrations
 from gateway.errors import AuthorityError
 from gateway.lifecycle import (
@@ -28,100 +29,18 @@ from gateway.lifecycle import (
     Reference,
     arrival_state,
     has_authority,
+    key,
     sources_of,
     withdrawal_by,
 )
 from gateway.logging import get_logger
 from gateway.migrate import Mode
 from gateway.models import PENDING, Advisory, Recipient, Status, now
+from gateway.schema import advisories, deliveries, metadata, receipts, recipients, withdrawals
+
+__all__ = ["Accepted", "AppliedReceipts", "Outcome", "Store", "WorkItem", "metadata"]
 
 log = get_logger(__name__)
-
-metadata = sa.MetaData()
-
-advisories = sa.Table(
-    "advisories",
-    metadata,
-    sa.Column("id", sa.String(128), primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("msg_type", sa.String(16), nullable=False),
-    sa.Column("sender", sa.String(200), nullable=False),
-    sa.Column("priority", sa.Integer, nullable=False),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("state", sa.String(16), nullable=False, server_default="active"),
-    sa.Column("planned", sa.Boolean, nullable=False, server_default=sa.false()),
-    # the last recipient id planned: planning resumes after it (a page at a time, see planner)
-    sa.Column("plan_cursor", sa.String(128), nullable=False, server_default=""),
-    sa.Column("body", sa.JSON, nullable=False),
-    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-recipients = sa.Table(
-    "recipients",
-    metadata,
-    sa.Column("id", sa.String(128), primary_key=True),
-    sa.Column("languages", sa.String(100), nullable=False, server_default=""),
-    sa.Column("phone", sa.String(32)),
-    sa.Column("email", sa.String(320)),
-    sa.Column("app_user", sa.String(256)),
-    sa.Column("country", sa.String(2), index=True),
-    sa.Column("region", sa.String(100)),
-    # ",tag1,tag2," so that a LIKE '%,tag,%' matches whole tags on every database
-    sa.Column("tags", sa.String(1000), nullable=False, server_default=""),
-    sa.Column("opt_outs", sa.String(200), nullable=False, server_default=""),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-deliveries = sa.Table(
-    "deliveries",
-    metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
-    sa.Column("advisory_id", sa.String(128), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("recipient_id", sa.String(128), nullable=False),
-    sa.Column("channel", sa.String(32), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    # Status.rank of status: writes are guarded by "rank < new rank", so nothing moves backwards
-    sa.Column("rank", sa.SmallInteger, nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("partner_id", sa.String(128), index=True),
-    sa.Column("reason", sa.String(500)),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("sent_at", sa.DateTime(timezone=True)),
-    # the cascade has dealt with this delivery (sent the recipient the next channel, or had none)
-    sa.Column("cascaded", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
-    sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
-    # the cascade looks for the few deliveries of a channel still sent/unknown/failed, not the many
-    # delivered; the sweeper for the few sent or pending ones
-    sa.Index("ix_deliveries_cascade", "channel", "status", "cascaded"),
-    sa.Index("ix_deliveries_status", "status", "updated_at"),
-)
-
-# advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:
-# an alert whose cancel overtook it on the way is stored withdrawn and never planned
-withdrawals = sa.Table(
-    "withdrawals",
-    metadata,
-    sa.Column("advisory_id", sa.String(128), primary_key=True),
-    sa.Column("state", sa.String(16), nullable=False),  # cancelled | superseded
-    sa.Column("by_id", sa.String(128), nullable=False),
-    # the sender of the withdrawing advisory: it applies to a later arrival only with authority
-    sa.Column("by_sender", sa.String(200)),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-)
-
-receipts = sa.Table(
-    "receipts",
-    metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("delivery_id", sa.String(32), nullable=False, index=True),
-    sa.Column("channel", sa.String(32), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("partner_id", sa.String(128)),
-    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-)
-
 
 _IS_PENDING = deliveries.c.status.in_(sorted(s.value for s in PENDING))
 WITHDRAWN = (Status.CANCELLED, Status.EXPIRED)
@@ -220,6 +139,12 @@ class Store:
         # process, writers take turns here instead. PostgreSQL needs no such thing.
         self._write_turn = asyncio.Lock() if self._dialect == "sqlite" else None
         self._parsed: dict[tuple[str, int], Advisory] = {}
+
+    @contextlib.asynccontextmanager
+    async def begin_write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction for the modules that keep their own queries (auth, audit)."""
+        async with self._begin() as conn:
+            yield conn
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
@@ -342,10 +267,12 @@ class Store:
                     received_at=now(),
                 )
             )
+            detail = {"msg_type": adv.msg_type, "references": list(adv.references)}
+            await audit_log.append(conn, adv.sender, f"advisory.{state.value}", adv.key, detail)
             moved = 0
             if withdraws is not A.CANCELLED:
                 older = (advisories.c.id == adv.id, advisories.c.version < adv.version)
-                moved += await self._withdraw_in(conn, older, A.SUPERSEDED, adv.key)
+                moved += await self._withdraw_in(conn, older, A.SUPERSEDED, adv)
             if withdraws is not None:
                 for ref in map(Reference.parse, adv.references):
                     if ref.advisory_id == adv.id and withdraws is A.SUPERSEDED:
@@ -422,26 +349,41 @@ class Store:
         else:
             stmt = stmt.on_conflict_do_nothing()
         await conn.execute(stmt)
-        return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by.key)
+        return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by)
 
     async def _withdraw_in(
-        self, conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], state: AdvisoryState, by: str
+        self,
+        conn: AsyncConnection,
+        where: tuple[sa.ColumnElement[bool], ...],
+        state: AdvisoryState,
+        by: Advisory,
     ) -> int:
-        """Versions matching ``where`` move to ``state`` where the lifecycle allows it; their pending
-        deliveries are cancelled. Returns how many deliveries were cancelled."""
-        versions = (await conn.execute(sa.select(advisories.c.id, advisories.c.version).where(*where))).all()
+        """Versions matching ``where`` move to ``state`` where the lifecycle allows it (each move an
+        audit entry); their pending deliveries are cancelled. Returns how many were cancelled."""
+        versions = (
+            await conn.execute(
+                sa.select(advisories.c.id, advisories.c.version, advisories.c.state).where(*where)
+            )
+        ).all()
+        movable = set(sources_of(state))
+        for advisory_id, version, current in versions:
+            if current in movable:
+                detail = {"from": current, "by": by.key}
+                await audit_log.append(
+                    conn, by.sender, f"advisory.{state.value}", key(advisory_id, version), detail
+                )
         await conn.execute(
             sa.update(advisories)
             .where(*where, advisories.c.state.in_(sources_of(state)))
             .values(state=state.value)
         )
         moved = 0
-        for advisory_id, version in versions:
+        for advisory_id, version, _ in versions:
             moved += await _transition(
                 conn,
                 (deliveries.c.advisory_id == advisory_id, deliveries.c.version == version, _IS_PENDING),
                 Status.CANCELLED,
-                f"advisory {state.value} by {by}",
+                f"advisory {state.value} by {by.key}",
             )
         return moved
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway import audit
 from gateway.errors import AuthorityError
 from gateway.lifecycle import (
     TRANSITIONS,
@@ -183,3 +184,24 @@ def test_expiry_withholds_first_then_a_withdrawn_state_and_active_advisories_go_
     assert why_not_sent(A.SUPERSEDED, later, at) is A.SUPERSEDED
     assert why_not_sent(A.ACTIVE, earlier, at) is A.EXPIRED
     assert why_not_sent(A.CANCELLED, earlier, at) is A.EXPIRED
+
+
+async def test_every_state_an_advisory_takes_is_an_audit_entry_in_the_same_transaction(store: Store) -> None:
+    alert = _adv()
+    await _accept(store, alert, {})
+    update = _adv(id=alert.id, version=2)
+    await _accept(store, update, {})
+    cancel = _adv(msg_type="cancel", references=[alert.id])
+    await _accept(store, cancel, {})
+    v1 = [(e["actor"], e["action"], e["detail"].get("by")) for e in await audit.read(store.engine, alert.key)]
+    assert v1 == [
+        (alert.sender, "advisory.active", None),
+        (alert.sender, "advisory.superseded", update.key),
+        (alert.sender, "advisory.cancelled", cancel.key),
+    ]
+    v2 = [e["action"] for e in await audit.read(store.engine, update.key)]
+    assert v2 == ["advisory.active", "advisory.cancelled"]
+    rogue = _adv(msg_type="cancel", references=[alert.id], sender="embassy.rogue")
+    with pytest.raises(AuthorityError):
+        await _accept(store, rogue, {})
+    assert await audit.read(store.engine, rogue.key) == []  # refused: nothing happened, nothing logged

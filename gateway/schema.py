@@ -1,0 +1,120 @@
+"""The tables: every one the store, the auth and the audit modules query (SQLAlchemy Core).
+
+Their history is gateway/migrations (Alembic); a test compares that history with these definitions
+on SQLite and PostgreSQL, so a column added here without a migration fails the suite.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+advisories = sa.Table(
+    "advisories",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("msg_type", sa.String(16), nullable=False),
+    sa.Column("sender", sa.String(200), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, server_default="active"),
+    sa.Column("planned", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the last recipient id planned: planning resumes after it (a page at a time, see planner)
+    sa.Column("plan_cursor", sa.String(128), nullable=False, server_default=""),
+    sa.Column("body", sa.JSON, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+recipients = sa.Table(
+    "recipients",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("languages", sa.String(100), nullable=False, server_default=""),
+    sa.Column("phone", sa.String(32)),
+    sa.Column("email", sa.String(320)),
+    sa.Column("app_user", sa.String(256)),
+    sa.Column("country", sa.String(2), index=True),
+    sa.Column("region", sa.String(100)),
+    # ",tag1,tag2," so that a LIKE '%,tag,%' matches whole tags on every database
+    sa.Column("tags", sa.String(1000), nullable=False, server_default=""),
+    sa.Column("opt_outs", sa.String(200), nullable=False, server_default=""),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("advisory_id", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("recipient_id", sa.String(128), nullable=False),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    # Status.rank of status: writes are guarded by "rank < new rank", so nothing moves backwards
+    sa.Column("rank", sa.SmallInteger, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("partner_id", sa.String(128), index=True),
+    sa.Column("reason", sa.String(500)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    # the cascade has dealt with this delivery (sent the recipient the next channel, or had none)
+    sa.Column("cascaded", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
+    sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
+    # the cascade looks for the few deliveries of a channel still sent/unknown/failed, not the many
+    # delivered; the sweeper for the few sent or pending ones
+    sa.Index("ix_deliveries_cascade", "channel", "status", "cascaded"),
+    sa.Index("ix_deliveries_status", "status", "updated_at"),
+)
+
+# advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:
+# an alert whose cancel overtook it on the way is stored withdrawn and never planned
+withdrawals = sa.Table(
+    "withdrawals",
+    metadata,
+    sa.Column("advisory_id", sa.String(128), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # cancelled | superseded
+    sa.Column("by_id", sa.String(128), nullable=False),
+    # the sender of the withdrawing advisory: it applies to a later arrival only with authority
+    sa.Column("by_sender", sa.String(200)),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+)
+
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", sa.String(32), nullable=False, index=True),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("partner_id", sa.String(128)),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+# API tokens (gateway/auth.py): the secret is never stored, only its scrypt hash
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("roles", sa.String(500), nullable=False),  # comma-separated
+    sa.Column("hash", sa.String(200), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+)
+
+# who did what, when (gateway/audit.py): append-only — the code has no UPDATE or DELETE of it
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Index("ix_audit_subject", "subject", "seq"),
+)
