@@ -1,5 +1,8 @@
 """The gateway's HTTP surface: health, Prometheus metrics, advisory status, plus the routes other
-modules contribute (receipt webhooks). Errors are RFC 9457 problem+json naming the field."""
+modules contribute (receipt webhooks). Errors are RFC 9457 problem+json naming the field.
+
+Who may call what (bearer tokens, gateway/auth.py): ``ROUTE_ROLES``; a route not named there is
+open — health, and the receipt webhooks, which partners sign with HMAC."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.auth import Tokens, roles_table
+from gateway.auth import middleware as auth_middleware
 from gateway.metrics import REGISTRY
 from gateway.store import Store
 
@@ -19,7 +24,13 @@ def problem(status: int, title: str, detail: str, field: str | None = None) -> w
     return web.json_response(body, status=status, content_type="application/problem+json")
 
 
-def build_app(store: Store, extra_routes: list[web.RouteDef]) -> web.Application:
+ROUTE_ROLES: dict[str, frozenset[str]] = {
+    "/metrics": frozenset({"operator", "admin"}),
+    "/advisories/{advisory_id}/status": frozenset({"press", "approver", "operator", "admin"}),
+}
+
+
+def build_app(store: Store, extra_routes: list[web.RouteDef], tokens: Tokens) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -35,7 +46,10 @@ def build_app(store: Store, extra_routes: list[web.RouteDef]) -> web.Application
             )
         return web.json_response({"advisory_id": advisory_id, "by_channel": counts})
 
-    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app = web.Application(
+        client_max_size=4 * 1024 * 1024,
+        middlewares=[auth_middleware(tokens, roles_table(ROUTE_ROLES), problem)],
+    )
     app.add_routes(
         [
             web.get("/healthz", health),

@@ -19,6 +19,7 @@ from channels import registry
 from channels.base import Adapter, load_settings
 from gateway import kafka
 from gateway.api import build_app
+from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker
 from gateway.cascade import Cascade
 from gateway.dispatch import BULK, URGENT, Dispatcher
@@ -68,6 +69,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self.adapters: dict[str, Adapter] = {}
         self.dispatcher: Dispatcher | None = None
+        self.tokens: Tokens | None = None
 
     async def start(self) -> None:
         """Bring up what the roles need; if any part fails, close what was opened and re-raise."""
@@ -144,7 +146,9 @@ class Gateway:
         for name, consumer, run in loops:
             self._tasks.append(asyncio.create_task(run(consumer, self.stopping), name=name))
 
-        self._runner = web.AppRunner(build_app(self.store, routes), access_log=None, shutdown_timeout=5.0)
+        self.tokens = Tokens(self.store)
+        app = build_app(self.store, routes, self.tokens)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)
         await site.start()

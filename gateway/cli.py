@@ -280,6 +280,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- tokens and audit ----------------------------------------------------------------------------
+
+
+async def _tokens(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.auth import Tokens
+    from gateway.store import Store
+
+    store = await Store.open(settings.store.url, settings.store.migrate)
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        tokens = Tokens(store)
+        if args.action == "create":
+            token_id, token = await tokens.create(args.name, args.role or [], actor)
+            print(f"token {token_id} ({args.name}: {', '.join(args.role)}); shown once, keep it secret:")
+            print(token)
+        elif args.action == "revoke":
+            if not await tokens.revoke(args.id, actor):
+                raise InputError(f"id: no live token {args.id!r}")
+            print(f"revoked {args.id}")
+        else:
+            for t in await tokens.list():
+                state = f"revoked {t['revoked_at']:%Y-%m-%d %H:%M}" if t["revoked_at"] else "live"
+                print(f"{t['id']}  {t['name']:<24} {','.join(t['roles']):<28} {state}")
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    return asyncio.run(_tokens(_settings(args), args))
+
+
+async def _audit(settings: Settings, subject: str | None) -> int:
+    from gateway import audit
+    from gateway.store import Store
+
+    store = await Store.open(settings.store.url, settings.store.migrate)
+    try:
+        for e in await audit.read(store.engine, subject):
+            detail = json.dumps(e["detail"], ensure_ascii=False)
+            print(f"{e['at']:%Y-%m-%dT%H:%M:%S}  {e['actor']:<28} {e['action']:<22} {e['subject']}  {detail}")
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    return asyncio.run(_audit(_settings(args), args.subject))
+
+
 # -- db -------------------------------------------------------------------------------------------
 
 
@@ -369,6 +421,25 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--channel", help="only this channel")
     rp.add_argument("--limit", type=int, default=1_000_000, help="at most this many")
     rp.set_defaults(func=cmd_replay)
+
+    tk = sub.add_parser("tokens", help="API tokens: create (shown once), list, revoke")
+    tsub = tk.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create", help="a new token with roles")
+    tc.add_argument("--name", required=True, help="whose token (a person or a system)")
+    tc.add_argument(
+        "--role", action="append", help="press, approver, operator, admin or partner:<name> (repeatable)"
+    )
+    tc.set_defaults(func=cmd_tokens)
+    tsub.add_parser("list", help="every token, live or revoked (never the secret)").set_defaults(
+        func=cmd_tokens
+    )
+    tr = tsub.add_parser("revoke", help="revoke a token by its id (takes effect at once)")
+    tr.add_argument("id")
+    tr.set_defaults(func=cmd_tokens)
+
+    au = sub.add_parser("audit", help="the audit log: who did what, when (append-only)")
+    au.add_argument("subject", nargs="?", help="one subject: an advisory (id@vN) or token:<id>")
+    au.set_defaults(func=cmd_audit)
 
     db = sub.add_parser("db", help="the store's schema: upgrade it to this release, or show its revision")
     db.add_argument("action", choices=["upgrade", "current"])

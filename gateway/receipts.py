@@ -1,6 +1,7 @@
 """Receipts: a partner's signed webhook call → verify → map to delivery status → store → events.
 
-A call that is not signed by the partner is answered 401 and changes nothing. Receipts move a
+A call that is not signed by the partner, or a signed call already applied (a replay), is answered
+401 and changes nothing. Receipts move a
 delivery only forward (``Status.rank``), so duplicate and out-of-order receipts are harmless. Each
 applied receipt is published on ``delivery-events`` keyed by delivery id.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from channels.base import Adapter, Receipt
+from channels.base import MAX_SKEW_S, SIGNATURE_HEADER, Adapter, Receipt
 from gateway import metrics
 from gateway.api import problem
 from gateway.errors import AuthError, InputError
@@ -39,6 +42,31 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
+class ReplayGuard:
+    """Signatures of webhook calls already applied, for as long as their timestamp is accepted: the
+    same signed call again is refused (401), so a captured call cannot be replayed. Per process (a
+    replay to another instance is caught only by the rank guard, which makes it harmless)."""
+
+    def __init__(self, window_s: float = 2 * MAX_SKEW_S) -> None:
+        self.window_s = window_s
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def check(self, signature: str) -> None:
+        self._forget_old()
+        if signature and signature in self._until:
+            raise AuthError("replayed: this signed call was already applied")
+
+    def seen(self, signature: str) -> None:
+        if signature:
+            self._until[signature] = time.monotonic() + self.window_s
+            self._until.move_to_end(signature)
+
+    def _forget_old(self) -> None:
+        now_ = time.monotonic()
+        while self._until and next(iter(self._until.values())) < now_:
+            self._until.popitem(last=False)
+
+
 class ReceiptWebhook:
     def __init__(
         self, store: Store, adapters: Mapping[str, Adapter], producer: AIOKafkaProducer, events_topic: str
@@ -47,6 +75,7 @@ class ReceiptWebhook:
         self.adapters = adapters
         self.producer = producer
         self.events_topic = events_topic
+        self.replays = ReplayGuard()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -71,8 +100,10 @@ class ReceiptWebhook:
         body = await read_limited(request, MAX_BODY)
         if body is None:
             return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes", field="body")
+        signature = request.headers.get(SIGNATURE_HEADER, "")
         try:
             found = parser.parse_receipts(body, request.headers)
+            self.replays.check(signature)
         except AuthError as e:
             log.warning("receipt.rejected", channel=channel, reason=str(e))
             return problem(401, "Unauthenticated", str(e))
@@ -80,6 +111,7 @@ class ReceiptWebhook:
             reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {str(e)[:200]}"
             return problem(400, "Malformed receipts", reason, field="receipts")
         moved = await self.apply(channel, adapter, found)
+        self.replays.seen(signature)  # only once applied: a partner's retry after a failure is no replay
         return web.json_response({"received": len(found), "moved": moved})
 
     async def apply(self, channel: str, adapter: Adapter, found: Sequence[Receipt]) -> int:

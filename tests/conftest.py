@@ -331,3 +331,10 @@ async def gateway_process(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def bearer(gw: Gateway, *roles: str) -> dict[str, str]:
+    """An Authorization header for a new token of this gateway with ``roles`` (operator by default)."""
+    assert gw.tokens is not None
+    _, token = await gw.tokens.create("test", roles or ("operator",), actor="test")
+    return {"Authorization": f"Bearer {token}"}

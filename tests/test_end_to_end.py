@@ -15,7 +15,7 @@ from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.models import delivery_id
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, load_recipients, reached, read_topic, signed
+from tests.conftest import advisory, bearer, eventually, load_recipients, reached, read_topic, signed
 
 
 async def test_published_advisory_is_delivered_once_to_every_recipient(
@@ -34,7 +34,7 @@ async def test_published_advisory_is_delivered_once_to_every_recipient(
         1200,
         0,
     )
-    async with aiohttp.ClientSession(gateway.public_url) as http:
+    async with aiohttp.ClientSession(gateway.public_url, headers=await bearer(gateway)) as http:
         async with http.get(f"/advisories/{record['id']}/status") as resp:
             assert await resp.json() == {
                 "advisory_id": record["id"],

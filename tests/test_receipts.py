@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.models import delivery_id
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, load_recipients, reached, signed
+from tests.conftest import advisory, bearer, eventually, load_recipients, reached, signed
 
 
 async def _events_until_read(gw: Gateway, ids: list[str]) -> list[tuple[str, str]]:
@@ -57,8 +58,8 @@ def _same_partition_as(key: str, partitions: int = 4) -> str:
     )
 
 
-async def _unmatched(http: aiohttp.ClientSession) -> float:
-    async with http.get("/metrics") as resp:
+async def _unmatched(http: aiohttp.ClientSession, headers: dict[str, str]) -> float:
+    async with http.get("/metrics", headers=headers) as resp:
         for line in (await resp.text()).splitlines():
             if line.startswith('gateway_receipts_unmatched_total{channel="push"}'):
                 return float(line.rsplit(" ", 1)[1])
@@ -134,7 +135,8 @@ async def test_only_receipts_that_change_a_delivery_become_events(
     await publish(gateway.bootstrap_servers, gateway.settings.kafka.topic_advisories, record)
     await eventually(lambda: reached(gateway, record["id"], "delivered", 3), what="3 delivered")
 
-    unmatched = await _unmatched(http)
+    operator = await bearer(gateway)
+    unmatched = await _unmatched(http, operator)
     ids = [delivery_id(record["id"], 1, f"r{i:05d}", "push") for i in range(3)]
     stranger = _same_partition_as(ids[0])
     again = [{"idempotency_key": i, "status": "delivered", "message_id": "m"} for i in ids]
@@ -151,4 +153,17 @@ async def test_only_receipts_that_change_a_delivery_become_events(
         assert await resp.json() == {"received": 3, "moved": 3}
     events = await _events_until_read(gateway, ids)
     assert sorted(events) == sorted([(i, "delivered") for i in ids] + [(i, "read") for i in ids])
-    assert await _unmatched(http) == unmatched + 1
+    assert await _unmatched(http, operator) == unmatched + 1
+
+
+async def test_a_replayed_signed_receipt_call_is_a_401(http: aiohttp.ClientSession, secret: str) -> None:
+    body = b'{"receipts": [{"idempotency_key": "not-ours", "status": "delivered"}]}'
+    headers = _signed_post(secret, body)
+    async with http.post("/receipts/push", data=body, headers=headers) as resp:
+        assert resp.status == 200
+    async with http.post("/receipts/push", data=body, headers=headers) as resp:
+        assert resp.status == 401
+        assert "replayed" in (await resp.json(content_type="application/problem+json"))["detail"]
+    retry = {"Content-Type": "application/json", **hmac_headers(secret, body, at=time.time() + 1)}
+    async with http.post("/receipts/push", data=body, headers=retry) as resp:
+        assert resp.status == 200  # the partner's retry, signed anew a second later: not a replay
