@@ -24,6 +24,7 @@ from gateway.broker import EmbeddedBroker
 from gateway.cascade import Cascade
 from gateway.dispatch import BULK, URGENT, Dispatcher
 from gateway.errors import ConfigError
+from gateway.feed import Feed
 from gateway.intake import Intake
 from gateway.logging import get_logger
 from gateway.planner import Planner
@@ -136,6 +137,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
             self._tasks.append(asyncio.create_task(cascade.run(self.stopping), name="cascade"))
             loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
+        routes += Feed(self.store, renderer, s.http.public_url).routes()
         if "receipts" in s.gateway.roles:
             webhook = ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events)
             routes += webhook.routes()

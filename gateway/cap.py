@@ -1,4 +1,5 @@
-"""CAP 1.2 in: an untrusted XML document → the advisory record of DESIGN.md (its JSON form).
+"""CAP 1.2 in and out: an untrusted XML document → the advisory record of DESIGN.md (its JSON
+form), and any advisory → a CAP 1.2 document (``to_cap``), one ``<info>`` per language.
 
 Hardened, in this order: the size limit; lxml with entities left unresolved, no DTD loaded, no
 network and libxml2's own depth and size limits; any DOCTYPE refused (entity bombs and external
@@ -199,3 +200,77 @@ def _audience(info: Any) -> tuple[list[str], list[str]]:
             if name in COUNTRY_CODE_NAMES and len(value) == 2 and value.isalpha() and value not in countries:
                 countries.append(value)
     return countries, described
+
+
+# -- CAP out -----------------------------------------------------------------------------------------
+
+CATEGORIES = (
+    *("Geo", "Met", "Safety", "Security", "Rescue", "Fire"),
+    *("Health", "Env", "Transport", "Infra", "CBRNE"),
+)
+
+
+def _when(at: datetime) -> str:
+    """A CAP date-time: seconds, and the zone as ±hh:mm (the schema's pattern)."""
+    return at.replace(microsecond=0).isoformat()
+
+
+def cap_identifier(adv: Any) -> str:
+    """An advisory version's CAP identifier: its id, and ``<id>.v<N>`` for version N > 1."""
+    return str(adv.id) if adv.version == 1 else f"{adv.id}.v{adv.version}"
+
+
+def to_cap(
+    adv: Any,
+    texts: dict[str, tuple[str, str]],
+    references: Sequence[tuple[str, str, datetime]] = (),
+    identifier: str | None = None,
+) -> bytes:
+    """An advisory (``gateway.models.Advisory``) as a CAP 1.2 document: one ``<info>`` per language
+    of ``texts`` (language → (headline, description)), ``references`` as (sender, identifier, sent).
+    Version N > 1 is the identifier ``<id>.v<N>`` (``cap_identifier``: CAP identifiers are unique)."""
+    root = etree.Element(f"{_Q}alert", nsmap={None: NS})
+
+    def add(parent: Any, name: str, text: str) -> Any:
+        child = etree.SubElement(parent, f"{_Q}{name}")
+        child.text = text
+        return child
+
+    add(root, "identifier", identifier or cap_identifier(adv))
+    add(root, "sender", adv.sender)
+    add(root, "sent", _when(adv.issued_at))
+    add(root, "status", "Actual")
+    add(root, "msgType", adv.msg_type.title())
+    add(root, "scope", "Public")
+    if references:
+        add(root, "references", " ".join(f"{s},{i},{_when(t)}" for s, i, t in references))
+    category = next((c for c in CATEGORIES if c.lower() == adv.category.lower()), "Other")
+    cap_data = adv.data.get("cap", {}) if isinstance(adv.data.get("cap"), dict) else {}
+    described = cap_data.get("areaDesc") or []
+    for lang, (headline, description) in texts.items():
+        info = etree.SubElement(root, f"{_Q}info")
+        add(info, "language", lang)
+        add(info, "category", category)
+        add(info, "event", str(cap_data.get("event") or headline))
+        add(info, "urgency", adv.urgency.title())
+        add(info, "severity", adv.severity.title())
+        add(info, "certainty", adv.certainty.title())
+        add(info, "expires", _when(adv.expires_at))
+        add(info, "headline", headline)
+        add(info, "description", description)
+        area = etree.SubElement(info, f"{_Q}area")
+        add(area, "areaDesc", ", ".join(described) or ", ".join(adv.audience.countries) or "—")
+        for country in adv.audience.countries:
+            geocode = etree.SubElement(area, f"{_Q}geocode")
+            add(geocode, "valueName", "ISO3166-1")
+            add(geocode, "value", country)
+    return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True))
+
+
+def validate_cap(raw: bytes) -> None:
+    """Raise SchemaError unless ``raw`` is valid against the OASIS CAP 1.2 schema (for exports)."""
+    root = etree.fromstring(raw, _parser())
+    schema = _schema()
+    if not schema.validate(root):
+        error = schema.error_log.last_error
+        raise SchemaError(f"not valid CAP 1.2: {error.message if error is not None else '?'}")

@@ -419,6 +419,38 @@ class Store:
             at = (await conn.execute(q)).scalar()
         return None if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
+    async def published(
+        self, advisory_id: str | None = None, limit: int = 500, any_state: bool = False
+    ) -> list[tuple[Advisory, datetime]]:
+        """The newest version of each advisory the public may see — active or completed (a cancel
+        too), not expired — with when it was stored; newest first. One advisory if ``advisory_id``;
+        ``any_state``: whatever its state and expiry (what a reference names)."""
+        newest = (
+            sa.select(advisories.c.id, sa.func.max(advisories.c.version).label("version"))
+            .group_by(advisories.c.id)
+            .subquery()
+        )
+        q = (
+            sa.select(advisories.c.id, advisories.c.version, advisories.c.received_at)
+            .join(newest, sa.and_(advisories.c.id == newest.c.id, advisories.c.version == newest.c.version))
+            .order_by(advisories.c.received_at.desc())
+            .limit(limit)
+        )
+        if not any_state:
+            q = q.where(
+                advisories.c.state.in_([A.ACTIVE.value, A.COMPLETED.value]), advisories.c.expires_at > now()
+            )
+        if advisory_id is not None:
+            q = q.where(advisories.c.id == advisory_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        out = []
+        for advisory_id_, version, received in rows:
+            adv = await self.advisory(str(advisory_id_), int(version))
+            if adv is not None:
+                out.append((adv, received if received.tzinfo else received.replace(tzinfo=UTC)))
+        return out
+
     async def plan_finished(self, advisory_id: str, version: int) -> bool:
         q = sa.select(advisories.c.planned).where(
             advisories.c.id == advisory_id, advisories.c.version == version
