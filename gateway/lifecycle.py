@@ -45,14 +45,8 @@ class AdvisoryState(enum.StrEnum):
     SUPERSEDED = "superseded"
     EXPIRED = "expired"
 
-    @property
-    def withdrawn(self) -> bool:
-        """No more deliveries are planned or sent for an advisory in this state."""
-        return self not in LIVE
-
 
 A = AdvisoryState
-LIVE = frozenset({A.RECEIVED, A.PENDING_APPROVAL, A.ACTIVE})
 
 # from -> the states it may move to; every other move is refused (LifecycleError)
 TRANSITIONS: Mapping[AdvisoryState, frozenset[AdvisoryState]] = {
