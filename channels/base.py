@@ -42,6 +42,7 @@ from gateway.errors import (
 from gateway.limits import check_depth
 from gateway.logging import get_logger
 from gateway.models import Advisory, Status
+from gateway.rendering import unencodable
 from gateway.retry import Stopped
 from gateway.settings import describe_validation_error, read_secret
 
@@ -174,12 +175,7 @@ class Adapter(ABC):
     def unbuildable(self, m: Message) -> str | None:
         """Why this message cannot be built for the partner, or None. By default: text that is not
         encodable as UTF-8 (a lone surrogate from a ``\\ud800`` escape). Adapters add their own."""
-        for name, text in (("address", m.address), *m.parts.items()):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                return f"{name}: not encodable text ({e.reason} at character {e.start})"
-        return None
+        return unencodable((("address", m.address), *m.parts.items()))
 
     async def report(self, result: Result) -> None:
         """Hand one result to ``send``'s ``on_result`` now (before the next message goes out)."""

@@ -169,14 +169,23 @@ class Renderer:
                     raise ContentError(f"language {lang!r} on channel {t.channel!r}: {e}") from e
 
 
-def check_text(rendered: Mapping[str, str], header_parts: Iterable[str]) -> None:
-    """Raise ContentError if a part is not encodable text, or a header part (a subject, a title:
-    one line at the partner) holds a line break or another control character."""
-    for part, text in rendered.items():
+def unencodable(parts: Iterable[tuple[str, str]]) -> str | None:
+    """Why one of these (name, text) pairs is not encodable text (a lone surrogate from a
+    ``\\ud800`` escape), or None. Checked at intake (``check_text``) and per message in dispatch."""
+    for name, text in parts:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ContentError(f"{part}: not encodable text ({e.reason} at character {e.start})") from e
+            return f"{name}: not encodable text ({e.reason} at character {e.start})"
+    return None
+
+
+def check_text(rendered: Mapping[str, str], header_parts: Iterable[str]) -> None:
+    """Raise ContentError if a part is not encodable text, or a header part (a subject, a title:
+    one line at the partner) holds a line break or another control character."""
+    problem = unencodable(rendered.items())
+    if problem is not None:
+        raise ContentError(problem)
     for part in header_parts:
         text = rendered.get(part, "")
         bad = next(

@@ -101,6 +101,11 @@ class Outcome:
     reason: str | None = None
 
 
+def _aware(at: datetime) -> datetime:
+    """A stored time as UTC-aware (SQLite gives it back naive)."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
 def _recipient_row(r: Recipient, at: datetime) -> dict[str, Any]:
     return {
         "id": r.id,
@@ -220,14 +225,16 @@ class Store:
 
     # -- advisories ---------------------------------------------------------------------------
 
+    @staticmethod
+    async def _value(conn: AsyncConnection, column: sa.Column[Any], advisory_id: str, version: int) -> Any:
+        """One column of a stored advisory version, or None if it is not stored."""
+        q = sa.select(column).where(advisories.c.id == advisory_id, advisories.c.version == version)
+        return (await conn.execute(q)).scalar()
+
     async def advisory_state(self, advisory_id: str, version: int) -> AdvisoryState | None:
         """The state of a stored advisory version, or None if it is not stored."""
-        q = sa.select(advisories.c.state).where(
-            advisories.c.id == advisory_id, advisories.c.version == version
-        )
         async with self.engine.connect() as conn:
-            state = (await conn.execute(q)).scalar()
-        return None if state is None else AdvisoryState(state)
+            return await self._state_in(conn, advisory_id, version)
 
     async def accept(
         self, adv: Advisory, raw: Mapping[str, Any], authorities: Mapping[str, Sequence[str]]
@@ -281,10 +288,7 @@ class Store:
         return Accepted(state.value if state is not A.ACTIVE else "accepted", state, moved)
 
     async def _state_in(self, conn: AsyncConnection, advisory_id: str, version: int) -> AdvisoryState | None:
-        q = sa.select(advisories.c.state).where(
-            advisories.c.id == advisory_id, advisories.c.version == version
-        )
-        state = (await conn.execute(q)).scalar()
+        state = await self._value(conn, advisories.c.state, advisory_id, version)
         return None if state is None else AdvisoryState(state)
 
     async def _check_authority(
@@ -412,12 +416,9 @@ class Store:
 
     async def received_at(self, advisory_id: str, version: int) -> float | None:
         """When an advisory version was stored (epoch seconds), or None."""
-        q = sa.select(advisories.c.received_at).where(
-            advisories.c.id == advisory_id, advisories.c.version == version
-        )
         async with self.engine.connect() as conn:
-            at = (await conn.execute(q)).scalar()
-        return None if at is None else (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+            at = await self._value(conn, advisories.c.received_at, advisory_id, version)
+        return None if at is None else _aware(at).timestamp()
 
     async def published(
         self, advisory_id: str | None = None, limit: int = 500, any_state: bool = False
@@ -448,15 +449,12 @@ class Store:
         for advisory_id_, version, received in rows:
             adv = await self.advisory(str(advisory_id_), int(version))
             if adv is not None:
-                out.append((adv, received if received.tzinfo else received.replace(tzinfo=UTC)))
+                out.append((adv, _aware(received)))
         return out
 
     async def plan_finished(self, advisory_id: str, version: int) -> bool:
-        q = sa.select(advisories.c.planned).where(
-            advisories.c.id == advisory_id, advisories.c.version == version
-        )
         async with self.engine.connect() as conn:
-            return bool((await conn.execute(q)).scalar())
+            return bool(await self._value(conn, advisories.c.planned, advisory_id, version))
 
     async def mark_planned(self, advisory_id: str, version: int) -> None:
         await self._set_advisory(advisory_id, version, planned=True)
