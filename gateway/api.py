@@ -6,6 +6,7 @@ open — health, and the receipt webhooks, which partners sign with HMAC."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -30,7 +31,12 @@ ROUTE_ROLES: dict[str, frozenset[str]] = {
 }
 
 
-def build_app(store: Store, extra_routes: list[web.RouteDef], tokens: Tokens) -> web.Application:
+def build_app(
+    store: Store,
+    extra_routes: list[web.RouteDef],
+    tokens: Tokens,
+    extra_roles: Mapping[str, frozenset[str]] | None = None,
+) -> web.Application:
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -48,7 +54,7 @@ def build_app(store: Store, extra_routes: list[web.RouteDef], tokens: Tokens) ->
 
     app = web.Application(
         client_max_size=4 * 1024 * 1024,
-        middlewares=[auth_middleware(tokens, roles_table(ROUTE_ROLES), problem)],
+        middlewares=[auth_middleware(tokens, roles_table({**ROUTE_ROLES, **(extra_roles or {})}), problem)],
     )
     app.add_routes(
         [

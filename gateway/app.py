@@ -33,7 +33,10 @@ from gateway.rendering import Renderer
 from gateway.settings import Settings
 from gateway.signing import Verifier
 from gateway.store import Store
+from gateway.submissions import ROLES as SUBMISSION_ROLES
+from gateway.submissions import Submissions
 from gateway.sweeper import Sweeper
+from gateway.training import Training
 
 log = get_logger(__name__)
 
@@ -71,6 +74,7 @@ class Gateway:
         self.adapters: dict[str, Adapter] = {}
         self.dispatcher: Dispatcher | None = None
         self.tokens: Tokens | None = None
+        self.training: Training | None = None
 
     async def start(self) -> None:
         """Bring up what the roles need; if any part fails, close what was opened and re-raise."""
@@ -109,19 +113,33 @@ class Gateway:
             kinds,
             s.planner.poll_s,
         )
+        verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
+        intake = Intake(
+            self.store,
+            planner,
+            renderer,
+            verifier,
+            self._producer,
+            s.kafka.topic_dlq,
+            self.adapters,
+            s.intake,
+            s.approval,
+        )
+        feed = Feed(self.store, renderer, s.http.public_url)
+        routes += feed.routes()
+        # the press office's API judges a submission with intake's own checks before the topic
+        submissions = Submissions(
+            self.store,
+            intake,
+            self._producer,
+            s.kafka.topic_advisories,
+            s.api.keys(),
+            feed,
+            s.api.max_body_bytes,
+        )
+        routes += submissions.routes()
         if "intake" in s.gateway.roles:
-            verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
             self._tasks.append(asyncio.create_task(planner.run(self.stopping), name="planner"))
-            intake = Intake(
-                self.store,
-                planner,
-                renderer,
-                verifier,
-                self._producer,
-                s.kafka.topic_dlq,
-                self.adapters,
-                s.intake,
-            )
             loops.append(
                 ("intake", self._consumer([s.kafka.topic_advisories], s.kafka.intake_group), intake.run)
             )
@@ -131,13 +149,22 @@ class Gateway:
                 for channel in self.adapters
                 for urgent in (True, False)
             }
-            dispatcher = self.dispatcher = Dispatcher(self.store, renderer, self.adapters, s.dispatch, lanes)
-            sweeper = Sweeper(self.store, s.sweeper)
+            store, producer = self.store, self._producer
+            self.training = Training(
+                s,
+                self._session,
+                lambda adapters: ReceiptWebhook(store, adapters, producer, s.kafka.topic_events),
+                lambda: self.public_url,
+            )
+            routes += self.training.routes()
+            dispatcher = self.dispatcher = Dispatcher(
+                self.store, renderer, self.adapters, s.dispatch, lanes, self.training
+            )
+            sweeper = Sweeper(self.store, s.sweeper, approval_timeout_s=s.approval.timeout_s)
             cascade = Cascade(self.store, planner, self.adapters, s.cascade)
             self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
             self._tasks.append(asyncio.create_task(cascade.run(self.stopping), name="cascade"))
             loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
-        routes += Feed(self.store, renderer, s.http.public_url).routes()
         if "receipts" in s.gateway.roles:
             webhook = ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events)
             routes += webhook.routes()
@@ -149,7 +176,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(run(consumer, self.stopping), name=name))
 
         self.tokens = Tokens(self.store)
-        app = build_app(self.store, routes, self.tokens)
+        app = build_app(self.store, routes, self.tokens, SUBMISSION_ROLES)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)
@@ -204,6 +231,8 @@ class Gateway:
             await self._producer.stop()
         for adapter in self.adapters.values():
             await adapter.close()
+        if self.training is not None:
+            await self.training.close()
         if self._session is not None:
             await self._session.close()
         if self.store is not None:

@@ -5,8 +5,10 @@ path in the code: ``append`` inserts, ``read`` selects. Entries are written in t
 as the change they record (an advisory stored in its state, a token created or revoked), so the log
 never says something happened that did not, nor misses what did.
 
-Actions: ``advisory.<state>`` (stored in that state, or moved to it by a withdrawal),
-``token.created``, ``token.revoked``.
+Actions: ``advisory.submitted`` (a token submitted it through the API), ``advisory.<state>`` (stored
+in that state, moved to it by a withdrawal, an approver's decision, an operator's cancel or the
+approval timeout), ``token.created``, ``token.revoked``. The actor is the API token
+(``token:<id>:<name>``), the sender (``sender:<name>``) or ``gateway`` (time-driven moves).
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ async def append(
     await conn.execute(sa.insert(audit).values(**row))
 
 
-async def read(engine: AsyncEngine, subject: str | None = None, limit: int = 1000) -> Sequence[sa.RowMapping]:
-    """Entries in the order they were written (for one subject, if given)."""
-    q = sa.select(audit).order_by(audit.c.seq).limit(limit)
+async def read(
+    engine: AsyncEngine,
+    subject: str | None = None,
+    limit: int = 1000,
+    subject_prefix: str | None = None,
+    after: int = 0,
+) -> Sequence[sa.RowMapping]:
+    """Entries in the order they were written (for one subject, or subjects starting with a prefix,
+    e.g. every version of an advisory: ``id@v``), from sequence number ``after`` on."""
+    q = sa.select(audit).where(audit.c.seq > after).order_by(audit.c.seq).limit(limit)
     if subject is not None:
         q = q.where(audit.c.subject == subject)
+    if subject_prefix is not None:
+        q = q.where(audit.c.subject.startswith(subject_prefix, autoescape=True))
     async with engine.connect() as conn:
         return (await conn.execute(q)).mappings().all()

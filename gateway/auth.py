@@ -175,10 +175,14 @@ def middleware(
 
 
 def roles_table(table: Mapping[str, Collection[str]]) -> Callable[[web.Request], Collection[str] | None]:
-    """Roles by route (its canonical path, e.g. ``/advisories/{advisory_id}/status``)."""
+    """Roles by route: ``"POST /advisories"`` (one method) before ``"/advisories"`` (any), by the
+    route's canonical path (``/advisories/{advisory_id}/status``)."""
 
     def roles_of(request: web.Request) -> Collection[str] | None:
         route = request.match_info.route
-        return table.get(route.resource.canonical) if route.resource is not None else None
+        if route.resource is None:
+            return None
+        path = route.resource.canonical
+        return table.get(f"{request.method} {path}", table.get(path))
 
     return roles_of

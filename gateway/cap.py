@@ -15,9 +15,9 @@ Mapping: ``identifier`` → id (version 1: a CAP Update is a new identifier nami
 primary subtag is the key, ``en-US`` → ``en``): ``headline`` (else ``event``) is the title,
 ``description`` and ``instruction`` the body; ``expires`` → expires_at; severity, urgency, certainty
 and the first category lower-cased; ``<area>`` geocodes named ISO 3166-1 → audience countries
-(``areaDesc`` kept in ``data.cap``). ``status`` Test, Exercise, System and Draft never reach the
-public: refused with the reason until training mode exists. Every refusal is a DecodeError (not a
-readable document) or SchemaError naming the element.
+(``areaDesc`` kept in ``data.cap``). ``status`` Test and Exercise make a training advisory (sent
+only to the gateway's own sandbox partners, gateway/training.py); System and Draft are refused.
+Every refusal is a DecodeError (not a readable document) or SchemaError naming the element.
 """
 
 from __future__ import annotations
@@ -109,11 +109,11 @@ def _advisory(root: Any, channels: Sequence[str]) -> dict[str, Any]:
             "(letters, digits, '.', '_', ':', '-'; at most 128)"
         )
     status = _text(root, "status")
-    if status != "Actual":
-        why = (
-            "training mode is not built yet" if status in {"Test", "Exercise"} else "never reaches the public"
+    if status not in {"Actual", "Test", "Exercise"}:
+        raise SchemaError(
+            f"status: {status} never reaches anyone; Actual is sent, Test and Exercise go to the "
+            "training sandbox only"
         )
-        raise SchemaError(f"status: {status} ({why}); only Actual advisories are sent")
     msg_type = {"Alert": "alert", "Update": "update", "Cancel": "cancel"}.get(_text(root, "msgType") or "")
     if msg_type is None:
         raise SchemaError(f"msgType: {_text(root, 'msgType')} is not an advisory (Alert, Update or Cancel)")
@@ -131,6 +131,8 @@ def _advisory(root: Any, channels: Sequence[str]) -> dict[str, Any]:
         "channels": list(channels),
         "references": references,
     }
+    if status != "Actual":
+        record["training"] = True
     if not infos:
         if msg_type != "cancel":
             raise SchemaError("info: an Alert or Update needs at least one <info>")
@@ -239,7 +241,7 @@ def to_cap(
     add(root, "identifier", identifier or cap_identifier(adv))
     add(root, "sender", adv.sender)
     add(root, "sent", _when(adv.issued_at))
-    add(root, "status", "Actual")
+    add(root, "status", "Exercise" if adv.training else "Actual")
     add(root, "msgType", adv.msg_type.title())
     add(root, "scope", "Public")
     if references:

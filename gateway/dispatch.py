@@ -13,9 +13,10 @@ memory stays bounded whatever the audience), and resumes at half of it.
 Retries use tenacity: exponential backoff with full jitter, at least the partner's Retry-After,
 bounded by attempts and by the advisory's expiry. Right before each request — after the rate
 limiter, the circuit breaker and any backoff — the advisory is read again: a cancelled, superseded or
-expired advisory's batch is not sent. On stop, workers finish the chunk in hand within
-``drain_timeout_s``; waits (backoff, store retries) end at once; unfinished chunks stay uncommitted
-and are replayed by the next consumer.
+expired advisory's batch is not sent. A training advisory's chunks go only to the gateway's own
+sandbox partners (gateway/training.py), through the same lanes. On stop, workers finish the chunk
+in hand within ``drain_timeout_s``; waits (backoff, store retries) end at once; unfinished chunks
+stay uncommitted and are replayed by the next consumer.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gateway.rendering import Renderer
 from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
 from gateway.store import Outcome, Store, WorkItem
+from gateway.training import Training
 from gateway.turns import take_turn
 
 log = get_logger(__name__)
@@ -151,8 +153,10 @@ class Dispatcher:
         adapters: Mapping[str, Adapter],
         settings: DispatchSettings,
         lanes: Mapping[str, tuple[int, str]],
+        training: Training | None = None,
     ) -> None:
         self.store = store
+        self.training = training
         self.renderer = renderer
         self.adapters = adapters
         self.settings = settings
@@ -188,14 +192,23 @@ class Dispatcher:
             item.delivery_id, address, parts, lang, adv.id, adv.version, adv.priority, adv.expires_at
         )
 
+    async def _adapter(self, adv: Advisory, channel: str) -> tuple[Adapter | None, str]:
+        """The adapter for ``channel``: for a training advisory, only ever a sandbox partner's
+        (gateway/training.py), whatever the live channels are configured to reach."""
+        if adv.training:
+            if self.training is None:
+                return None, "training: this gateway has no training sandbox"
+            adapter = (await self.training.adapters()).get(channel)
+            return adapter, self.training.unavailable.get(channel, f"training: no sandbox for {channel!r}")
+        return self.adapters.get(channel), f"channel {channel!r} is not configured on this gateway"
+
     async def handle_chunk(self, chunk: Chunk) -> None:
         adv = await self.store.advisory(chunk.advisory_id, chunk.version)
         if adv is None:
             log.error("dispatch.unknown_advisory", advisory_id=chunk.advisory_id, version=chunk.version)
             return
-        adapter = self.adapters.get(chunk.channel)
+        adapter, reason = await self._adapter(adv, chunk.channel)
         if adapter is None:
-            reason = f"channel {chunk.channel!r} is not configured on this gateway"
             await self.store.record(Outcome(i, Status.FAILED, reason=reason) for i in chunk.ids)
             return
         try:

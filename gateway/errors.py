@@ -11,7 +11,10 @@
     │   ├── ExpiredError       expires_at is already past
     │   ├── ContentError       unknown template, missing language content, render failure
     │   ├── AuthorityError     a cancel or update of another sender's advisory, without authority
-    │   └── AuthError          a partner's webhook call is not signed by that partner (HTTP 401)
+    │   ├── AuthError          a partner's webhook call is not signed by that partner (HTTP 401)
+    │   └── NotFoundError      names an advisory (or version) the store does not hold (HTTP 404)
+    ├── DecisionError          an approval, rejection, return or cancel the advisory's state or the
+    │                          two-person rule does not allow (HTTP 409, or 403 for self-approval)
     └── ChannelError           a channel could not take a message
         ├── RetryableError     try again later (optionally not before ``retry_after`` seconds)
         │   └── ThrottledError the partner is up but asks us to slow down (HTTP 429): it does not
@@ -67,6 +70,19 @@ class AuthorityError(InputError):
 
 class AuthError(InputError):
     kind = "auth"
+
+
+class NotFoundError(InputError):
+    kind = "not_found"
+
+
+class DecisionError(GatewayError):
+    """A decision on an advisory that is not allowed; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, reason: str, status: int = 409) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
 
 
 class ChannelError(GatewayError):

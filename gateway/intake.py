@@ -17,6 +17,11 @@ it. All of it happens in one transaction (``Store.accept``); the rules are gatew
 Whatever a record raises while it is decoded, validated, verified or render-checked is the record's
 fault (``Stage``) and goes to the DLQ; only store and broker failures are retried
 (``retry.until_done``), and a commit for a partition lost in a rebalance is dropped.
+
+Approval: an alert or update the approval policy names (gateway/approval.py) is stored
+``pending_approval``; the record header ``submitted-by`` (set by the API: the submitting token)
+says who may not approve it. The press office's API (gateway/submissions.py) runs ``validate``
+before a submission reaches the topic, so what it accepts is what intake accepts.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import ValidationError
 
-from gateway import metrics
+from gateway import approval, metrics
+from gateway.approval import ApprovalSettings
 from gateway.cap import is_cap, parse_cap
 from gateway.errors import ContentError, DecodeError, ExpiredError, InputError, SchemaError, SignatureError
 from gateway.lifecycle import Reference, may_plan, withdrawal_by
@@ -43,6 +49,9 @@ from gateway.retry import Stopped, until_done
 from gateway.settings import InputLimits, IntakeSettings, describe_validation_error
 from gateway.signing import SIGNATURE_HEADER, Verifier
 from gateway.store import Store
+from gateway.xmldsig import XmlDsig, has_signature
+
+SUBMITTED_BY_HEADER = "submitted-by"  # the API token that submitted a record (the API sets it)
 
 log = get_logger(__name__)
 
@@ -105,6 +114,7 @@ class Intake:
         dlq_topic: str,
         targets: Mapping[str, Target],
         settings: IntakeSettings,
+        approval_settings: ApprovalSettings | None = None,
     ) -> None:
         self.store = store
         self.planner = planner
@@ -114,6 +124,8 @@ class Intake:
         self.dlq_topic = dlq_topic
         self.targets = targets
         self.settings = settings
+        self.approval = approval_settings or ApprovalSettings()
+        self.xmldsig = XmlDsig(settings.xmldsig)
 
     def validate(
         self, raw: bytes, headers: Mapping[str, bytes] | None = None
@@ -130,8 +142,7 @@ class Intake:
         if self.verifier is not None:
             with Stage(SignatureError, "signature"):
                 if cap:
-                    signature = (headers or {}).get(SIGNATURE_HEADER, b"").decode("ascii", "replace")
-                    self.verifier.verify_document(adv.sender, signature, raw)
+                    self._verify_cap(adv.sender, raw, record, headers or {})
                 else:
                     self.verifier.verify(record)
         if adv.msg_type != "cancel":
@@ -146,11 +157,37 @@ class Intake:
                 self.renderer.check(adv, [self.targets[c] for c in adv.channels])
         return adv, record
 
+    def _verify_cap(
+        self, sender: str, raw: bytes, record: Mapping[str, Any], headers: Mapping[str, bytes]
+    ) -> None:
+        """An enveloped XML-DSig signature where the sender has certificates (gateway/xmldsig.py),
+        else — unless its policy requires XML-DSig — the detached Ed25519 header."""
+        assert self.verifier is not None
+        if self.xmldsig.applies(sender):
+            if has_signature(raw):
+                signed = self.xmldsig.verify(sender, raw)
+                if parse_cap(signed, self.settings.limits, self.settings.cap_channels) != record:
+                    raise SignatureError("Signature: what the signature covers is not this alert")
+                return
+            if self.xmldsig.policies[sender] == "required":
+                raise SignatureError(
+                    f"Signature: {sender!r} must sign its CAP documents with XML-DSig "
+                    "(intake.xmldsig policy: required); this one carries no <Signature>"
+                )
+        signature = headers.get(SIGNATURE_HEADER, b"").decode("ascii", "replace")
+        self.verifier.verify_document(sender, signature, raw)
+
+    async def audience_size(self, adv: Advisory) -> int:
+        a = adv.audience
+        return await self.store.audience_size(a.countries, a.regions, a.tags)
+
     async def handle(self, raw: bytes, headers: Mapping[str, bytes] | None = None) -> str:
         """Process one record; returns the outcome for the log. Input problems raise InputError;
         anything else (the store, the broker) is an infrastructure failure and is retried."""
         adv, record = self.validate(raw, headers)
-        accepted = await self.store.accept(adv, record, self.settings.authorities)
+        why = await approval.required(adv, self.approval.rules, self.audience_size)
+        submitter = (headers or {}).get(SUBMITTED_BY_HEADER, b"").decode("utf-8", "replace")[:200] or None
+        accepted = await self.store.accept(adv, record, self.settings.authorities, submitter, why)
         if accepted.state is None:
             log.info("advisory.duplicate", advisory_id=adv.id, version=adv.version)
             return accepted.outcome

@@ -4,9 +4,16 @@
 
     received ─▶ pending_approval ─▶ active ─▶ completed
                    │  │  │             │
-                   │  │  └▶ returned   ├▶ cancelled   (a cancel naming it, from its sender or an authority)
-                   │  └▶ rejected      ├▶ superseded  (a later version, or an update naming it)
-                   └▶ cancelled/expired└▶ expired     (expires_at passed)
+                   │  │  └▶ returned   ├▶ cancelled   (a cancel naming it, from its sender or an
+                   │  └▶ rejected      │               authority, or an operator's cancel)
+                   └▶ cancelled/       ├▶ superseded  (a later version, or an update naming it)
+                      superseded/      └▶ expired     (expires_at passed)
+                      expired (approval timeout)
+
+Approval (gateway/approval.py): an alert or update the policy names waits in ``pending_approval``
+until a second person — an approver who is not its submitter — approves it (``active``), rejects it
+or returns it for edit (``DECISIONS``, each with a reason); past ``approval.timeout_s`` it expires.
+A cancel never waits for approval.
 
 Withdrawals — what cancels, updates and later versions do to the advisories they name:
 
@@ -60,6 +67,10 @@ TRANSITIONS: Mapping[AdvisoryState, frozenset[AdvisoryState]] = {
     A.CANCELLED: frozenset(),
     A.EXPIRED: frozenset({A.CANCELLED}),
 }
+
+
+# what an approver may decide for an advisory in pending_approval: approve, reject, return for edit
+DECISIONS = frozenset({A.ACTIVE, A.REJECTED, A.RETURNED})
 
 
 class LifecycleError(ValueError):

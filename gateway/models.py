@@ -68,6 +68,8 @@ class Advisory(_Model):
     content: dict[str, Content] = Field(default_factory=dict)
     references: tuple[str, ...] = ()
     max_sms_parts: int | None = Field(None, ge=1, le=20)
+    # a rehearsal: sent only to the gateway's own sandbox partners, never to the public
+    training: bool = False
     signature: str | None = None
 
     @field_validator("issued_at", "expires_at")

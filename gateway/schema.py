@@ -25,6 +25,11 @@ advisories = sa.Table(
     sa.Column("plan_cursor", sa.String(128), nullable=False, server_default=""),
     sa.Column("body", sa.JSON, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    # who submitted it: an API token ("token:<id>:<name>"), or "sender:<sender>" straight from Kafka;
+    # the second person who approves it must be someone else
+    sa.Column("submitted_by", sa.String(200)),
+    # a training advisory goes only to the gateway's own sandbox partners (gateway/training.py)
+    sa.Column("training", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 recipients = sa.Table(

@@ -10,6 +10,7 @@ environment or from a ``*_file`` key.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.approval import ApprovalSettings
 from gateway.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
 ENV_PREFIX = "GATEWAY__"
-SECRET_KEYS = frozenset({"secret", "password"})
+SECRET_KEYS = frozenset({"secret", "password", "signing_keys"})
 
 Role = Literal["intake", "dispatch", "receipts"]
 
@@ -73,14 +75,54 @@ class InputLimits(_Section):
     max_version: int = Field(1_000_000, ge=1)
 
 
+class XmlDsigSender(_Section):
+    """A sender whose CAP documents may carry an enveloped XML-DSig signature (gateway/xmldsig.py)."""
+
+    # required: a CAP document from this sender must carry a signature that verifies against one of
+    # the certificates; optional: a signature, if present, must verify (else the Ed25519 header does)
+    policy: Literal["required", "optional"] = "optional"
+    # PEM certificates (the text itself, or the path of a PEM file)
+    certificates: tuple[str, ...] = Field(min_length=1)
+
+
 class IntakeSettings(_Section):
     require_signature: bool = True
     trusted_keys: dict[str, str] = Field(default_factory=dict)
+    # sender -> XML-DSig certificates and policy, for CAP relayed as it comes (an aggregator's feed)
+    xmldsig: dict[str, XmlDsigSender] = Field(default_factory=dict)
     # sender -> the senders whose advisories it may also cancel or update (its own, always)
     authorities: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     limits: InputLimits = InputLimits()
     # CAP carries no channels: a CAP advisory goes out on these, in this cascade order
     cap_channels: tuple[str, ...] = ("push", "sms-http", "email")
+
+
+class ApiSettings(_Section):
+    """The press office's API (gateway/submissions.py)."""
+
+    # sender -> base64 Ed25519 private key: the API signs what an authorized token submits for that
+    # sender (JSON text; a secret: GATEWAY__API__SIGNING_KEYS or signing_keys_file, never YAML)
+    signing_keys: str | None = None
+    signing_keys_file: Path | None = None
+    max_body_bytes: int = Field(262_144, ge=1024)
+
+    def keys(self) -> dict[str, str]:
+        raw = read_secret("api.signing_keys", self.signing_keys, self.signing_keys_file)
+        if not raw:
+            return {}
+        try:
+            keys = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError("api.signing_keys: not a JSON object of sender -> base64 key") from e
+        if not isinstance(keys, dict) or not all(isinstance(v, str) for v in keys.values()):
+            raise ConfigError("api.signing_keys: not a JSON object of sender -> base64 key")
+        return {str(k): v for k, v in keys.items()}
+
+
+class TrainingSettings(_Section):
+    """Training advisories (gateway/training.py) go only to the gateway's own sandbox partners."""
+
+    receipt_delay_s: float = Field(0.2, ge=0)
 
 
 class RenderingSettings(_Section):
@@ -130,6 +172,9 @@ class Settings(_Section):
     store: StoreSettings = StoreSettings()
     http: HttpSettings = HttpSettings()
     intake: IntakeSettings = IntakeSettings()
+    api: ApiSettings = ApiSettings()
+    approval: ApprovalSettings = ApprovalSettings()
+    training: TrainingSettings = TrainingSettings()
     rendering: RenderingSettings = RenderingSettings()
     planner: PlannerSettings = PlannerSettings()
     dispatch: DispatchSettings = DispatchSettings()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,12 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from gateway import audit as audit_log
 from gateway import migrate as migrations
-from gateway.errors import AuthorityError
+from gateway.errors import AuthorityError, DecisionError, NotFoundError
 from gateway.lifecycle import (
+    DECISIONS,
     A,
     AdvisoryState,
     Reference,
     arrival_state,
+    can_move,
+    check_move,
     has_authority,
     key,
     sources_of,
@@ -38,7 +42,7 @@ from gateway.migrate import Mode
 from gateway.models import PENDING, Advisory, Recipient, Status, now
 from gateway.schema import advisories, deliveries, metadata, receipts, recipients, withdrawals
 
-__all__ = ["Accepted", "AppliedReceipts", "Outcome", "Store", "WorkItem", "metadata"]
+__all__ = ["Accepted", "AppliedReceipts", "By", "Outcome", "Store", "Version", "WorkItem", "metadata"]
 
 log = get_logger(__name__)
 
@@ -79,6 +83,32 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class By:
+    """Who withdraws advisories: ``key`` names what did it (an advisory ``id@vN``, or an operator's
+    cancel), ``sender`` is on whose authority (kept with a withdrawal that overtakes its advisory),
+    ``actor`` goes into the audit log."""
+
+    key: str
+    sender: str
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One stored advisory version as the API shows it."""
+
+    advisory_id: str
+    version: int
+    msg_type: str
+    sender: str
+    state: AdvisoryState
+    training: bool
+    submitted_by: str | None
+    received_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class AppliedReceipts:
     moved: list[Outcome]  # receipts that moved their delivery forward, in arrival order
     unknown: list[Outcome]  # receipts naming no delivery of ours (not stored)
@@ -104,6 +134,46 @@ class Outcome:
 def _aware(at: datetime) -> datetime:
     """A stored time as UTC-aware (SQLite gives it back naive)."""
     return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+_VERSION_COLUMNS = (
+    advisories.c.id,
+    advisories.c.version,
+    advisories.c.msg_type,
+    advisories.c.sender,
+    advisories.c.state,
+    advisories.c.training,
+    advisories.c.submitted_by,
+    advisories.c.received_at,
+    advisories.c.expires_at,
+)
+
+
+def _version(row: sa.RowMapping) -> Version:
+    return Version(
+        advisory_id=str(row["id"]),
+        version=int(row["version"]),
+        msg_type=str(row["msg_type"]),
+        sender=str(row["sender"]),
+        state=AdvisoryState(row["state"]),
+        training=bool(row["training"]),
+        submitted_by=row["submitted_by"],
+        received_at=_aware(row["received_at"]),
+        expires_at=_aware(row["expires_at"]),
+    )
+
+
+def _in_audience(
+    q: sa.Select[Any], countries: Sequence[str], regions: Sequence[str], tags: Sequence[str]
+) -> sa.Select[Any]:
+    """``q`` restricted to the recipients an audience names."""
+    if countries:
+        q = q.where(recipients.c.country.in_(list(countries)))
+    if regions:
+        q = q.where(recipients.c.region.in_(list(regions)))
+    if tags:
+        q = q.where(sa.or_(*(recipients.c.tags.contains(f",{t},", autoescape=True) for t in tags)))
+    return q
 
 
 def _recipient_row(r: Recipient, at: datetime) -> dict[str, Any]:
@@ -213,12 +283,7 @@ class Store:
     ) -> list[Recipient]:
         """One page of the audience, in id order after ``after`` (keyset paging: nothing held open)."""
         q = sa.select(recipients).where(recipients.c.id > after).order_by(recipients.c.id).limit(limit)
-        if countries:
-            q = q.where(recipients.c.country.in_(list(countries)))
-        if regions:
-            q = q.where(recipients.c.region.in_(list(regions)))
-        if tags:
-            q = q.where(sa.or_(*(recipients.c.tags.contains(f",{t},", autoescape=True) for t in tags)))
+        q = _in_audience(q, countries, regions, tags)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q)).mappings().all()
         return [_recipient_from_row(r) for r in rows]
@@ -237,13 +302,22 @@ class Store:
             return await self._state_in(conn, advisory_id, version)
 
     async def accept(
-        self, adv: Advisory, raw: Mapping[str, Any], authorities: Mapping[str, Sequence[str]]
+        self,
+        adv: Advisory,
+        raw: Mapping[str, Any],
+        authorities: Mapping[str, Sequence[str]],
+        submitted_by: str | None = None,
+        approval: str | None = None,
     ) -> Accepted:
         """Store an advisory version and apply what it carries — in **one transaction**: the record,
         the supersede of its older versions, the withdrawals it makes (cancel, update) and those
         made of it before it came, and its plan's schedule (``active``, not yet planned). A record
         stored already changes nothing (``duplicate``). A cancel or update of another sender's
-        advisory without authority raises AuthorityError and stores nothing (gateway/lifecycle.py)."""
+        advisory without authority raises AuthorityError and stores nothing (gateway/lifecycle.py).
+        ``approval``: why the approval policy wants a second person (gateway/approval.py): the
+        advisory waits in ``pending_approval`` instead of becoming ``active``. ``submitted_by``:
+        the API token that submitted it (else its sender), the one who may not approve it."""
+        submitted_by = submitted_by or f"sender:{adv.sender}"
         async with self._begin() as conn:
             await self._check_authority(conn, adv, authorities)  # before all: a forged replay too
             if await self._state_in(conn, adv.id, adv.version) is not None:
@@ -261,6 +335,8 @@ class Store:
                     )
                 ).scalar_one()
                 state = arrival_state(remembered, bool(newer))
+                if state is A.ACTIVE and approval is not None:
+                    state = A.PENDING_APPROVAL
             await conn.execute(
                 self._insert(advisories).values(
                     id=adv.id,
@@ -272,20 +348,175 @@ class Store:
                     state=state.value,
                     body=dict(raw),
                     received_at=now(),
+                    submitted_by=submitted_by,
+                    training=adv.training,
                 )
             )
-            detail = {"msg_type": adv.msg_type, "references": list(adv.references)}
-            await audit_log.append(conn, adv.sender, f"advisory.{state.value}", adv.key, detail)
+            detail: dict[str, Any] = {"msg_type": adv.msg_type, "references": list(adv.references)}
+            if state is A.PENDING_APPROVAL:
+                detail["approval"] = approval
+            if adv.training:
+                detail["training"] = True
+            await audit_log.append(conn, submitted_by, f"advisory.{state.value}", adv.key, detail)
+            by = By(adv.key, adv.sender, submitted_by)
             moved = 0
             if withdraws is not A.CANCELLED:
                 older = (advisories.c.id == adv.id, advisories.c.version < adv.version)
-                moved += await self._withdraw_in(conn, older, A.SUPERSEDED, adv)
+                moved += await self._withdraw_in(conn, older, A.SUPERSEDED, by)
             if withdraws is not None:
                 for ref in map(Reference.parse, adv.references):
                     if ref.advisory_id == adv.id and withdraws is A.SUPERSEDED:
                         continue  # an update's own earlier versions: superseded just above
-                    moved += await self._withdraw_ref(conn, ref.advisory_id, withdraws, adv)
+                    moved += await self._withdraw_ref(conn, ref.advisory_id, withdraws, by)
         return Accepted(state.value if state is not A.ACTIVE else "accepted", state, moved)
+
+    async def decide(
+        self, advisory_id: str, version: int | None, decision: AdvisoryState, actor: str, reason: str | None
+    ) -> Version:
+        """An approver's decision on a version waiting in ``pending_approval`` (the newest waiting
+        one if ``version`` is None): ``active`` (approve), ``rejected`` or ``returned`` (with a
+        reason). The submitter may not decide on their own (the two-person rule). One transaction
+        with its audit entry; the planner picks an approved advisory up from the store."""
+        if decision not in DECISIONS:
+            raise DecisionError(f"decision: {decision.value} is not an approver's decision")
+        async with self._begin() as conn:
+            rows = await self._versions_in(conn, advisory_id)
+            if not rows:
+                raise NotFoundError(f"advisory_id: no advisory {advisory_id!r} is stored")
+            if version is None:
+                waiting = [v for v in rows if v.state is A.PENDING_APPROVAL]
+                if not waiting:
+                    newest = rows[-1]
+                    raise DecisionError(
+                        f"advisory {advisory_id!r} has no version waiting for approval "
+                        f"({key(advisory_id, newest.version)} is {newest.state.value})"
+                    )
+                target = waiting[-1]
+            else:
+                found = [v for v in rows if v.version == version]
+                if not found:
+                    raise NotFoundError(f"version: advisory {advisory_id!r} has no version {version}")
+                target = found[0]
+            if target.state is not A.PENDING_APPROVAL:
+                raise DecisionError(
+                    f"{key(advisory_id, target.version)} is {target.state.value}, not pending_approval"
+                )
+            if target.submitted_by == actor:
+                raise DecisionError(
+                    "the submitter may not approve, reject or return their own advisory: "
+                    "a second person must decide",
+                    status=403,
+                )
+            check_move(target.state, decision)
+            result = await conn.execute(
+                sa.update(advisories)
+                .where(
+                    advisories.c.id == advisory_id,
+                    advisories.c.version == target.version,
+                    advisories.c.state == A.PENDING_APPROVAL.value,
+                )
+                .values(state=decision.value)
+            )
+            if not result.rowcount:  # another decision got there first
+                raise DecisionError(f"{key(advisory_id, target.version)} was decided meanwhile")
+            detail = {"from": A.PENDING_APPROVAL.value, "reason": reason, "submitted_by": target.submitted_by}
+            await audit_log.append(
+                conn, actor, f"advisory.{decision.value}", key(advisory_id, target.version), detail
+            )
+        return dataclasses.replace(target, state=decision)
+
+    async def cancel(self, advisory_id: str, actor: str, reason: str) -> int:
+        """An operator's cancel of every version of an advisory, at once (no approval: stopping a
+        wrong message never waits). Its pending deliveries are cancelled; returns how many.
+        A later version arriving with this id is stored cancelled too, as after a cancel record."""
+        async with self._begin() as conn:
+            rows = await self._versions_in(conn, advisory_id)
+            if not rows:
+                raise NotFoundError(f"advisory_id: no advisory {advisory_id!r} is stored")
+            live = [v for v in rows if can_move(v.state, A.CANCELLED)]
+            if not live:
+                raise DecisionError(
+                    f"advisory {advisory_id!r} cannot be cancelled: it is "
+                    + ", ".join(sorted({v.state.value for v in rows}))
+                )
+            by = By(f"cancel:{actor}"[:128], rows[-1].sender, actor)
+            moved = await self._withdraw_ref(conn, advisory_id, A.CANCELLED, by, reason)
+        return moved
+
+    async def expire_unapproved(self, waiting_since: datetime) -> list[str]:
+        """Versions in ``pending_approval`` since before ``waiting_since`` become ``expired`` (the
+        approval timeout), each with an audit entry; returns their keys."""
+        q = sa.select(advisories.c.id, advisories.c.version).where(
+            advisories.c.state == A.PENDING_APPROVAL.value, advisories.c.received_at <= waiting_since
+        )
+        out = []
+        async with self._begin() as conn:
+            for advisory_id, version in (await conn.execute(q)).all():
+                result = await conn.execute(
+                    sa.update(advisories)
+                    .where(
+                        advisories.c.id == advisory_id,
+                        advisories.c.version == version,
+                        advisories.c.state == A.PENDING_APPROVAL.value,
+                    )
+                    .values(state=A.EXPIRED.value)
+                )
+                if result.rowcount:
+                    subject = key(str(advisory_id), int(version))
+                    detail = {"from": A.PENDING_APPROVAL.value, "reason": "no approval in time"}
+                    await audit_log.append(conn, "gateway", f"advisory.{A.EXPIRED.value}", subject, detail)
+                    out.append(subject)
+        return out
+
+    async def versions(self, advisory_id: str) -> list[Version]:
+        """Every stored version of an advisory, oldest first."""
+        async with self.engine.connect() as conn:
+            return await self._versions_in(conn, advisory_id)
+
+    @staticmethod
+    async def _versions_in(conn: AsyncConnection, advisory_id: str) -> list[Version]:
+        q = sa.select(*_VERSION_COLUMNS).where(advisories.c.id == advisory_id).order_by(advisories.c.version)
+        return [_version(r) for r in (await conn.execute(q)).mappings().all()]
+
+    async def newest_versions(
+        self,
+        states: Sequence[str] = (),
+        sender: str | None = None,
+        training: bool | None = None,
+        before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Version]:
+        """The newest version of each advisory, newest first, filtered by its state, its sender,
+        training or not, and stored before ``before`` (to page)."""
+        newest = (
+            sa.select(advisories.c.id, sa.func.max(advisories.c.version).label("version"))
+            .group_by(advisories.c.id)
+            .subquery()
+        )
+        q = (
+            sa.select(*_VERSION_COLUMNS)
+            .join(newest, sa.and_(advisories.c.id == newest.c.id, advisories.c.version == newest.c.version))
+            .order_by(advisories.c.received_at.desc(), advisories.c.id)
+            .limit(limit)
+        )
+        if states:
+            q = q.where(advisories.c.state.in_(list(states)))
+        if sender is not None:
+            q = q.where(advisories.c.sender == sender)
+        if training is not None:
+            q = q.where(advisories.c.training == training)
+        if before is not None:
+            q = q.where(advisories.c.received_at < before)
+        async with self.engine.connect() as conn:
+            return [_version(r) for r in (await conn.execute(q)).mappings().all()]
+
+    async def audience_size(
+        self, countries: Sequence[str], regions: Sequence[str], tags: Sequence[str]
+    ) -> int:
+        """How many recipients an audience names (the approval policy's ``min_audience``)."""
+        q = _in_audience(sa.select(sa.func.count()).select_from(recipients), countries, regions, tags)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(q)).scalar_one())
 
     async def _state_in(self, conn: AsyncConnection, advisory_id: str, version: int) -> AdvisoryState | None:
         state = await self._value(conn, advisories.c.state, advisory_id, version)
@@ -338,7 +569,7 @@ class Store:
         return AdvisoryState(row.state)
 
     async def _withdraw_ref(
-        self, conn: AsyncConnection, advisory_id: str, state: AdvisoryState, by: Advisory
+        self, conn: AsyncConnection, advisory_id: str, state: AdvisoryState, by: By, reason: str | None = None
     ) -> int:
         """Remember that ``by`` withdrew ``advisory_id`` (every version, even one not received yet)
         and withdraw what is stored of it. A cancel outranks a supersede."""
@@ -353,14 +584,15 @@ class Store:
         else:
             stmt = stmt.on_conflict_do_nothing()
         await conn.execute(stmt)
-        return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by)
+        return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by, reason)
 
     async def _withdraw_in(
         self,
         conn: AsyncConnection,
         where: tuple[sa.ColumnElement[bool], ...],
         state: AdvisoryState,
-        by: Advisory,
+        by: By,
+        reason: str | None = None,
     ) -> int:
         """Versions matching ``where`` move to ``state`` where the lifecycle allows it (each move an
         audit entry); their pending deliveries are cancelled. Returns how many were cancelled."""
@@ -372,9 +604,9 @@ class Store:
         movable = set(sources_of(state))
         for advisory_id, version, current in versions:
             if current in movable:
-                detail = {"from": current, "by": by.key}
+                detail = {"from": current, "by": by.key, **({"reason": reason} if reason else {})}
                 await audit_log.append(
-                    conn, by.sender, f"advisory.{state.value}", key(advisory_id, version), detail
+                    conn, by.actor, f"advisory.{state.value}", key(advisory_id, version), detail
                 )
         await conn.execute(
             sa.update(advisories)
@@ -439,7 +671,9 @@ class Store:
         )
         if not any_state:
             q = q.where(
-                advisories.c.state.in_([A.ACTIVE.value, A.COMPLETED.value]), advisories.c.expires_at > now()
+                advisories.c.state.in_([A.ACTIVE.value, A.COMPLETED.value]),
+                advisories.c.expires_at > now(),
+                advisories.c.training == sa.false(),  # a rehearsal is never public
             )
         if advisory_id is not None:
             q = q.where(advisories.c.id == advisory_id)

@@ -3,7 +3,8 @@
 Every ``interval_s``: deliveries still pending when their advisory expires become ``expired``
 (nothing is sent after ``expires_at``: dispatch checks too, before every attempt); deliveries
 ``sent`` longer than ``receipt_timeout_s`` ago with no receipt become ``unknown`` — shown apart from
-delivered, and still moved to delivered or failed by a receipt that comes late.
+delivered, and still moved to delivered or failed by a receipt that comes late; advisories waiting
+in ``pending_approval`` longer than ``approval.timeout_s`` become ``expired`` (the approval timeout).
 The updates are idempotent, so every gateway process may run a sweeper.
 """
 
@@ -23,16 +24,27 @@ log = get_logger(__name__)
 
 
 class Sweeper:
-    def __init__(self, store: Store, settings: SweeperSettings, clock: Callable[[], datetime] = now) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: SweeperSettings,
+        clock: Callable[[], datetime] = now,
+        approval_timeout_s: float | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.approval_timeout_s = approval_timeout_s
 
     async def sweep(self) -> tuple[int, int]:
         """One pass; returns (expired, unknown)."""
         at = self.clock()
         expired = await self.store.expire_pending(at)
         unknown = await self.store.mark_unknown(at - timedelta(seconds=self.settings.receipt_timeout_s))
+        if self.approval_timeout_s is not None:
+            waited = at - timedelta(seconds=self.approval_timeout_s)
+            for subject in await self.store.expire_unapproved(waited):
+                log.warning("advisory.approval_timed_out", advisory=subject)
         if expired or unknown:
             log.info("deliveries.swept", expired=expired, unknown=unknown)
         return expired, unknown

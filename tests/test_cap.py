@@ -117,12 +117,8 @@ EXTERNAL_ENTITY = b"""<?xml version="1.0"?><!DOCTYPE alert [<!ENTITY x SYSTEM "f
         (BILLION_LAUGHS, DecodeError, r"DOCTYPE is not accepted"),
         (b"<alert" + b" " * 300_000 + b"/>", DecodeError, r"bytes; the limit is 262144"),
         (b"<alert><unclosed></alert>", DecodeError, r"not well-formed XML"),
-        (_alert(a="<status>Actual=><status>Exercise"), SchemaError, r"status: Exercise \(training mode"),
-        (
-            _alert(a="<status>Actual=><status>Draft"),
-            SchemaError,
-            r"status: Draft \(never reaches the public\)",
-        ),
+        (_alert(a="<status>Actual=><status>System"), SchemaError, r"status: System never reaches anyone"),
+        (_alert(a="<status>Actual=><status>Draft"), SchemaError, r"status: Draft never reaches anyone"),
         (_alert(a="<msgType>Alert=><msgType>Ack"), SchemaError, r"msgType: Ack is not an advisory"),
         (_alert(a="<msgType>Alert=><msgType>Update"), SchemaError, r"references: a CAP Update must name"),
         (
@@ -147,6 +143,13 @@ EXTERNAL_ENTITY = b"""<?xml version="1.0"?><!DOCTYPE alert [<!ENTITY x SYSTEM "f
 def test_bad_cap_is_refused_naming_what_is_wrong(raw: bytes, error: type[InputError], message: str) -> None:
     with pytest.raises(error, match=message):
         parse_cap(raw, LIMITS, CHANNELS)
+
+
+@pytest.mark.parametrize("status", ["Test", "Exercise"])
+def test_test_and_exercise_documents_become_training_advisories(status: str) -> None:
+    record = parse_cap(_alert(a=f"<status>Actual=><status>{status}"), LIMITS, CHANNELS)
+    assert record["training"] is True
+    assert "training" not in parse_cap(_alert(), LIMITS, CHANNELS)
 
 
 def test_a_bom_and_declared_non_utf8_encodings_are_read_as_declared() -> None:
