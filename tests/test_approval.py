@@ -113,7 +113,7 @@ async def test_decisions_name_what_does_not_exist(store: Store) -> None:
     with pytest.raises(NotFoundError, match="advisory_id: no advisory 'nope'"):
         await store.decide("nope", None, A.ACTIVE, APPROVER, None)
     adv = await _pending(store)
-    with pytest.raises(NotFoundError, match="version: .* has no version 7"):
+    with pytest.raises(NotFoundError, match=r"version: .* has no version 7"):
         await store.decide(adv.id, 7, A.ACTIVE, APPROVER, None)
 
 
