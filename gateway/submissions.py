@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -94,7 +94,7 @@ def _entry_json(row: sa.RowMapping) -> dict[str, Any]:
     at: datetime = row["at"]
     return {
         "seq": row["seq"],
-        "at": at.isoformat(),
+        "at": (at if at.tzinfo else at.replace(tzinfo=UTC)).isoformat(),  # SQLite: naive UTC
         "actor": row["actor"],
         "action": row["action"],
         "subject": row["subject"],
@@ -285,8 +285,10 @@ class Submissions:
     async def audit(self, request: web.Request) -> web.Response:
         try:
             after = int(request.query.get("after", "0"))
+            if not 0 <= after < 2**62:
+                raise ValueError
         except ValueError:
-            return problem(400, "Bad filter", "after: a sequence number", field="after")
+            return problem(400, "Bad filter", "after: a sequence number (0 or more)", field="after")
         rows = await audit.read(self.store.engine, request.query.get("subject"), 1000, after=after)
         return web.json_response({"entries": [_entry_json(r) for r in rows]})
 
