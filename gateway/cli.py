@@ -16,6 +16,7 @@ import yaml
 from gateway import kafka
 from gateway import logging as gw_logging
 from gateway.errors import ConfigError, InputError
+from gateway.lifecycle import partition_key
 from gateway.settings import Settings, load_settings
 
 SIGNING_KEY_ENV = "GATEWAY_SIGNING_KEY"
@@ -114,12 +115,9 @@ def load_advisory_file(path: Path) -> dict[str, Any]:
 
 
 def record_key(record: dict[str, Any]) -> bytes:
-    """The Kafka key of an advisory: its id — or, for a cancel or update, the id of the first
-    advisory it references, so that both share a partition and arrive in the order they were sent."""
-    refs = record.get("references") or []
-    if record.get("msg_type") in {"cancel", "update"} and refs:
-        return str(refs[0]).split("@", 1)[0].encode()
-    return str(record.get("id", "")).encode()
+    """The Kafka key of an advisory record (``lifecycle.partition_key``)."""
+    references = record.get("references") or []
+    return partition_key(str(record.get("id", "")), str(record.get("msg_type")), references)
 
 
 async def publish(bootstrap_servers: str, topic: str, record: dict[str, Any]) -> None:

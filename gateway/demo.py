@@ -1,8 +1,11 @@
 """``broadcast-gateway demo``: the whole house on one machine, in one command.
 
 Embedded broker, SQLite in a temporary folder, the sandbox partner as its own process, the gateway
-in this process; a generated directory (kk, ru, en) streamed to CSV and imported; the evacuation
-advisory signed and published; live progress until every delivery is final; then a summary.
+in this process; a generated directory (kk, ru, en) streamed to CSV and imported; then the press
+office's way in: the demo makes two API tokens, submits the evacuation advisory over HTTP with the
+press token (the gateway signs it with the sender's key), and approves it with the second person's
+token (the approval policy of the production profile: every advisory); live progress until every
+delivery is final; then a summary.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from rich.console import Console
 from rich.live import Live
@@ -29,12 +33,11 @@ from rich.table import Table
 from gateway import logging as gw_logging
 from gateway.app import Gateway
 from gateway.broker import EmbeddedBroker, free_port
-from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.models import FINAL, PENDING, Status, now
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import PROJECT_ROOT, Settings, load_settings
-from gateway.signing import new_key, sign
+from gateway.signing import new_key
 from gateway.store import Store
 
 DEMO_ADVISORY = PROJECT_ROOT / "config" / "demo-advisory.yaml"
@@ -175,10 +178,47 @@ def demo_env(
 
 
 def demo_settings(
-    workdir: Path, bootstrap: str, http_port: int, sandbox: SandboxProcess, sender: str, public_key: str
+    workdir: Path,
+    bootstrap: str,
+    http_port: int,
+    sandbox: SandboxProcess,
+    sender: str,
+    keys: tuple[str, str],
 ) -> Settings:
-    env = demo_env(workdir, bootstrap, http_port, sandbox, sender, public_key)
+    """The demo's gateway: the production profile's approval policy (every advisory waits for a
+    second person) and the sender's signing key for the API."""
+    private_key, public_key = keys
+    env = {
+        **demo_env(workdir, bootstrap, http_port, sandbox, sender, public_key),
+        "GATEWAY__API__SIGNING_KEYS": json.dumps({sender: private_key}),
+        "GATEWAY__APPROVAL__RULES": "[{}]",
+    }
     return load_settings(environ={**os.environ, **env})
+
+
+async def submit_and_approve(gateway: Gateway, record: dict[str, Any]) -> dict[str, Any]:
+    """The press office's way in: a press token submits over HTTP, a second person's token approves
+    once intake has stored it. Returns who did what."""
+    assert gateway.tokens is not None
+    _, press = await gateway.tokens.create("demo-press-desk", ["press"], actor="demo")
+    _, approver = await gateway.tokens.create("demo-duty-approver", ["approver"], actor="demo")
+    url = gateway.public_url
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        headers = {"Authorization": f"Bearer {press}"}
+        async with http.post(f"{url}/advisories", json=record, headers=headers) as resp:
+            submitted = await resp.json(content_type=None)
+            if resp.status != 202:
+                raise RuntimeError(f"the API refused the demo advisory: {submitted}")
+        headers = {"Authorization": f"Bearer {approver}"}
+        for _ in range(200):  # intake stores it within a moment; until then there is nothing to approve
+            async with http.post(f"{url}/advisories/{record['id']}/approve", headers=headers) as resp:
+                approved = await resp.json(content_type=None)
+                if resp.status == 200:
+                    return {"submitted": submitted, "approved": approved}
+                if resp.status not in (404, 409):
+                    raise RuntimeError(f"the approval was refused: {approved}")
+            await asyncio.sleep(0.05)  # intake has not stored it yet: nothing to approve
+    raise RuntimeError("the submitted advisory was not stored within 10 s")
 
 
 async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
@@ -186,7 +226,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
     gw_logging.configure("warning", "auto")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     secret = secrets.token_urlsafe(32)
-    private_key, public_key = new_key()
+    keys = new_key()
     record = demo_advisory()
     country = record["audience"]["countries"][0]
     t_start = time.monotonic()
@@ -194,7 +234,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
         http_port = free_port()
         async with SandboxProcess(secret, f"http://127.0.0.1:{http_port}") as sandbox:
             settings = demo_settings(
-                workdir, broker.bootstrap_servers, http_port, sandbox, record["sender"], public_key
+                workdir, broker.bootstrap_servers, http_port, sandbox, record["sender"], keys
             )
             console.print(
                 f"[bold]broker[/] {broker.bootstrap_servers}  [bold]sandbox[/] {sandbox.url}  "
@@ -211,10 +251,11 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
             gateway = Gateway(settings)
             await gateway.start()
             try:
-                await publish(
-                    broker.bootstrap_servers, settings.kafka.topic_advisories, sign(record, private_key)
+                approval = await submit_and_approve(gateway, record)
+                console.print(
+                    f"submitted {record['id']} over the API with a press token "
+                    f"({approval['submitted']['needs_approval']}); approved by {approval['approved']['by']}"
                 )
-                console.print(f"published {record['id']} (signed by {record['sender']})")
                 counts, all_sent, all_final = await _watch(
                     gateway,
                     record["id"],
@@ -236,6 +277,7 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
         "seconds_to_all_sent": None if all_sent is None else round(all_sent, 2),
         "seconds_to_all_delivered": None if all_final is None else round(all_final, 2),
         "seconds_total": round(time.monotonic() - t_start, 2),
+        "approval": approval,
         "sandbox": sandbox_stats,
     }
     ok = all_final is not None and deliveries[Status.DELIVERED] + deliveries[Status.READ] == report.loaded

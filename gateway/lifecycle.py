@@ -132,6 +132,14 @@ def key(advisory_id: str, version: int) -> str:
     return f"{advisory_id}@v{version}"
 
 
+def partition_key(advisory_id: str, msg_type: str, references: Sequence[str]) -> bytes:
+    """The Kafka key of an advisory record: its id — or, for a cancel or update, the id of the first
+    advisory it references, so that both share a partition and arrive in the order they were sent."""
+    if msg_type in {"cancel", "update"} and references:
+        return Reference.parse(str(references[0])).advisory_id.encode()
+    return advisory_id.encode()
+
+
 def withdrawal_by(msg_type: str) -> AdvisoryState | None:
     """What an advisory of ``msg_type`` does to the advisories it references."""
     return {"cancel": A.CANCELLED, "update": A.SUPERSEDED}.get(msg_type)

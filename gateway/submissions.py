@@ -38,7 +38,14 @@ from gateway.cap import is_cap, parse_cap
 from gateway.errors import DecisionError, InputError, NotFoundError
 from gateway.feed import CAP_TYPE, Feed
 from gateway.intake import SUBMITTED_BY_HEADER, Intake, decode
-from gateway.lifecycle import DECISIONS, AdvisoryState, Reference, has_authority, withdrawal_by
+from gateway.lifecycle import (
+    DECISIONS,
+    AdvisoryState,
+    Reference,
+    has_authority,
+    partition_key,
+    withdrawal_by,
+)
 from gateway.models import Advisory
 from gateway.receipts import read_limited
 from gateway.settings import PROJECT_ROOT
@@ -167,7 +174,8 @@ class Submissions:
             detail = {"msg_type": adv.msg_type, "format": "cap" if is_cap(raw) else "json"}
             await audit.append(conn, who.actor, "advisory.submitted", adv.key, detail)
         kafka_headers = [(SUBMITTED_BY_HEADER, who.actor.encode()), *headers.items()]
-        await self.producer.send_and_wait(self.topic, raw, key=adv.id.encode(), headers=kafka_headers)
+        record_key = partition_key(adv.id, adv.msg_type, adv.references)
+        await self.producer.send_and_wait(self.topic, raw, key=record_key, headers=kafka_headers)
         status_url = f"/advisories/{adv.id}"
         answer = {
             "id": adv.id,

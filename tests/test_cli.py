@@ -73,6 +73,13 @@ def test_demo_runs_end_to_end_and_prints_its_json_summary() -> None:
     assert set(summary["by_channel"]) == {"push", "sms-http", "email"}
     assert all(set(per) == {"delivered"} for per in summary["by_channel"].values())
     assert summary["seconds_to_all_sent"] <= summary["seconds_to_all_delivered"]
+    # the press office's way in: submitted with a press token, held for and approved by a second one
+    approval = summary["approval"]
+    assert approval["submitted"]["needs_approval"] == "approval.rules[0]: every advisory"
+    assert (approval["approved"]["state"], approval["approved"]["by"].split(":")[-1]) == (
+        "active",
+        "demo-duty-approver",
+    )
     partners = summary["sandbox"]["channels"]
     for channel, per in summary["by_channel"].items():
         counted = partners[channel]
