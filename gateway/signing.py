@@ -3,7 +3,7 @@
 The signed bytes are the advisory's JSON object without its ``signature`` field, canonicalised:
 keys sorted, no insignificant white space, UTF-8 (``canonical_bytes``). The signature is base64.
 A CAP XML document is signed over its exact bytes, the signature in the Kafka record header
-``signature`` (``sign_document``); XML-DSig inside the document is not verified yet.
+``signature`` (``sign_document``); an enveloped XML-DSig inside it is gateway/xmldsig.py's.
 Each sender has one trusted public key (``intake.trusted_keys``).
 """
 
