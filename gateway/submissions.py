@@ -170,12 +170,20 @@ class Submissions:
                 return problem(400, "Malformed", str(e), field="body")
             return invalid(e)
         why = await approval.required(adv, self.intake.approval.rules, self.intake.audience_size)
+        # logged before the send (so it precedes what intake logs); a send that fails is logged too
         async with self.store.begin_write() as conn:
             detail = {"msg_type": adv.msg_type, "format": "cap" if is_cap(raw) else "json"}
             await audit.append(conn, who.actor, "advisory.submitted", adv.key, detail)
         kafka_headers = [(SUBMITTED_BY_HEADER, who.actor.encode()), *headers.items()]
         record_key = partition_key(adv.id, adv.msg_type, adv.references)
-        await self.producer.send_and_wait(self.topic, raw, key=record_key, headers=kafka_headers)
+        try:
+            await self.producer.send_and_wait(self.topic, raw, key=record_key, headers=kafka_headers)
+        except Exception as e:
+            async with self.store.begin_write() as conn:
+                failed = {"error": f"{type(e).__name__}: {e}"[:300]}
+                await audit.append(conn, who.actor, "advisory.submission_failed", adv.key, failed)
+            what = "the advisories topic did not take it; nothing was sent; submit it again"
+            return problem(503, "Not submitted", what, field="body")
         status_url = f"/advisories/{adv.id}"
         answer = {
             "id": adv.id,
