@@ -166,6 +166,7 @@ class Dispatcher:
         self.buffered = dict.fromkeys(lanes, 0)  # per topic: chunks fetched and not finished
         self.most_buffered = 0  # the most chunks one topic had buffered at once (backpressure bounds it)
         self.stopping = asyncio.Event()
+        self.in_hand: set[str] = set()  # delivery ids a worker of this process is sending now
 
     # -- one chunk ----------------------------------------------------------------------------
 
@@ -216,7 +217,18 @@ class Dispatcher:
         except Withdrawn as w:
             await self.store.record(Outcome(i, Status(w.status), reason=w.reason) for i in chunk.ids)
             return
-        items = await self.store.pending_work(chunk.ids)
+        # a delivery already in the hands of another worker is left to it: the same ids can come in
+        # two chunks (a page planned again after a crash) and SMTP or SMPP would send both copies.
+        # Claimed before the store is read, so the other worker has either claimed it or recorded it.
+        ids = [i for i in chunk.ids if i not in self.in_hand]
+        self.in_hand.update(ids)
+        try:
+            await self._send_chunk(adv, adapter, ids)
+        finally:
+            self.in_hand.difference_update(ids)
+
+    async def _send_chunk(self, adv: Advisory, adapter: Adapter, ids: Sequence[str]) -> None:
+        items = await self.store.pending_work(ids)
         messages: list[Message] = []
         failed: list[Outcome] = []
         for item in items:
