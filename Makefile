@@ -24,6 +24,8 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# two workers: CI machines have two cores; each worker starts its own broker (PYTEST_ARGS="-n 0": one)
+PYTEST_ARGS ?= -n 2
 unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
