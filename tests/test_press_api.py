@@ -373,28 +373,40 @@ async def test_a_relayed_cap_signed_with_xml_dsig_is_taken_as_it_comes(api: Api)
 
 
 async def test_a_training_advisory_reaches_only_the_gateways_own_sandbox(api: Api, tmp_path: Path) -> None:
-    """The live push channel points at the module's sandbox: it must receive nothing."""
-    rows = ["id,languages,app_user,country"] + [f"tr{i},en,tr-app-{i},XT" for i in range(10)]
+    """The live channels point at the module's sandbox: on push, SMS and e-mail it must receive
+    nothing; the gateway's own training sandbox gets every message, and its receipts count."""
+    reach = {"push": 10, "sms-http": 6, "email": 4}
+    rows = ["id,languages,app_user,phone,email,country"]
+    rows += [f"trp{i},en,tr-app-{i},,,XT" for i in range(reach["push"])]
+    rows += [f"trs{i},ru,,+7702{i:07d},,XT" for i in range(reach["sms-http"])]
+    rows += [f"tre{i},kk,,,tr{i}@mail.example,XT" for i in range(reach["email"])]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     assert api.gw.store is not None
     await import_file(api.gw.store, tmp_path / "t.csv")
-    record = advisory(id=f"drill-{uuid.uuid4().hex[:6]}", audience={"countries": ["XT"]}, training=True)
+    record = advisory(
+        id=f"drill-{uuid.uuid4().hex[:6]}",
+        audience={"countries": ["XT"]},
+        channels=["push", "sms-http", "email"],
+        training=True,
+    )
     status, answer = await api.call("POST", "/advisories", "press", record)
     assert (status, answer["training"]) == (202, True)
     await api.waits_for(record["id"], "pending_approval")
     assert (await api.call("POST", f"/advisories/{record['id']}/approve", "approver"))[0] == 200
 
     async def delivered() -> bool:
-        return (await _counts(api, record["id"])).get("push", {}).get("delivered") == 10
+        counts = await _counts(api, record["id"])
+        return all(counts.get(ch, {}).get("delivered") == n for ch, n in reach.items())
 
-    await eventually(delivered, what="the training advisory delivered (by the training sandbox)")
-    live = (await api.sandbox.stats())["channels"]["push"]["by_advisory"]
-    assert f"{record['id']}@v1" not in live  # the live partner saw nothing of it
+    await eventually(delivered, what="the training advisory delivered (receipts from the training sandbox)")
+    key = f"{record['id']}@v1"
+    live = (await api.sandbox.stats())["channels"]
+    assert [ch for ch in reach if key in live[ch]["by_advisory"]] == []  # the live partners saw nothing
     training = api.gw.training
     assert training is not None
     assert training.sandbox is not None
-    sandbox_push = (await training.sandbox.stats())["channels"]["push"]["by_advisory"]
-    assert sandbox_push[f"{record['id']}@v1"]["unique_recipients"] == 10
+    rehearsed = (await training.sandbox.stats())["channels"]
+    assert {ch: rehearsed[ch]["by_advisory"][key]["unique_recipients"] for ch in reach} == reach
     _, feed = await api.call("GET", "/feed.atom", None)
     assert record["id"].encode() not in feed  # a rehearsal is never public
     _, cap = await api.call("GET", f"/advisories/{record['id']}/cap", "press")
