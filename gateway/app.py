@@ -176,7 +176,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(run(consumer, self.stopping), name=name))
 
         self.tokens = Tokens(self.store)
-        app = build_app(self.store, routes, self.tokens, SUBMISSION_ROLES)
+        app = build_app(self.store, routes, self.tokens, SUBMISSION_ROLES, self._producer, self.adapters)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port)

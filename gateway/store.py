@@ -257,6 +257,11 @@ class Store:
     async def close(self) -> None:
         await self.engine.dispose()
 
+    async def ping(self) -> None:
+        """One round trip to the database (readiness)."""
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
     def _insert(self, table: sa.Table) -> Any:
         return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
 

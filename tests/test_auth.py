@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -16,9 +17,17 @@ from gateway import audit
 from gateway.app import Gateway
 from gateway.auth import check_roles
 from gateway.errors import InputError
+from gateway.sandbox.process import SandboxProcess
 from gateway.schema import tokens
 from gateway.settings import Settings
-from tests.conftest import bearer, settings_env
+from tests.conftest import (
+    bearer,
+    fresh_postgres_database,
+    make_settings,
+    postgres_url,
+    running_gateway,
+    settings_env,
+)
 
 
 @pytest.fixture
@@ -120,3 +129,25 @@ def test_the_tokens_cli_creates_lists_and_revokes(settings: Settings) -> None:
     assert bad.returncode == 2
     assert "'root' is not one of" in bad.stderr
     assert "token.revoked" in cli("audit", f"token:{token_id}").stdout
+
+
+async def test_readyz_is_503_naming_the_store_when_the_database_is_gone(
+    tmp_path: Path, kafka_bootstrap: str, sandbox: SandboxProcess
+) -> None:
+    """An orchestrator takes an instance out of rotation when its database stops answering."""
+    import asyncpg
+
+    async with fresh_postgres_database() as url:
+        settings = make_settings(tmp_path, kafka_bootstrap, sandbox, GATEWAY__STORE__URL=url)
+        async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+            async with http.get(f"{gw.public_url}/readyz") as resp:
+                assert (resp.status, (await resp.json())["store"]) == (200, "ok")
+            admin = await asyncpg.connect(postgres_url().replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                await admin.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+            finally:
+                await admin.close()
+            async with http.get(f"{gw.public_url}/readyz") as resp:
+                body = await resp.json()
+            assert (resp.status, body["status"], body["kafka"]) == (503, "not ready", "ok")
+            assert body["store"].startswith("unreachable: ")

@@ -442,6 +442,13 @@ async def test_unauthenticated_calls_get_401_and_the_public_parts_stay_open(api:
         assert (await api.call("GET", path, None))[0] == 200
 
 
+async def test_readyz_says_the_store_and_kafka_answer_and_reports_each_circuit(api: Api) -> None:
+    status, body = await api.call("GET", "/readyz", None)
+    assert (status, body["status"], body["store"], body["kafka"]) == (200, "ready", "ok", "ok")
+    assert set(body["channels"]) == set(api.gw.adapters)
+    assert set(body["channels"].values()) <= {"closed", "open", "half_open"}
+
+
 async def test_schemathesis_finds_no_server_error_or_undocumented_answer(api: Api, tmp_path: Path) -> None:
     """docs/openapi.yaml against the running server: every answer documented, none a 5xx."""
     _, token = await api.gw.tokens.create("fuzz", ["press", "approver", "operator", "admin"], "test")  # type: ignore[union-attr]
