@@ -278,6 +278,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _report(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.report import write_csv
+    from gateway.store import Store
+
+    store = await Store.open(settings.store.url, settings.store.migrate)
+    try:
+        written = await write_csv(store, args.advisory, sys.stdout, args.unmasked, f"cli:{getpass.getuser()}")
+    finally:
+        await store.close()
+    if not written:
+        print(f"advisory_id: no deliveries for {args.advisory!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    return asyncio.run(_report(_settings(args), args))
+
+
 # -- tokens and audit ----------------------------------------------------------------------------
 
 
@@ -443,6 +464,13 @@ def parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["upgrade", "current"])
     db.set_defaults(func=cmd_db)
 
+    rep = sub.add_parser("report", help="per-recipient outcomes of an advisory as CSV (streamed)")
+    rep.add_argument("advisory", help="the advisory id (every version)")
+    rep.add_argument("--csv", action="store_true", help="CSV (the only format; kept explicit)")
+    rep.add_argument(
+        "--unmasked", action="store_true", help="full addresses (recorded in the audit log with who asked)"
+    )
+    rep.set_defaults(func=cmd_report)
     st = sub.add_parser("status", help="delivery counts per channel and status")
     st.add_argument("advisory", nargs="?")
     st.set_defaults(func=cmd_status)

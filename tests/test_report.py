@@ -1,0 +1,98 @@
+"""``broadcast-gateway report ID --csv`` on a finished broadcast: one row per delivery, addresses
+masked unless asked (and then audited), streamed from the store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway import audit
+from gateway.models import Advisory, Recipient, Status
+from gateway.planner import plan_recipients
+from gateway.store import Outcome, Store
+from tests.conftest import advisory
+
+KINDS = {"push": "push", "sms-http": "sms", "email": "email"}
+
+
+def _report(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{db}",
+        "GATEWAY__LOGGING__LEVEL": "error",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+async def _finished_broadcast(db: Path) -> tuple[Advisory, dict[str, str]]:
+    """30 recipients on three channels: delivered, except one bounced e-mail."""
+    store = await Store.open(f"sqlite+aiosqlite:///{db}")
+    try:
+        adv = Advisory.model_validate(advisory(channels=["push", "sms-http", "email"]))
+        await store.accept(adv, adv.model_dump(mode="json"), {})
+        people = [Recipient(id=f"p{i:02d}", app_user=f"app-user-{i}", country="XA") for i in range(10)]
+        people += [Recipient(id=f"s{i:02d}", phone=f"+7701{i:07d}", country="XA") for i in range(10)]
+        people += [Recipient(id=f"e{i:02d}", email=f"aigerim{i}@example.kz", country="XA") for i in range(10)]
+        await store.upsert_recipients(people)
+        rows, by_channel = plan_recipients(adv, people, KINDS)
+        await store.insert_deliveries(rows)
+        ids = [i for channel in by_channel.values() for i in channel]
+        bounced = by_channel["email"][0]
+        await store.record([Outcome(i, Status.SENT, partner_id=f"m-{i}") for i in ids], attempted=True)
+        await store.record([Outcome(i, Status.DELIVERED) for i in ids if i != bounced])
+        await store.record([Outcome(bounced, Status.FAILED, reason="550 mailbox unavailable")])
+        return adv, {"bounced": bounced}
+    finally:
+        await store.close()
+
+
+async def test_report_lists_every_delivery_with_masked_addresses(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    adv, ids = await _finished_broadcast(db)
+    result = _report(db, adv.id, "--csv")
+    assert result.returncode == 0, result.stderr
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(table) == 30
+    by_channel = {ch: [r for r in table if r["channel"] == ch] for ch in KINDS}
+    assert {ch: len(rs) for ch, rs in by_channel.items()} == {"push": 10, "sms-http": 10, "email": 10}
+    (bounced,) = [r for r in table if r["status"] == "failed"]
+    assert (bounced["delivery_id"], bounced["reason"], bounced["attempts"]) == (
+        ids["bounced"],
+        "550 mailbox unavailable",
+        "1",
+    )
+    assert {r["status"] for r in table} == {"delivered", "failed"}
+    sms = next(r for r in by_channel["sms-http"] if r["recipient_id"] == "s03")
+    assert sms["address"] == "+770*****003"  # enough to tell apart, not to dial
+    email = next(r for r in by_channel["email"] if r["recipient_id"] == "e04")
+    assert email["address"] == "a***@example.kz"
+    assert all("example.kz" in r["address"] and "aigerim" not in r["address"] for r in by_channel["email"])
+    assert all(r["address"].endswith("***") for r in by_channel["push"])
+    assert all(r["sent_at"] for r in table)
+
+
+async def test_an_unmasked_report_shows_addresses_and_is_in_the_audit_log(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    adv, _ = await _finished_broadcast(db)
+    result = _report(db, adv.id, "--csv", "--unmasked")
+    assert result.returncode == 0, result.stderr
+    table = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert next(r for r in table if r["recipient_id"] == "s03")["address"] == "+77010000003"
+    store = await Store.open(f"sqlite+aiosqlite:///{db}")
+    try:
+        (entry,) = await audit.read(store.engine, adv.id)
+    finally:
+        await store.close()
+    assert (entry["action"], entry["actor"].startswith("cli:")) == ("report.unmasked", True)
+    assert _report(db, "no-such-advisory", "--csv").returncode == 1
