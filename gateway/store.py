@@ -527,6 +527,11 @@ class Store:
         state = await self._value(conn, advisories.c.state, advisory_id, version)
         return None if state is None else AdvisoryState(state)
 
+    async def check_authority(self, adv: Advisory, authorities: Mapping[str, Sequence[str]]) -> None:
+        """AuthorityError if ``adv`` would be refused for authority by ``accept`` (the API asks first)."""
+        async with self.engine.connect() as conn:
+            await self._check_authority(conn, adv, authorities)
+
     async def _check_authority(
         self, conn: AsyncConnection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
     ) -> None:

@@ -35,14 +35,13 @@ from gateway import approval, audit
 from gateway.api import problem
 from gateway.auth import PRINCIPAL_KEY, Principal
 from gateway.cap import is_cap, parse_cap
-from gateway.errors import DecisionError, InputError, NotFoundError
+from gateway.errors import DecisionError, DecodeError, InputError, NotFoundError
 from gateway.feed import CAP_TYPE, Feed
-from gateway.intake import SUBMITTED_BY_HEADER, Intake, decode
+from gateway.intake import SUBMITTED_BY_HEADER, Intake, Stage, decode
 from gateway.lifecycle import (
     DECISIONS,
     AdvisoryState,
     Reference,
-    has_authority,
     partition_key,
     withdrawal_by,
 )
@@ -205,7 +204,8 @@ class Submissions:
         return private
 
     def _json(self, body: bytes) -> tuple[bytes, dict[str, bytes]]:
-        record = decode(body, self.intake.settings.limits)
+        with Stage(DecodeError, "decode"):
+            record = decode(body, self.intake.settings.limits)
         if "sender" not in record and len(self.signing_keys) == 1:
             record["sender"] = next(iter(self.signing_keys))
         if not record.get("signature") and isinstance(record.get("sender"), str):
@@ -214,28 +214,25 @@ class Submissions:
 
     def _cap(self, body: bytes) -> tuple[bytes, dict[str, bytes]]:
         settings = self.intake.settings
-        sender = str(parse_cap(body, settings.limits, settings.cap_channels).get("sender"))
-        if self.intake.xmldsig.applies(sender) and has_signature(body):
+        with Stage(DecodeError, "decode"):
+            sender = str(parse_cap(body, settings.limits, settings.cap_channels).get("sender"))
+            signed = self.intake.xmldsig.applies(sender) and has_signature(body)
+        if signed:
             return body, {}
         return body, {SIGNATURE_HEADER: sign_document(body, self._key_for(sender)).encode()}
 
     async def _check_against_store(self, adv: Advisory) -> None:
-        """What only the store knows: the version is new; what it withdraws exists and is this
-        sender's (or under its authority)."""
-        authorities = self.intake.settings.authorities
+        """What only the store knows: the version is new; what it withdraws exists; and the sender
+        may withdraw it (the store's own authority check, as intake will run it)."""
         stored = await self.store.versions(adv.id)
         if any(v.version == adv.version for v in stored):
             newest = max(v.version for v in stored)
             raise InputError(f"version: {adv.key} is stored already; submit version {newest + 1}")
-        if withdrawal_by(adv.msg_type) is None:
-            return
-        for ref in map(Reference.parse, adv.references):
-            named = await self.store.versions(ref.advisory_id)
-            if not named and ref.advisory_id != adv.id:
-                raise NotFoundError(f"references: no advisory {ref.advisory_id!r} is stored")
-            for v in named:
-                if not has_authority(adv.sender, v.sender, authorities):
-                    raise InputError(f"sender: {adv.sender!r} may not withdraw {v.sender!r}'s {ref}")
+        if withdrawal_by(adv.msg_type) is not None:
+            for ref in map(Reference.parse, adv.references):
+                if ref.advisory_id != adv.id and not await self.store.versions(ref.advisory_id):
+                    raise NotFoundError(f"references: no advisory {ref.advisory_id!r} is stored")
+        await self.store.check_authority(adv, self.intake.settings.authorities)
 
     # -- read ----------------------------------------------------------------------------------
 

@@ -31,7 +31,16 @@ from gateway.app import Gateway
 from gateway.directory import import_file
 from gateway.sandbox.process import SandboxProcess
 from gateway.signing import sign
-from tests.conftest import PRIVATE_KEY, SENDER, advisory, bearer, eventually, make_settings, running_gateway
+from tests.conftest import (
+    PRIVATE_KEY,
+    PUBLIC_KEY,
+    SENDER,
+    advisory,
+    bearer,
+    eventually,
+    make_settings,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -109,6 +118,7 @@ async def api(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) ->
             sandbox,
             GATEWAY__APPROVAL__RULES="[{}]",  # the production profile: every alert and update
             GATEWAY__API__SIGNING_KEYS=json.dumps({SENDER: PRIVATE_KEY, AGGREGATOR: PRIVATE_KEY}),
+            GATEWAY__INTAKE__TRUSTED_KEYS=json.dumps({SENDER: PUBLIC_KEY, AGGREGATOR: PUBLIC_KEY}),
             GATEWAY__INTAKE__XMLDSIG=json.dumps(
                 {AGGREGATOR: {"policy": "required", "certificates": [AGG_CERT.decode()]}}
             ),
@@ -411,6 +421,20 @@ async def test_a_training_advisory_reaches_only_the_gateways_own_sandbox(api: Ap
     assert record["id"].encode() not in feed  # a rehearsal is never public
     _, cap = await api.call("GET", f"/advisories/{record['id']}/cap", "press")
     assert b"<status>Exercise</status>" in cap
+
+
+async def test_a_cancel_from_a_sender_without_authority_is_refused_before_the_topic(api: Api) -> None:
+    record = advisory(id=f"own-{uuid.uuid4().hex[:6]}", audience={"countries": ["XR"]})
+    assert (await api.call("POST", "/advisories", "press", record))[0] == 202
+    await api.waits_for(record["id"], "pending_approval")
+    rogue = advisory(
+        id=f"rogue-{uuid.uuid4().hex[:6]}", msg_type="cancel", references=[record["id"]], sender=AGGREGATOR
+    )
+    status, problem = await api.call("POST", "/advisories", "press", rogue)
+    assert (status, problem["field"]) == (422, "sender")
+    assert f"'{AGGREGATOR}' may not cancel '{record['id']}'" in problem["detail"]
+    assert await api.state(record["id"]) == "pending_approval"
+    assert await api.state(rogue["id"]) == "HTTP 404"  # never reached the topic
 
 
 async def test_an_operator_cancels_a_live_advisory_without_approval(api: Api) -> None:
