@@ -163,6 +163,16 @@ def _version(row: sa.RowMapping) -> Version:
     )
 
 
+def _newest_only(q: sa.Select[Any]) -> sa.Select[Any]:
+    """``q`` (over ``advisories``) restricted to each advisory's newest stored version."""
+    newest = (
+        sa.select(advisories.c.id, sa.func.max(advisories.c.version).label("version"))
+        .group_by(advisories.c.id)
+        .subquery()
+    )
+    return q.join(newest, sa.and_(advisories.c.id == newest.c.id, advisories.c.version == newest.c.version))
+
+
 def _in_audience(
     q: sa.Select[Any], countries: Sequence[str], regions: Sequence[str], tags: Sequence[str]
 ) -> sa.Select[Any]:
@@ -493,14 +503,8 @@ class Store:
     ) -> list[Version]:
         """The newest version of each advisory, newest first, filtered by its state, its sender,
         training or not, and stored before ``before`` (to page)."""
-        newest = (
-            sa.select(advisories.c.id, sa.func.max(advisories.c.version).label("version"))
-            .group_by(advisories.c.id)
-            .subquery()
-        )
         q = (
-            sa.select(*_VERSION_COLUMNS)
-            .join(newest, sa.and_(advisories.c.id == newest.c.id, advisories.c.version == newest.c.version))
+            _newest_only(sa.select(*_VERSION_COLUMNS))
             .order_by(advisories.c.received_at.desc(), advisories.c.id)
             .limit(limit)
         )
@@ -668,14 +672,8 @@ class Store:
         """The newest version of each advisory the public may see — active or completed (a cancel
         too), not expired — with when it was stored; newest first. One advisory if ``advisory_id``;
         ``any_state``: whatever its state and expiry (what a reference names)."""
-        newest = (
-            sa.select(advisories.c.id, sa.func.max(advisories.c.version).label("version"))
-            .group_by(advisories.c.id)
-            .subquery()
-        )
         q = (
-            sa.select(advisories.c.id, advisories.c.version, advisories.c.received_at)
-            .join(newest, sa.and_(advisories.c.id == newest.c.id, advisories.c.version == newest.c.version))
+            _newest_only(sa.select(advisories.c.id, advisories.c.version, advisories.c.received_at))
             .order_by(advisories.c.received_at.desc())
             .limit(limit)
         )
