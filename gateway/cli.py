@@ -273,8 +273,45 @@ async def _status(settings: Settings, advisory_id: str | None) -> dict[str, Any]
         await store.close()
 
 
+async def _follow(settings: Settings, advisory_id: str) -> int:
+    """Redraw the counts every second until every delivery of the advisory is final."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from gateway.progress import settled, table
+    from gateway.store import Store
+
+    store = await Store.open(settings.store.url, settings.store.migrate)
+    try:
+        with Live(console=Console(), refresh_per_second=2) as live:
+            while True:
+                counts = await store.counts(advisory_id)
+                live.update(table(counts, advisory_id))
+                if settled(counts):
+                    return 0
+                await asyncio.sleep(1.0)  # the refresh rate of the display
+    finally:
+        await store.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    print(json.dumps(asyncio.run(_status(_settings(args), args.advisory)), indent=2))
+    settings = _settings(args)
+    if args.follow:
+        if not args.advisory:
+            raise InputError("advisory: --follow needs the advisory to follow")
+        return asyncio.run(_follow(settings, args.advisory))
+    status = asyncio.run(_status(settings, args.advisory))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    from rich.console import Console
+
+    from gateway.progress import table
+
+    if not status["by_channel"]:
+        print(f"advisory_id: no deliveries for {args.advisory!r}" if args.advisory else "no deliveries")
+        return 1
+    Console().print(table(status["by_channel"], args.advisory or "every advisory"))
     return 0
 
 
@@ -471,8 +508,10 @@ def parser() -> argparse.ArgumentParser:
         "--unmasked", action="store_true", help="full addresses (recorded in the audit log with who asked)"
     )
     rep.set_defaults(func=cmd_report)
-    st = sub.add_parser("status", help="delivery counts per channel and status")
+    st = sub.add_parser("status", help="delivery counts per channel and status, with progress bars")
     st.add_argument("advisory", nargs="?")
+    st.add_argument("--json", action="store_true", help="the counts as JSON")
+    st.add_argument("--follow", action="store_true", help="redraw every second until every delivery is final")
     st.set_defaults(func=cmd_status)
 
     d = sub.add_parser(

@@ -35,6 +35,7 @@ from gateway.app import Gateway
 from gateway.broker import EmbeddedBroker, free_port
 from gateway.directory import import_file
 from gateway.models import FINAL, PENDING, Status, now
+from gateway.progress import table
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import PROJECT_ROOT, Settings, load_settings
 from gateway.signing import new_key
@@ -83,17 +84,6 @@ def demo_advisory() -> dict[str, Any]:
     return record
 
 
-def _table(counts: dict[str, dict[str, int]], expected: int, elapsed: float) -> Table:
-    statuses = [s.value for s in Status]
-    table = Table(title=f"demo-evac-001 — {expected} recipients — {elapsed:5.1f}s")
-    table.add_column("channel")
-    for s in statuses:
-        table.add_column(s, justify="right")
-    for channel, by_status in sorted(counts.items()):
-        table.add_row(channel, *(str(by_status.get(s, 0)) for s in statuses))
-    return table
-
-
 async def _watch(
     gateway: Gateway, advisory_id: str, expected: int, deadline_s: float, console: Console, live: bool
 ) -> tuple[dict[str, dict[str, int]], float | None, float | None]:
@@ -114,7 +104,7 @@ async def _watch(
                 by_status.update(per)
             total = sum(by_status.values())
             if live:
-                display.update(_table(counts, expected, elapsed))
+                display.update(table(counts, f"demo-evac-001 — {expected} recipients — {elapsed:5.1f}s"))
             elif elapsed - last_print >= 5:
                 last_print = elapsed
                 console.print(f"{elapsed:6.1f}s {dict(by_status)}")

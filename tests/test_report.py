@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -19,14 +20,11 @@ from tests.conftest import advisory
 KINDS = {"push": "push", "sms-http": "sms", "email": "email"}
 
 
-def _report(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{db}",
-        "GATEWAY__LOGGING__LEVEL": "error",
-    }
+def _cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``broadcast-gateway <args>`` against the store in ``db``, on a 160-column terminal."""
+    env = {**os.environ, "GATEWAY__STORE__URL": f"sqlite+aiosqlite:///{db}", "COLUMNS": "160"}
     return subprocess.run(
-        [sys.executable, "-m", "gateway", "report", *args],
+        [sys.executable, "-m", "gateway", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -60,7 +58,7 @@ async def _finished_broadcast(db: Path) -> tuple[Advisory, dict[str, str]]:
 async def test_report_lists_every_delivery_with_masked_addresses(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
     adv, ids = await _finished_broadcast(db)
-    result = _report(db, adv.id, "--csv")
+    result = _cli(db, "report", adv.id, "--csv")
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(table) == 30
@@ -85,7 +83,7 @@ async def test_report_lists_every_delivery_with_masked_addresses(tmp_path: Path)
 async def test_an_unmasked_report_shows_addresses_and_is_in_the_audit_log(tmp_path: Path) -> None:
     db = tmp_path / "gateway.db"
     adv, _ = await _finished_broadcast(db)
-    result = _report(db, adv.id, "--csv", "--unmasked")
+    result = _cli(db, "report", adv.id, "--csv", "--unmasked")
     assert result.returncode == 0, result.stderr
     table = list(csv.DictReader(io.StringIO(result.stdout)))
     assert next(r for r in table if r["recipient_id"] == "s03")["address"] == "+77010000003"
@@ -95,4 +93,19 @@ async def test_an_unmasked_report_shows_addresses_and_is_in_the_audit_log(tmp_pa
     finally:
         await store.close()
     assert (entry["action"], entry["actor"].startswith("cli:")) == ("report.unmasked", True)
-    assert _report(db, "no-such-advisory", "--csv").returncode == 1
+    assert _cli(db, "report", "no-such-advisory", "--csv").returncode == 1
+
+
+async def test_status_draws_a_table_with_a_bar_per_channel_and_keeps_json(tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    adv, _ = await _finished_broadcast(db)
+    drawn = _cli(db, "status", adv.id)
+    assert drawn.returncode == 0, drawn.stderr
+    lines = {line.split("│")[1].strip(): line for line in drawn.stdout.splitlines() if line.count("│") > 3}
+    assert {"push", "sms-http", "email", "all"} <= set(lines)
+    assert "10/10" in lines["email"]  # 9 delivered and 1 failed: every one final
+    assert [c.strip() for c in lines["all"].split("│")[3:-1]] == ["29", "1"]  # delivered, failed
+    as_json = _cli(db, "status", adv.id, "--json")
+    assert json.loads(as_json.stdout)["by_channel"]["email"] == {"delivered": 9, "failed": 1}
+    unknown = _cli(db, "status", "nope")
+    assert (unknown.returncode, unknown.stdout.strip()) == (1, "advisory_id: no deliveries for 'nope'")
