@@ -39,7 +39,6 @@ from gateway.errors import DecisionError, DecodeError, InputError, NotFoundError
 from gateway.feed import CAP_TYPE, Feed
 from gateway.intake import SUBMITTED_BY_HEADER, Intake, Stage, decode
 from gateway.lifecycle import (
-    DECISIONS,
     AdvisoryState,
     Reference,
     partition_key,
@@ -69,8 +68,12 @@ ROLES: dict[str, frozenset[str]] = {
 }
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]-]*):")
 _STATES = frozenset(s.value for s in AdvisoryState)
-_DECISION_ROUTES = {"approve": AdvisoryState.ACTIVE, "reject": AdvisoryState.REJECTED}
-_DECISION_ROUTES["return"] = AdvisoryState.RETURNED
+# route verb -> the state an approver's decision moves the waiting version to (lifecycle.DECISIONS)
+_DECISION_ROUTES = {
+    "approve": AdvisoryState.ACTIVE,
+    "reject": AdvisoryState.REJECTED,
+    "return": AdvisoryState.RETURNED,
+}
 
 
 def field_of(message: str, default: str = "body") -> str:
@@ -332,7 +335,6 @@ class Submissions:
         who: Principal = request[PRINCIPAL_KEY]
         advisory_id = request.match_info["advisory_id"]
         decision = _DECISION_ROUTES[request.path.rsplit("/", 1)[1]]
-        assert decision in DECISIONS
         try:
             body = await self._body(request)
             reason = body.get("reason")

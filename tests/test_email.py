@@ -16,10 +16,7 @@ import aiohttp
 import pytest_asyncio
 import sqlalchemy as sa
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from channels.base import Message, Result, hmac_headers
 from channels.email import EmailAdapter, EmailSettings
@@ -33,7 +30,7 @@ from gateway.rendering import Renderer
 from gateway.sandbox.process import SandboxProcess
 from gateway.schema import deliveries
 from gateway.settings import Settings, load_settings
-from tests.conftest import advisory, eventually, running_gateway, signed
+from tests.conftest import advisory, eventually, running_gateway, self_signed, signed
 
 
 class Inbox:
@@ -148,24 +145,9 @@ async def test_an_email_broadcast_ends_delivered_and_a_bounce_ends_failed(
 
 
 def _self_signed(tmp_path: Path) -> ssl.SSLContext:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now() - timedelta(days=1))
-        .not_valid_after(now() + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    key, cert = self_signed("127.0.0.1", ec.generate_private_key(ec.SECP256R1()))
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
     return context

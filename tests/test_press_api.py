@@ -20,10 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from lxml import etree
 from signxml import XMLSigner
 
@@ -40,6 +37,7 @@ from tests.conftest import (
     eventually,
     make_settings,
     running_gateway,
+    self_signed,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -50,23 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _certificate() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, AGGREGATOR)])
-    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return pem_key, cert.public_bytes(serialization.Encoding.PEM)
+    return self_signed(AGGREGATOR, rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
 AGG_KEY, AGG_CERT = _certificate()
