@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,7 @@ from gateway.errors import ConfigError
 from gateway.feed import Feed
 from gateway.intake import Intake
 from gateway.logging import get_logger
+from gateway.models import Advisory, Recipient
 from gateway.planner import Planner
 from gateway.receipts import ReceiptWebhook
 from gateway.rendering import Renderer
@@ -39,6 +41,16 @@ from gateway.sweeper import Sweeper
 from gateway.training import Training
 
 log = get_logger(__name__)
+
+
+def _language_of(
+    renderer: Renderer, adapters: Mapping[str, Adapter], adv: Advisory, r: Recipient, channel: str
+) -> str:
+    """The language dispatch will render ``r``'s message on ``channel`` in (counted from planning)."""
+    adapter = adapters.get(channel)
+    if adapter is None:
+        return ""
+    return renderer.choose_language(adv, r, adapter.kind, adapter.parts) or ""
 
 
 def build_adapters(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Adapter]:
@@ -112,6 +124,7 @@ class Gateway:
             s.planner.chunk_size,
             kinds,
             s.planner.poll_s,
+            partial(_language_of, renderer, self.adapters),
         )
         verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
         intake = Intake(

@@ -71,7 +71,9 @@ class Cascade:
         if adv is None or adv.channels[-1] == channel:
             return  # the last channel: nothing further to try
         recipients = await self.store.recipients_by_id(recipient_ids)
-        rows, by_channel = plan_recipients(adv, recipients, self.planner.kinds, after=channel)
+        rows, by_channel = plan_recipients(
+            adv, recipients, self.planner.kinds, after=channel, language=self.planner.language
+        )
         await self.store.insert_deliveries(rows)
         await self.planner.publish(adv, by_channel, f"cascade-{channel}-{recipient_ids[0]}")
 

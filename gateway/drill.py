@@ -234,6 +234,11 @@ class Rig:
             "store": await self.counts(record["id"]),
         }
 
+    async def counters_agree(self) -> bool:
+        """The store's delivery counters (what every progress view reads) against a full recount."""
+        assert self.store is not None
+        return await self.store.progress() == await self.store.recount()
+
 
 # -- the drills ------------------------------------------------------------------------------------
 
@@ -506,6 +511,7 @@ async def run_drill(name: str, n: int, deadline_s: float, channel: str = "push")
             await rig.open()
             await rig.start_gateway()
             report.update(await RUNNERS[name](rig, deadline_s))
+            report["counters_agree"] = await rig.counters_agree()
         except DrillError as e:
             report["error"] = str(e)
         finally:
@@ -522,6 +528,8 @@ async def run_drill(name: str, n: int, deadline_s: float, channel: str = "push")
         report["error"] = (
             f"intake stalled {report['intake_stalled_s']} s on one record (limit {STALL_LIMIT_S})"
         )
+    if report.get("counters_agree") is False:
+        report["error"] = "the delivery counters disagree with a recount of the deliveries"
     report["passed"] = "error" not in report and all(report.get(k, 0) == 0 for k in must_be_zero)
     return report
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -56,8 +56,22 @@ def choose_channel(
     return None, unusable
 
 
+# the language a recipient's message on a channel is rendered in (Renderer.choose_language, as
+# dispatch will): counted per language from planning on. Without a renderer: "" (not known).
+LanguageOf = Callable[[Advisory, Recipient, str], str]
+
+
+def _unknown_language(adv: Advisory, r: Recipient, channel: str) -> str:
+    return ""
+
+
 def delivery_row(
-    adv: Advisory, recipient_id: str, channel: str, status: Status, reason: str | None = None
+    adv: Advisory,
+    recipient_id: str,
+    channel: str,
+    status: Status,
+    reason: str | None = None,
+    language: str = "",
 ) -> dict[str, Any]:
     return {
         "id": delivery_id(adv.id, adv.version, recipient_id, channel),
@@ -67,11 +81,16 @@ def delivery_row(
         "channel": channel,
         "status": status.value,
         "reason": reason,
+        "language": language,
     }
 
 
 def plan_recipients(
-    adv: Advisory, page: Sequence[Recipient], kinds: Mapping[str, str], after: str | None = None
+    adv: Advisory,
+    page: Sequence[Recipient],
+    kinds: Mapping[str, str],
+    after: str | None = None,
+    language: LanguageOf = _unknown_language,
 ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     """Delivery rows for a page of recipients (the chosen channel planned, unusable ones skipped)
     and the planned delivery ids by channel."""
@@ -80,14 +99,16 @@ def plan_recipients(
     for r in page:
         channel, unusable = choose_channel(adv, r, kinds, after)
         for passed_over, reason in unusable.items():
-            rows.append(delivery_row(adv, r.id, passed_over, Status.SKIPPED, reason))
+            lang = language(adv, r, passed_over)
+            rows.append(delivery_row(adv, r.id, passed_over, Status.SKIPPED, reason, lang))
         if channel is not None:
-            row = delivery_row(adv, r.id, channel, Status.PLANNED)
+            row = delivery_row(adv, r.id, channel, Status.PLANNED, language=language(adv, r, channel))
             by_channel[channel].append(row["id"])
             rows.append(row)
         elif not unusable and after is None:
             reason = "no address on any channel of the advisory"
-            rows.append(delivery_row(adv, r.id, adv.channels[0], Status.SKIPPED, reason))
+            lang = language(adv, r, adv.channels[0])
+            rows.append(delivery_row(adv, r.id, adv.channels[0], Status.SKIPPED, reason, lang))
     return rows, by_channel
 
 
@@ -107,8 +128,10 @@ class Planner:
         chunk_size: int,
         kinds: Mapping[str, str],
         poll_s: float = 1.0,
+        language: LanguageOf = _unknown_language,
     ) -> None:
         self.store = store
+        self.language = language
         self.poll_s = poll_s
         self._next_poll = 0.0
         self.producer = producer
@@ -201,7 +224,7 @@ class Planner:
             self._done(plan)
             log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=plan.planned)
             return
-        rows, by_channel = plan_recipients(adv, page, self.kinds)
+        rows, by_channel = plan_recipients(adv, page, self.kinds, language=self.language)
         await self.store.insert_deliveries(rows)
         await self.publish(adv, by_channel, page[0].id)
         plan.cursor = page[-1].id

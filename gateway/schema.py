@@ -66,12 +66,36 @@ deliveries = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True)),
     # the cascade has dealt with this delivery (sent the recipient the next channel, or had none)
     sa.Column("cascaded", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the language it is rendered in, chosen at planning (Renderer.choose_language): counted by it
+    sa.Column("language", sa.String(16), nullable=False, server_default=""),
     sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
     sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
     # the cascade looks for the few deliveries of a channel still sent/unknown/failed, not the many
     # delivered; the sweeper for the few sent or pending ones
     sa.Index("ix_deliveries_cascade", "channel", "status", "cascaded"),
     sa.Index("ix_deliveries_status", "status", "updated_at"),
+)
+
+# deliveries per advisory × version × channel × language × status, kept by triggers on deliveries in
+# the same transaction as every insert and status change (migration 0005): progress without a scan.
+# On PostgreSQL the triggers append to delivery_count_deltas, folded in here by the sweeper.
+_COUNT_KEY = (
+    sa.Column("advisory_id", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("channel", sa.String(32), primary_key=True),
+    sa.Column("language", sa.String(16), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),
+)
+delivery_counts = sa.Table(
+    "delivery_counts", metadata, *_COUNT_KEY, sa.Column("n", sa.BigInteger, nullable=False)
+)
+delivery_count_deltas = sa.Table(
+    "delivery_count_deltas",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    *(sa.Column(c.name, c.type, nullable=False) for c in _COUNT_KEY),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Index("ix_delivery_count_deltas_advisory", "advisory_id", "version"),
 )
 
 # advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:

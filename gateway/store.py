@@ -40,9 +40,28 @@ from gateway.lifecycle import (
 from gateway.logging import get_logger
 from gateway.migrate import Mode
 from gateway.models import PENDING, Advisory, Recipient, Status, now
-from gateway.schema import advisories, deliveries, metadata, receipts, recipients, withdrawals
+from gateway.schema import (
+    advisories,
+    deliveries,
+    delivery_count_deltas,
+    delivery_counts,
+    metadata,
+    receipts,
+    recipients,
+    withdrawals,
+)
 
-__all__ = ["Accepted", "AppliedReceipts", "By", "Outcome", "Store", "Version", "WorkItem", "metadata"]
+__all__ = [
+    "Accepted",
+    "AppliedReceipts",
+    "By",
+    "Count",
+    "Outcome",
+    "Store",
+    "Version",
+    "WorkItem",
+    "metadata",
+]
 
 log = get_logger(__name__)
 
@@ -106,6 +125,38 @@ class Version:
     submitted_by: str | None
     received_at: datetime
     expires_at: datetime
+
+
+COUNT_KEY = ("advisory_id", "version", "channel", "language", "status")
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """One counter: how many deliveries of an advisory version on a channel, in a language, are in
+    a status."""
+
+    advisory_id: str
+    version: int
+    channel: str
+    language: str
+    status: str
+    n: int
+
+
+_COLS = ", ".join(COUNT_KEY)
+# PostgreSQL: take every delta, add them up per key, add the sums to the counters, in key order
+_FOLD = (
+    f"WITH folded AS (DELETE FROM delivery_count_deltas RETURNING {_COLS}, n), "  # noqa: S608
+    f"summed AS (SELECT {_COLS}, sum(n) AS n, count(*) AS rows_ FROM folded GROUP BY {_COLS}), "
+    f"upserted AS (INSERT INTO delivery_counts ({_COLS}, n) SELECT {_COLS}, n FROM summed "
+    f"ORDER BY {_COLS} ON CONFLICT ({_COLS}) DO UPDATE SET n = delivery_counts.n + excluded.n) "
+    "SELECT coalesce(sum(rows_), 0) FROM summed"
+)
+
+
+def _count(row: Sequence[Any]) -> Count:
+    advisory_id, version, channel, language, status, n = row
+    return Count(str(advisory_id), int(version), str(channel), str(language), str(status), int(n))
 
 
 @dataclass(frozen=True, slots=True)
@@ -728,12 +779,21 @@ class Store:
                 stmt, [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows]
             )
 
+    async def _lock(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
+        """PostgreSQL: lock these deliveries in id order before an UPDATE that would lock them in
+        the order it finds them. Every writer of several deliveries locks in id order, so two
+        transactions never wait on each other in a circle (PostgreSQL aborts one as a deadlock)."""
+        if self._dialect == "postgresql":
+            q = sa.select(deliveries.c.id).where(deliveries.c.id.in_(sorted(ids)))
+            await conn.execute(q.order_by(deliveries.c.id).with_for_update())
+
     async def mark_queued(self, ids: Sequence[str]) -> None:
         """Planned deliveries whose chunk is on the topic: one UPDATE, not one per row."""
         if not ids:
             return
         planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
         async with self._begin() as conn:
+            await self._lock(conn, ids)
             await _transition(conn, planned, Status.QUEUED, None)
 
     async def pending_work(self, ids: Sequence[str]) -> list[WorkItem]:
@@ -762,6 +822,8 @@ class Store:
             )
         at = now()
         moved = 0
+        if len(by_status) > 1:  # one statement per status would lock rows out of id order
+            await self._lock(conn, [p["b_id"] for params in by_status.values() for p in params])
         for status, params in by_status.items():
             moved += await self._move(conn, status, params, at, attempted)
         return moved
@@ -794,12 +856,15 @@ class Store:
             # or expiry withdrew the delivery: the message went out, and the store says so
             forward = sa.or_(forward, *(deliveries.c.status == s.value for s in WITHDRAWN))
         stmt = sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"), forward).values(**values)
-        result = await conn.execute(stmt, params)
+        # rows locked in id order, as every writer does: two transactions never wait on each other
+        # in a circle (PostgreSQL would abort one as a deadlock)
+        result = await conn.execute(stmt, sorted(params, key=lambda p: str(p["b_id"])))
         return int(result.rowcount)
 
     async def note_retry(self, ids: Sequence[str], reason: str) -> None:
         """Count an attempt that will be retried; the status stays pending."""
         async with self._begin() as conn:
+            await self._lock(conn, ids)
             await conn.execute(
                 sa.update(deliveries)
                 .where(deliveries.c.id.in_(list(ids)), _IS_PENDING)
@@ -918,6 +983,7 @@ class Store:
             ranks_q = (
                 sa.select(deliveries.c.id, deliveries.c.rank)
                 .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
+                .order_by(deliveries.c.id)
                 .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
             )
             ranks = {str(i): int(r) for i, r in (await conn.execute(ranks_q)).all()}
@@ -955,14 +1021,49 @@ class Store:
             )
 
     async def counts(self, advisory_id: str | None = None) -> dict[str, dict[str, int]]:
-        """channel -> status -> count, for one advisory or for all."""
-        q = sa.select(deliveries.c.channel, deliveries.c.status, sa.func.count()).group_by(
-            deliveries.c.channel, deliveries.c.status
-        )
+        """channel -> status -> count, for one advisory or for all — from the counters (no scan)."""
+        out: dict[str, dict[str, int]] = defaultdict(dict)
+        for row in await self.progress(advisory_id):
+            per = out[row.channel]
+            per[row.status] = per.get(row.status, 0) + row.n
+        return dict(out)
+
+    async def progress(self, advisory_id: str | None = None) -> list[Count]:
+        """The counters, per version × channel × language × status (none at zero): what is folded
+        in ``delivery_counts`` plus what PostgreSQL's triggers appended since (one statement, one
+        snapshot). Costs the same whatever the number of deliveries."""
+        parts = []
+        for table in (delivery_counts, delivery_count_deltas):
+            q = sa.select(*(getattr(table.c, c) for c in COUNT_KEY), table.c.n)
+            if advisory_id is not None:
+                q = q.where(table.c.advisory_id == advisory_id)
+            parts.append(q)
+        both = sa.union_all(*parts).subquery()
+        key_ = [getattr(both.c, c) for c in COUNT_KEY]
+        total = sa.func.sum(both.c.n)
+        q = sa.select(*key_, total).group_by(*key_).having(total != 0).order_by(*key_)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_count(r) for r in rows]
+
+    async def recount(self, advisory_id: str | None = None) -> list[Count]:
+        """The same as ``progress`` by a full scan of the deliveries: what the counters must agree
+        with (tests, ``db recount``). Costs a scan — never on a live view."""
+        key_ = [getattr(deliveries.c, c) for c in COUNT_KEY]
+        q = sa.select(*key_, sa.func.count()).group_by(*key_).order_by(*key_)
         if advisory_id is not None:
             q = q.where(deliveries.c.advisory_id == advisory_id)
-        out: dict[str, dict[str, int]] = defaultdict(dict)
         async with self.engine.connect() as conn:
-            for channel, status, n in (await conn.execute(q)).all():
-                out[channel][status] = int(n)
-        return dict(out)
+            rows = (await conn.execute(q)).all()
+        return [_count(r) for r in rows]
+
+    async def fold_counts(self) -> int:
+        """Fold the deltas PostgreSQL's triggers appended into ``delivery_counts`` (the sweeper
+        does, every interval); returns how many delta rows were folded. One folder at a time (an
+        advisory lock), so two instances never add the same delta twice. Nothing to do on SQLite."""
+        if self._dialect != "postgresql":
+            return 0
+        async with self._begin() as conn:
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(4711005)"))
+            result = await conn.execute(sa.text(_FOLD))
+            return int(result.scalar_one())

@@ -4,7 +4,8 @@ Every ``interval_s``: deliveries still pending when their advisory expires becom
 (nothing is sent after ``expires_at``: dispatch checks too, before every attempt); deliveries
 ``sent`` longer than ``receipt_timeout_s`` ago with no receipt become ``unknown`` — shown apart from
 delivered, and still moved to delivered or failed by a receipt that comes late; advisories waiting
-in ``pending_approval`` longer than ``approval.timeout_s`` become ``expired`` (the approval timeout).
+in ``pending_approval`` longer than ``approval.timeout_s`` become ``expired`` (the approval timeout);
+on PostgreSQL the delivery counters' deltas are folded (``Store.fold_counts``).
 The updates are idempotent, so every gateway process may run a sweeper.
 """
 
@@ -39,6 +40,7 @@ class Sweeper:
     async def sweep(self) -> tuple[int, int]:
         """One pass; returns (expired, unknown)."""
         at = self.clock()
+        await self.store.fold_counts()  # PostgreSQL: the counters' deltas (gateway/store.py)
         expired = await self.store.expire_pending(at)
         unknown = await self.store.mark_unknown(at - timedelta(seconds=self.settings.receipt_timeout_s))
         if self.approval_timeout_s is not None:

@@ -350,7 +350,12 @@ async def test_a_recipient_not_confirmed_on_push_in_time_gets_sms_and_a_late_pus
         await sandbox.configure("push", receipt_url=f"{gw.public_url}/receipts/push")  # late receipts
         await eventually(lambda: reached(gw, record["id"], "delivered", n), what="late push receipts")
         counts = await _store(gw).counts(record["id"])
+        by_language = {
+            (c.channel, c.language, c.status): c.n for c in await _store(gw).progress(record["id"])
+        }
+        assert await _store(gw).progress(record["id"]) == await _store(gw).recount(record["id"])
     assert counts == {"push": {"delivered": n}, "sms-http": {"delivered": n}}
+    assert by_language == {("push", "en", "delivered"): n, ("sms-http", "en", "delivered"): n}
     await _each_once(sandbox, record, n, "sms-http")
 
 

@@ -51,6 +51,7 @@ async def test_crash_drill_kills_the_gateway_four_times_and_nobody_is_lost_or_no
     assert report["sigterm_exit_status"] == 0, "SIGTERM drains and exits cleanly"
     assert (report["delivered"], report["lost"], report["duplicates"]) == (1500, 0, 0)
     assert report["store"] == {"delivered": 1500}
+    assert report["counters_agree"] is True, "the counters agree with a recount after four kills"
 
 
 @pytest.mark.timeout(180)
@@ -68,6 +69,7 @@ async def test_cancel_drill_sends_nothing_a_second_after_the_cancel() -> None:
     assert (report["lost"], report["duplicates"], report["sent_after_cancel"]) == (0, 0, 0)
     assert report["cancelled"] + report["never_planned"] > 0, "the cancel landed mid-broadcast"
     assert report["delivered"] == report["store"]["delivered"]
+    assert report["counters_agree"] is True, "the counters agree with a recount after the cancel"
 
 
 @pytest.mark.timeout(180)
