@@ -23,6 +23,7 @@ from gateway.api import build_app
 from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker
 from gateway.cascade import Cascade
+from gateway.console import Console
 from gateway.dispatch import BULK, URGENT, Dispatcher
 from gateway.errors import ConfigError
 from gateway.feed import Feed
@@ -151,6 +152,18 @@ class Gateway:
             s.api.max_body_bytes,
         )
         routes += submissions.routes()
+        self.tokens = Tokens(self.store)
+        console = Console(
+            self.store,
+            self.tokens,
+            intake,
+            renderer,
+            self.adapters,
+            submissions.take,
+            sorted(s.api.keys()),
+            self.stopping,
+        )
+        routes += console.routes()
         if "intake" in s.gateway.roles:
             self._tasks.append(asyncio.create_task(planner.run(self.stopping), name="planner"))
             loops.append(
@@ -188,7 +201,6 @@ class Gateway:
         for name, consumer, run in loops:
             self._tasks.append(asyncio.create_task(run(consumer, self.stopping), name=name))
 
-        self.tokens = Tokens(self.store)
         app = build_app(self.store, routes, self.tokens, SUBMISSION_ROLES, self._producer, self.adapters)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()

@@ -7,7 +7,9 @@ never says something happened that did not, nor misses what did.
 
 Actions: ``advisory.submitted`` (a token submitted it through the API), ``advisory.<state>`` (stored
 in that state, moved to it by a withdrawal, an approver's decision, an operator's cancel or the
-approval timeout), ``token.created``, ``token.revoked``. The actor is the API token
+approval timeout), ``token.created``, ``token.revoked``, ``record.dead_lettered`` (intake refused a
+record: subject ``dlq:<topic>/<partition>/<offset>``, detail the kind of error and the reason — what
+the console's dead-letter list reads, on every instance). The actor is the API token
 (``token:<id>:<name>``), the sender (``sender:<name>``) or ``gateway`` (time-driven moves).
 """
 
@@ -37,10 +39,13 @@ async def read(
     limit: int = 1000,
     subject_prefix: str | None = None,
     after: int = 0,
+    newest_first: bool = False,
 ) -> Sequence[sa.RowMapping]:
     """Entries in the order they were written (for one subject, or subjects starting with a prefix,
-    e.g. every version of an advisory: ``id@v``), from sequence number ``after`` on."""
-    q = sa.select(audit).where(audit.c.seq > after).order_by(audit.c.seq).limit(limit)
+    e.g. every version of an advisory: ``id@v``), from sequence number ``after`` on; or the
+    ``limit`` newest, newest first."""
+    order = audit.c.seq.desc() if newest_first else audit.c.seq
+    q = sa.select(audit).where(audit.c.seq > after).order_by(order).limit(limit)
     if subject is not None:
         q = q.where(audit.c.subject == subject)
     if subject_prefix is not None:

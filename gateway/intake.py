@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from pydantic import ValidationError
 
-from gateway import approval, metrics
+from gateway import approval, audit, metrics
 from gateway.approval import ApprovalSettings
 from gateway.cap import is_cap, parse_cap
 from gateway.errors import ContentError, DecodeError, ExpiredError, InputError, SchemaError, SignatureError
@@ -218,6 +218,10 @@ class Intake:
             ("source", f"{msg.topic}/{msg.partition}/{msg.offset}".encode()),
         ]
         await self.producer.send_and_wait(self.dlq_topic, msg.value, key=msg.key, headers=headers)
+        source = f"{msg.topic}/{msg.partition}/{msg.offset}"
+        async with self.store.begin_write() as conn:  # the console's dead-letter list, any instance
+            detail = {"error": error.kind, "reason": reason[:300]}
+            await audit.append(conn, "intake", "record.dead_lettered", f"dlq:{source}", detail)
         metrics.advisories_total.labels("dead_letter").inc()
         metrics.dead_letters_total.labels(error.kind).inc()
         log.warning(

@@ -149,12 +149,14 @@ class Submissions:
     # -- submit -------------------------------------------------------------------------------
 
     async def submit(self, request: web.Request) -> web.Response:
-        who = request[PRINCIPAL_KEY]
         body = await read_limited(request, self.max_body_bytes)
         if body is None:
             limit = f"a submission is limited to {self.max_body_bytes} bytes"
             return problem(413, "Too large", limit, field="body")
-        kind = request.content_type
+        return await self.take(request[PRINCIPAL_KEY], body, request.content_type)
+
+    async def take(self, who: Principal, body: bytes, kind: str) -> web.Response:
+        """One submission by ``who`` (the API's, and the console's press desk): 202 or a problem."""
         try:
             if kind in {CAP_TYPE, "application/xml", "text/xml"}:
                 raw, headers = self._cap(body)

@@ -1,0 +1,273 @@
+"""The console in a real headless Chromium (Debian's ``chromium``, driven by the ``playwright``
+package's client; never a downloaded browser): during a broadcast the operations room reaches 100 %
+and agrees with the store's counters and the sandbox partner's own count; a second person approves
+what the first submitted (and the first cannot); the cancel button stops a live advisory; the press
+desk's preview shows the part count of a Kazakh SMS; the console reads without JavaScript, on a
+phone-sized screen, in kk/ru/en. Each test saves a screenshot under test-output/console/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from channels.sms import layout
+from gateway.app import Gateway
+from gateway.rendering import Renderer
+from gateway.sandbox.process import SandboxProcess
+from gateway.settings import PROJECT_ROOT
+from tests.conftest import (
+    PRIVATE_KEY,
+    PUBLIC_KEY,
+    SENDER,
+    advisory,
+    eventually,
+    make_settings,
+    running_gateway,
+)
+from tests.conftest import load_recipients as load
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+OUTPUT = Path(os.environ.get("GATEWAY_TEST_OUTPUT", PROJECT_ROOT / "test-output")) / "console"
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+
+def _chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Chromium is required when CI=true (.ci/run installs Debian's chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return CHROMIUM
+
+
+class Room:
+    """The running gateway, its sandbox, tokens per person, and a browser."""
+
+    def __init__(self, gw: Gateway, sandbox: SandboxProcess, browser: Any, tmp: Path) -> None:
+        self.gw, self.sandbox, self.browser, self.tmp = gw, sandbox, browser, tmp
+        self.url = gw.public_url
+        self.tokens: dict[str, str] = {}
+
+    async def token(self, name: str, *roles: str) -> str:
+        assert self.gw.tokens is not None
+        _, token = await self.gw.tokens.create(name, roles, actor="test")
+        self.tokens[name] = token
+        return token
+
+    async def page(self, who: str, **context: Any) -> Any:
+        """A new browser context signed in as ``who`` through the login form."""
+        ctx = await self.browser.new_context(**context)
+        page = await ctx.new_page()
+        await page.goto(f"{self.url}/console/")
+        assert "/console/login" in page.url  # not signed in: to the login page
+        await page.fill("input[name=token]", self.tokens[who])
+        await page.click("button[type=submit]")
+        await page.wait_for_url(f"{self.url}/console/")
+        return page
+
+    async def submit(self, who: str, record: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.url}/advisories", json=record, headers=headers) as resp,
+        ):
+            body: dict[str, Any] = await resp.json()
+            assert resp.status == 202, body
+            return body
+
+
+async def _shot(page: Any, name: str) -> None:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(OUTPUT / f"{name}.png"), full_page=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def room(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> AsyncIterator[Room]:
+    executable = _chromium()
+    tmp = tmp_path_factory.mktemp("console")
+    async with SandboxProcess(uuid.uuid4().hex, receipt_delay_s=0.05) as sandbox:
+        settings = make_settings(
+            tmp,
+            kafka_bootstrap,
+            sandbox,
+            # extreme advisories wait for a second person; the others go at once
+            GATEWAY__APPROVAL__RULES=json.dumps([{"severity": ["extreme"]}]),
+            GATEWAY__API__SIGNING_KEYS=json.dumps({SENDER: PRIVATE_KEY}),
+            GATEWAY__INTAKE__TRUSTED_KEYS=json.dumps({SENDER: PUBLIC_KEY}),
+            GATEWAY__PLANNER__POLL_S="0.2",
+        )
+        async with (
+            running_gateway(settings, sandbox) as gw,
+            playwright_api.async_playwright() as pw,
+        ):
+            browser = await pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            r = Room(gw, sandbox, browser, tmp)
+            await r.token("duty-operator", "operator")
+            await r.token("press-officer", "press", "approver")  # may approve others' only
+            await r.token("second-approver", "approver")
+            try:
+                yield r
+            finally:
+                await browser.close()
+
+
+def _record(**over: Any) -> dict[str, Any]:
+    record = advisory(id=f"con-{uuid.uuid4().hex[:8]}", **{"severity": "severe", **over})
+    record.pop("signature", None)
+    return record
+
+
+async def test_the_operations_room_shows_a_broadcast_reach_100_percent_live_and_agrees_with_the_partner(
+    room: Room,
+) -> None:
+    await load(room.gw, room.tmp, 300, country="XL", prefix="live")
+    page = await room.page("duty-operator")
+    record = _record(audience={"countries": ["XL"]}, channels=["push"])
+    await room.submit("press-officer", record)
+    card = page.locator(f"article[data-advisory='{record['id']}']")
+    # no reload: the server-sent events bring it in and move the bar to 100 %
+    await card.wait_for(timeout=30_000)
+    await card.locator(".bar >> nth=0 >> .pct[data-percent='100']").wait_for(timeout=60_000)
+    await _shot(page, "room-100-percent")
+    shown = await card.locator(".bar >> nth=0 >> .nums").inner_text()
+    assert gw_store(room) is not None
+    counts = await gw_store(room).counts(record["id"])
+    stats = (await room.sandbox.stats())["channels"]["push"]["by_advisory"][f"{record['id']}@v1"]
+    assert counts["push"].get("delivered", 0) + counts["push"].get("read", 0) == 300
+    assert stats["unique_recipients"] == 300
+    assert stats["duplicates"] == 0
+    assert shown.startswith("300 / 300"), shown
+    # per language as planned: the recipients' chains kk|ru, ru, en, de|en → kk, ru, en, en
+    await page.goto(f"{room.url}/console/advisories/{record['id']}")
+    cells = await page.locator("table.cells tbody tr td:first-child").all_inner_texts()
+    assert sorted(cells) == ["push · en", "push · kk", "push · ru"]
+    await _shot(page, "advisory-detail")
+    await page.context.close()
+
+
+def gw_store(room: Room) -> Any:
+    return room.gw.store
+
+
+async def test_a_second_person_approves_in_the_console_and_the_submitter_cannot(room: Room) -> None:
+    await load(room.gw, room.tmp, 20, country="XM", prefix="appr")
+    record = _record(audience={"countries": ["XM"]}, severity="extreme")
+    answer = await room.submit("press-officer", record)
+    assert answer["needs_approval"]
+    submitter = await room.page("press-officer")
+    await submitter.goto(f"{room.url}/console/approvals")
+    await submitter.locator(f"tr[data-advisory='{record['id']}'] a").click()
+    assert await submitter.locator("section.decide p.error").count() == 1  # "you submitted this"
+    await submitter.click("button[value=approve]")
+    assert "a second person must decide" in await submitter.locator("p.error[role=alert]").inner_text()
+    assert await room.gw.store.advisory_state(record["id"], 1) is not None  # type: ignore[union-attr]
+    assert (await room.gw.store.versions(record["id"]))[-1].state.value == "pending_approval"  # type: ignore[union-attr]
+
+    approver = await room.page("second-approver")
+    await approver.goto(f"{room.url}/console/approvals")
+    await approver.locator(f"tr[data-advisory='{record['id']}'] a").click()
+    await approver.fill("input[name=reason]", "checked against the consul's list")
+    await approver.click("button[value=approve]")
+    await approver.locator("p.flash").wait_for()
+    assert (await room.gw.store.versions(record["id"]))[-1].state.value == "active"  # type: ignore[union-attr]
+    await approver.locator("section.version .pct[data-percent='100']").first.wait_for(timeout=60_000)
+    await _shot(approver, "approved-and-delivered")
+    history = await approver.locator("table.audit").inner_text()
+    assert "advisory.active" in history
+    assert "second-approver" in history
+    await submitter.context.close()
+    await approver.context.close()
+
+
+async def test_the_cancel_button_stops_a_live_advisory(room: Room) -> None:
+    await load(room.gw, room.tmp, 40, country="XN", prefix="stop")
+    await room.sandbox.faults("push", status=503, count=-1)  # held: every push pending
+    try:
+        record = _record(audience={"countries": ["XN"]})
+        await room.submit("press-officer", record)
+
+        async def planned() -> bool:
+            counts = await room.gw.store.counts(record["id"])  # type: ignore[union-attr]
+            return sum(counts.get("push", {}).values()) == 40
+
+        await eventually(planned, what="planned")
+        page = await room.page("duty-operator")
+        await page.goto(f"{room.url}/console/advisories/{record['id']}")
+        page.once("dialog", lambda dialog: dialog.accept())
+        await page.fill("section.cancel input[name=confirm]", record["id"])
+        await page.fill("section.cancel input[name=reason]", "wrong crossing named")
+        await page.click("section.cancel button.danger")
+        await page.locator("p.flash").wait_for()
+        assert (await page.locator("h1 .state").inner_text()) == "cancelled"
+        await _shot(page, "cancelled")
+    finally:
+        await room.sandbox.faults("push", count=0)
+    counts = await room.gw.store.counts(record["id"])  # type: ignore[union-attr]
+    assert counts["push"] == {"cancelled": 40}
+    stats = (await room.sandbox.stats())["channels"]["push"]["by_advisory"]
+    assert stats.get(f"{record['id']}@v1", {}).get("accepted", 0) == 0
+    await page.context.close()
+
+
+async def test_the_press_desk_previews_the_sms_part_count_of_a_kazakh_text(room: Room) -> None:
+    page = await room.page("press-officer", viewport={"width": 390, "height": 844})  # a phone
+    await page.goto(f"{room.url}/console/compose?lang=kk")
+    assert await page.locator("html").get_attribute("lang") == "kk"
+    data = advisory()["data"]
+    data["open_crossings"] = [
+        {"name": f"Өткізу пункті №{i}", "to": "Белмора", "hours": "тәулік бойы"} for i in range(1, 5)
+    ]
+    await page.fill("input[name=id]", "preview-kk-1")
+    await page.fill("input[name=countries]", "XA")
+    await page.fill("textarea[name=data]", json.dumps(data, ensure_ascii=False))
+    await page.check("input[name=channels][value=sms-http]")
+    await page.click("button[value=preview]")
+    card = page.locator("article.preview[data-channel='sms-http'][data-language='kk']")
+    await card.wait_for()
+    shown = await card.locator("li[data-fact=sms_parts] b").inner_text()
+    record = advisory(id="preview-kk-1", data=data, channels=["sms-http"])
+    from gateway.models import Advisory
+
+    renderer = Renderer(PROJECT_ROOT / "templates", "en")
+    body = renderer.render(Advisory.model_validate(record), "kk", "sms", ("body",))["body"]
+    expected = layout(body)
+    assert expected.encoding == "ucs2"  # Kazakh letters are not GSM-7
+    assert int(shown) == len(expected.parts) > 1
+    assert await card.locator("li[data-fact=encoding] b").inner_text() == "UCS2"
+    await _shot(page, "press-desk-preview-kk")
+    await page.context.close()
+
+
+async def test_the_console_reads_without_javascript_and_refuses_the_wrong_role(room: Room) -> None:
+    page = await room.page("duty-operator", java_script_enabled=False)
+    await page.goto(f"{room.url}/console/history?lang=ru")
+    assert "История" in await page.locator("h1").inner_text()
+    await page.goto(f"{room.url}/console/")
+    assert await page.locator("#live h2").first.inner_text() == "Текущие оповещения"
+    # an operator may not decide: the decision form is refused with 403
+    response = await page.request.post(
+        f"{room.url}/console/advisories/x/decide",
+        form={"decision": "approve", "version": "1"},
+        headers={"Origin": room.url},
+    )
+    assert response.status == 403
+    # a form posted from another site is refused whatever the cookie
+    response = await page.request.post(
+        f"{room.url}/console/advisories/x/cancel",
+        form={"confirm": "x"},
+        headers={"Origin": "https://evil.example"},
+    )
+    assert response.status == 403
+    await _shot(page, "no-javascript-ru")
+    await page.context.close()
