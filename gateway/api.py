@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import metrics
 from gateway.auth import Tokens, roles_table
 from gateway.auth import middleware as auth_middleware
 from gateway.metrics import REGISTRY
@@ -75,6 +76,13 @@ def build_app(
         return web.json_response(body, status=200 if ok else 503)
 
     async def prometheus(_: web.Request) -> web.Response:
+        # deliveries by channel and status from the counters: the same numbers status and the console show
+        totals: dict[tuple[str, str], int] = {}
+        for c in await store.progress():
+            totals[(c.channel, c.status)] = totals.get((c.channel, c.status), 0) + c.n
+        metrics.deliveries.clear()
+        for (channel, status_), n in totals.items():
+            metrics.deliveries.labels(channel, status_).set(n)
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(request: web.Request) -> web.Response:

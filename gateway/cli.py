@@ -520,7 +520,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--recipients", type=int, default=10_000)
     d.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     d.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo)  # in a terminal it waits for Enter before and after: the console stays up
     dr = sub.add_parser(
         "drill", help="rehearse an outage, a crash, a cancel or an urgent advisory against the sandboxes"
     )

@@ -11,6 +11,7 @@ delivery is final; then a summary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import json
 import os
@@ -20,12 +21,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -211,6 +214,63 @@ async def submit_and_approve(gateway: Gateway, record: dict[str, Any]) -> dict[s
     raise RuntimeError("the submitted advisory was not stored within 10 s")
 
 
+async def _enter(prompt: str, timeout_s: float) -> None:
+    """Until the user presses Enter in the terminal, or ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    pressed = asyncio.Event()
+    sys.stderr.write(prompt + "\n")
+
+    def read() -> None:
+        sys.stdin.readline()
+        pressed.set()
+
+    loop.add_reader(sys.stdin.fileno(), read)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pressed.wait(), timeout_s)
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+
+
+async def _agreement(
+    gateway: Gateway,
+    token: str,
+    advisory_id: str,
+    counts: Mapping[str, Mapping[str, int]],
+    sandbox_stats: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The same numbers from four places at the end: the store's counters (what status, the API and
+    the console read), /metrics scraped over HTTP, and the sandbox partners' own count of unique
+    recipients; ``agree`` is whether they are equal per channel."""
+    reached = {s.value for s in (Status.DELIVERED, Status.READ)}
+    store = {ch: sum(n for s, n in per.items() if s in reached) for ch, per in counts.items()}
+    key = f"{advisory_id}@v1"
+    partner = {
+        ch: int(stats["by_advisory"].get(key, {}).get("unique_recipients", 0))
+        for ch, stats in sandbox_stats["channels"].items()
+        if ch in counts
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{gateway.public_url}/metrics", headers={"Authorization": f"Bearer {token}"}) as resp,
+    ):
+        text = await resp.text()
+    scraped: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "gateway_deliveries":
+            continue
+        for sample in family.samples:
+            channel = sample.labels["channel"]
+            if channel in counts and sample.labels["status"] in reached:
+                scraped[channel] = scraped.get(channel, 0) + int(sample.value)
+    return {
+        "store": store,
+        "metrics": scraped,
+        "sandbox": partner,
+        "agree": store == scraped == partner,
+    }
+
+
 async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
     console = Console(stderr=True)
     gw_logging.configure("warning", "auto")
@@ -241,6 +301,18 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
             gateway = Gateway(settings)
             await gateway.start()
             try:
+                assert gateway.tokens is not None
+                _, console_token = await gateway.tokens.create(
+                    "demo-console", ["operator", "press"], actor="demo"
+                )
+                console_url = f"{gateway.public_url}/console/"
+                console.print(
+                    f"[bold]console[/] {console_url}  [bold]token[/] {console_token}\n"
+                    "  (open the address in a browser and paste the token to watch the broadcast live)"
+                )
+                interactive = console.is_terminal and sys.stdin.isatty() and not as_json
+                if interactive:
+                    await _enter("press Enter to start the broadcast (it starts by itself in 20 s)", 20.0)
                 approval = await submit_and_approve(gateway, record)
                 console.print(
                     f"submitted {record['id']} over the API with a press token "
@@ -255,6 +327,11 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
                     console.is_terminal and not as_json,
                 )
                 sandbox_stats = await sandbox.stats()
+                agreement = await _agreement(gateway, console_token, record["id"], counts, sandbox_stats)
+                if interactive:
+                    await _enter(
+                        "the console stays up: press Enter to stop (it stops by itself in 10 min)", 600
+                    )
             finally:
                 await gateway.stop()
     deliveries: Counter[str] = Counter()
@@ -268,6 +345,9 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
         "seconds_to_all_delivered": None if all_final is None else round(all_final, 2),
         "seconds_total": round(time.monotonic() - t_start, 2),
         "approval": approval,
+        "console_url": console_url,
+        "console_token": console_token,
+        "agreement": agreement,
         "sandbox": sandbox_stats,
     }
     ok = all_final is not None and deliveries[Status.DELIVERED] + deliveries[Status.READ] == report.loaded

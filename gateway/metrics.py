@@ -57,3 +57,51 @@ receipts_unmatched_total = Counter(
     ["channel"],
     registry=REGISTRY,
 )
+
+deliveries = Gauge(
+    "gateway_deliveries",
+    "Deliveries by channel and status, from the store's counters (every advisory; the same on every "
+    "instance: aggregate with max, not sum)",
+    ["channel", "status"],
+    registry=REGISTRY,
+)
+dispatch_latency_seconds = Histogram(
+    "gateway_dispatch_latency_seconds",
+    "From the advisory stored to its message accepted by the partner (sent), per message",
+    ["channel"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+    registry=REGISTRY,
+)
+delivery_latency_seconds = Histogram(
+    "gateway_delivery_latency_seconds",
+    "From sent to the partner's receipt saying delivered (or read), per message",
+    ["channel"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
+retries_total = Counter(
+    "gateway_retries_total", "Attempts that will be retried, by channel", ["channel"], registry=REGISTRY
+)
+rate_limit_wait_seconds_total = Counter(
+    "gateway_rate_limit_wait_seconds_total",
+    "Time dispatch waited for a channel's rate limit (tokens per second) before sending",
+    ["channel"],
+    registry=REGISTRY,
+)
+consumer_lag = Gauge(
+    "gateway_consumer_lag",
+    "Records not yet consumed by this instance's consumer of a group (its assigned partitions)",
+    ["group"],
+    registry=REGISTRY,
+)
+events_published_total = Counter(
+    "gateway_delivery_events_published_total",
+    "Delivery status changes published to the delivery-events topic",
+    registry=REGISTRY,
+)
+webhook_deliveries_total = Counter(
+    "gateway_event_webhook_batches_total",
+    "Event batches posted to a configured webhook, by webhook name and outcome",
+    ["webhook", "outcome"],
+    registry=REGISTRY,
+)

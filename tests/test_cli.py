@@ -80,6 +80,12 @@ def test_demo_runs_end_to_end_and_prints_its_json_summary() -> None:
         "active",
         "demo-duty-approver",
     )
+    # the console's address and a token that opens it; the store, /metrics and the partners agree
+    assert summary["console_url"].endswith("/console/")
+    assert summary["console_token"].startswith("gw_")
+    agreement = summary["agreement"]
+    assert agreement["agree"] is True, agreement
+    assert sum(agreement["metrics"].values()) == 300
     partners = summary["sandbox"]["channels"]
     for channel, per in summary["by_channel"].items():
         counted = partners[channel]
