@@ -189,7 +189,9 @@ class Adapter(ABC):
         probe = await self.circuit.admit()
         try:
             async with self._in_flight:
+                waited = time.monotonic()
                 await self._limiter.acquire(len(batch))
+                metrics.rate_limit_wait_seconds_total.labels(self.channel).inc(time.monotonic() - waited)
                 if before_request is not None:
                     await before_request()
                 started = self.clock()

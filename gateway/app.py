@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from channels import registry
 from channels.base import Adapter, load_settings
-from gateway import kafka
+from gateway import kafka, metrics
 from gateway.api import build_app
 from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker
@@ -82,6 +82,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumers: list[AIOKafkaConsumer] = []
+        self._groups: dict[str, AIOKafkaConsumer] = {}  # consumer group -> this instance's consumer
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self.adapters: dict[str, Adapter] = {}
@@ -200,6 +201,8 @@ class Gateway:
         await asyncio.gather(*(consumer.start() for _, consumer, _ in loops))
         for name, consumer, run in loops:
             self._tasks.append(asyncio.create_task(run(consumer, self.stopping), name=name))
+        if loops:
+            self._tasks.append(asyncio.create_task(self._measure_lag(), name="consumer-lag"))
 
         app = build_app(self.store, routes, self.tokens, SUBMISSION_ROLES, self._producer, self.adapters)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
@@ -218,7 +221,23 @@ class Gateway:
     def _consumer(self, topics: list[str], group: str) -> AIOKafkaConsumer:
         consumer = kafka.consumer(self.bootstrap_servers, topics, group, self.settings.kafka)
         self._consumers.append(consumer)
+        self._groups[group] = consumer
         return consumer
+
+    async def _measure_lag(self, every_s: float = 5.0) -> None:
+        """``gateway_consumer_lag`` per group: records on this instance's partitions not yet
+        consumed (the broker's high-water mark minus the consumer's position)."""
+        while not self.stopping.is_set():
+            for group, consumer in self._groups.items():
+                lag = 0
+                with contextlib.suppress(Exception):  # not yet assigned, or a rebalance under way
+                    for tp in consumer.assignment():
+                        high = consumer.highwater(tp)
+                        if high is not None:
+                            lag += max(0, high - await consumer.position(tp))
+                metrics.consumer_lag.labels(group).set(lag)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), every_s)
 
     @property
     def public_url(self) -> str:

@@ -22,6 +22,7 @@ stay uncommitted and are replayed by the next consumer.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ class Dispatcher:
         self.most_buffered = 0  # the most chunks one topic had buffered at once (backpressure bounds it)
         self.stopping = asyncio.Event()
         self.in_hand: set[str] = set()  # delivery ids a worker of this process is sending now
+        self._stored: dict[str, float | None] = {}  # advisory key -> when stored (dispatch latency)
 
     # -- one chunk ----------------------------------------------------------------------------
 
@@ -259,8 +261,10 @@ class Dispatcher:
         )
         recorded: set[str] = set()  # results the adapter reported (and we stored) as they came
 
+        stored_at = await self._stored_at(adv)
+
         async def record_now(results: Sequence[Result]) -> None:
-            await self._record_results(results)
+            await self._record_results(results, adapter.channel, stored_at)
             recorded.update(r.delivery_id for r in results)
 
         try:
@@ -269,10 +273,13 @@ class Dispatcher:
                     results = await adapter.send(
                         remaining, before_request=lambda: self._still_wanted(adv), on_result=record_now
                     )
-                    await self._record_results([r for r in results if r.delivery_id not in recorded])
+                    await self._record_results(
+                        [r for r in results if r.delivery_id not in recorded], adapter.channel, stored_at
+                    )
                     # a message the adapter reported (and we recorded) is done, whatever came after
                     retry = [r for r in results if r.outcome == "retry" and r.delivery_id not in recorded]
                     if retry:
+                        metrics.retries_total.labels(adapter.channel).inc(len(retry))
                         if any(r.costs_attempt for r in retry):
                             charged += 1
                             await self.store.note_retry(
@@ -298,10 +305,24 @@ class Dispatcher:
                 reason=reason,
             )
 
-    async def _record_results(self, results: Sequence[Result]) -> None:
+    async def _stored_at(self, adv: Advisory) -> float | None:
+        """When the advisory was stored (epoch seconds): where dispatch latency is measured from."""
+        if adv.key not in self._stored:
+            if len(self._stored) > 1000:
+                self._stored.clear()
+            self._stored[adv.key] = await self.store.received_at(adv.id, adv.version)
+        return self._stored[adv.key]
+
+    async def _record_results(self, results: Sequence[Result], channel: str, stored_at: float | None) -> None:
         """What the partner answered, recorded before anything else happens to the batch: retried
         while the store is down (a crash in between re-sends with the same idempotency key)."""
         final = [o for o in map(_outcome, results) if o is not None]
+        if stored_at is not None:
+            latency = time.time() - stored_at
+            histogram = metrics.dispatch_latency_seconds.labels(channel)
+            for o in final:
+                if o.status is Status.SENT:
+                    histogram.observe(latency)
         if final:
             await asyncio.shield(
                 until_done(

@@ -122,6 +122,9 @@ class ReceiptWebhook:
         outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
         applied = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
         adapter.receipts_seen(found)
+        latency = metrics.delivery_latency_seconds.labels(channel)
+        for seconds in applied.reached_after_s:
+            latency.observe(max(0.0, seconds))
         at = now().isoformat()
         sends = [
             await self.producer.send(

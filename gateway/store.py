@@ -164,6 +164,9 @@ class AppliedReceipts:
     moved: list[Outcome]  # receipts that moved their delivery forward, in arrival order
     unknown: list[Outcome]  # receipts naming no delivery of ours (not stored)
     unchanged: int  # duplicates and late receipts: stored, changed nothing
+    # seconds from sent to the receipt, for each delivery these receipts first reached (delivered
+    # or read): the delivery latency
+    reached_after_s: list[float] = dataclasses.field(default_factory=list)
 
 
 def _last_per_delivery(outcomes: Sequence[Outcome]) -> list[Outcome]:
@@ -981,12 +984,15 @@ class Store:
                     for o in items
                 ]
             ranks_q = (
-                sa.select(deliveries.c.id, deliveries.c.rank)
+                sa.select(deliveries.c.id, deliveries.c.rank, deliveries.c.sent_at)
                 .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
                 .order_by(deliveries.c.id)
                 .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
             )
-            ranks = {str(i): int(r) for i, r in (await conn.execute(ranks_q)).all()}
+            found = (await conn.execute(ranks_q)).all()
+            ranks = {str(i): int(r) for i, r, _ in found}
+            sent_at = {str(i): _aware(t) for i, _, t in found if t is not None}
+            before = dict(ranks)
             known = [o for o in items if o.delivery_id in ranks]
             unknown = [o for o in items if o.delivery_id not in ranks]
             moved: list[Outcome] = []
@@ -1009,7 +1015,16 @@ class Store:
                         for o in known
                     ],
                 )
-        return AppliedReceipts(moved, unknown, len(known) - len(moved))
+        reached_rank = Status.DELIVERED.rank
+        first_reached = {
+            o.delivery_id
+            for o in moved
+            if o.status in (Status.DELIVERED, Status.READ)
+            and before[o.delivery_id] < reached_rank
+            and o.delivery_id in sent_at
+        }
+        latencies = [(at - sent_at[i]).total_seconds() for i in first_reached]
+        return AppliedReceipts(moved, unknown, len(known) - len(moved), latencies)
 
     async def delivery(self, delivery_id: str) -> sa.RowMapping | None:
         """One delivery's row (status, reason, attempts, partner_id, …), or None."""

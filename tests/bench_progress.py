@@ -68,6 +68,8 @@ async def run(n: int, url: str | None, triggers: bool) -> dict[str, object]:
             await store.record([Outcome(i, Status.SENT) for i in ids], attempted=True)
             await store.record([Outcome(i, Status.DELIVERED) for i in ids[: len(ids) * 9 // 10]])
         writes_s = time.perf_counter() - started
+        unfolded_s = await _timed(lambda: store.progress("big-1"), 5)
+        folded = await store.fold_counts()  # PostgreSQL: what the sweeper does every interval
         progress_s = await _timed(lambda: store.progress("big-1"), 20)
         recount_s = await _timed(lambda: store.recount("big-1"), 3)
         agree = await store.progress("big-1") == await store.recount("big-1")
@@ -78,6 +80,8 @@ async def run(n: int, url: str | None, triggers: bool) -> dict[str, object]:
             "writes_s": round(writes_s, 2),
             "deliveries_per_s_through_four_moves": round(n / writes_s),
             "progress_read_ms_median": round(progress_s * 1000, 3),
+            "deltas_folded": folded,
+            "progress_read_ms_before_folding": round(unfolded_s * 1000, 3),
             "recount_ms_median": round(recount_s * 1000, 1),
             "counters_agree": agree,
         }

@@ -271,3 +271,57 @@ async def test_the_console_reads_without_javascript_and_refuses_the_wrong_role(r
     assert response.status == 403
     await _shot(page, "no-javascript-ru")
     await page.context.close()
+
+
+async def _scrape(room: Room) -> dict[str, list[Any]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {room.tokens['duty-operator']}"}
+    async with aiohttp.ClientSession() as http, http.get(f"{room.url}/metrics", headers=headers) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def _deliveries(scraped: dict[str, list[Any]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for sample in scraped["gateway_deliveries"]:
+        out.setdefault(sample.labels["channel"], {})[sample.labels["status"]] = int(sample.value)
+    return out
+
+
+async def test_metrics_scraped_during_a_broadcast_match_the_store_and_carry_no_personal_data(
+    room: Room,
+) -> None:
+    await load(room.gw, room.tmp, 60, country="XP", prefix="metr")
+    store = room.gw.store
+    assert store is not None
+    await room.sandbox.faults("push", status=503, count=-1)  # mid-broadcast: held, counts stand still
+    try:
+        record = _record(audience={"countries": ["XP"]})
+        await room.submit("press-officer", record)
+
+        async def planned() -> bool:
+            return sum((await store.counts(record["id"])).get("push", {}).values()) == 60
+
+        await eventually(planned, what="planned")
+        during = _deliveries(await _scrape(room))
+        assert during == await store.counts()
+        assert during["push"].get("queued", 0) >= 60
+    finally:
+        await room.sandbox.faults("push", count=0)
+
+    async def delivered() -> bool:
+        return (await store.counts(record["id"]))["push"] == {"delivered": 60}
+
+    await eventually(delivered, what="delivered once the partner is back")
+    after = await _scrape(room)
+    assert _deliveries(after) == await store.counts()
+    by_name = {s.name: s for samples in after.values() for s in samples if s.labels.get("channel") == "push"}
+    assert by_name["gateway_dispatch_latency_seconds_count"].value >= 60
+    assert by_name["gateway_delivery_latency_seconds_count"].value >= 60
+    assert by_name["gateway_retries_total"].value > 0  # the 503s were retried
+    assert any(s.labels.get("group") for s in after["gateway_consumer_lag"])
+    # labels are channels, statuses, outcomes, groups: no recipient, address or token anywhere
+    labels = {v for samples in after.values() for s in samples for v in s.labels.values()}
+    assert not any("metr" in v or "app-" in v or "gw_" in v for v in labels), labels
