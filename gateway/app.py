@@ -26,6 +26,7 @@ from gateway.cascade import Cascade
 from gateway.console import Console
 from gateway.dispatch import BULK, URGENT, Dispatcher
 from gateway.errors import ConfigError
+from gateway.events import Publisher
 from gateway.feed import Feed
 from gateway.intake import Intake
 from gateway.logging import get_logger
@@ -104,7 +105,9 @@ class Gateway:
             self.broker = EmbeddedBroker()
             await self.broker.start()
             self.bootstrap_servers = self.broker.bootstrap_servers
+        webhook_secrets = s.events.secrets()  # a webhook without its secret stops start-up here
         self.store = await Store.open(s.store.url, s.store.migrate)
+        await self.store.deliver_events(s.events.enabled)
         await kafka.ensure_topics(self.bootstrap_servers, s.kafka, s.channels)
         self._producer = kafka.producer(self.bootstrap_servers)
         await self._producer.start()
@@ -176,11 +179,11 @@ class Gateway:
                 for channel in self.adapters
                 for urgent in (True, False)
             }
-            store, producer = self.store, self._producer
+            store = self.store
             self.training = Training(
                 s,
                 self._session,
-                lambda adapters: ReceiptWebhook(store, adapters, producer, s.kafka.topic_events),
+                lambda adapters: ReceiptWebhook(store, adapters),
                 lambda: self.public_url,
             )
             routes += self.training.routes()
@@ -190,10 +193,15 @@ class Gateway:
             sweeper = Sweeper(self.store, s.sweeper, approval_timeout_s=s.approval.timeout_s)
             cascade = Cascade(self.store, planner, self.adapters, s.cascade)
             self._tasks.append(asyncio.create_task(sweeper.run(self.stopping), name="sweeper"))
+            if s.events.enabled:  # the outbox is shared: processes with dispatch publish it
+                publisher = Publisher(
+                    self.store, self._producer, s.kafka.topic_events, s.events, webhook_secrets, self._session
+                )
+                self._tasks.append(asyncio.create_task(publisher.run(self.stopping), name="events"))
             self._tasks.append(asyncio.create_task(cascade.run(self.stopping), name="cascade"))
             loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
         if "receipts" in s.gateway.roles:
-            webhook = ReceiptWebhook(self.store, self.adapters, self._producer, s.kafka.topic_events)
+            webhook = ReceiptWebhook(self.store, self.adapters)
             routes += webhook.routes()
             for name, adapter in self.adapters.items():
                 adapter.receipt_sink = webhook.sink(name, adapter)

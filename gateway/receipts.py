@@ -3,26 +3,23 @@
 A call that is not signed by the partner, or a signed call already applied (a replay), is answered
 401 and changes nothing. Receipts move a
 delivery only forward (``Status.rank``), so duplicate and out-of-order receipts are harmless. Each
-applied receipt is published on ``delivery-events`` keyed by delivery id.
+receipt that moves a delivery becomes a delivery event (the store's outbox, gateway/events.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
 
 from channels.base import MAX_SKEW_S, SIGNATURE_HEADER, Adapter, Receipt
 from gateway import metrics
 from gateway.api import problem
 from gateway.errors import AuthError, InputError
 from gateway.logging import get_logger
-from gateway.models import now
 from gateway.store import Outcome, Store
 
 log = get_logger(__name__)
@@ -68,13 +65,9 @@ class ReplayGuard:
 
 
 class ReceiptWebhook:
-    def __init__(
-        self, store: Store, adapters: Mapping[str, Adapter], producer: AIOKafkaProducer, events_topic: str
-    ) -> None:
+    def __init__(self, store: Store, adapters: Mapping[str, Adapter]) -> None:
         self.store = store
         self.adapters = adapters
-        self.producer = producer
-        self.events_topic = events_topic
         self.replays = ReplayGuard()
 
     def routes(self) -> list[web.RouteDef]:
@@ -115,34 +108,16 @@ class ReceiptWebhook:
         return web.json_response({"received": len(found), "moved": moved})
 
     async def apply(self, channel: str, adapter: Adapter, found: Sequence[Receipt]) -> int:
-        """Store receipts (rank-guarded), tell the adapter, publish an event for each receipt that
-        moved a delivery; returns deliveries moved. A receipt naming no delivery of ours is counted
-        and logged, never published. Used by the webhooks and, for protocols that bring receipts
-        themselves (SMPP), as their sink."""
+        """Store receipts (rank-guarded; each one that moves a delivery is a delivery event, written
+        by the store with the move) and tell the adapter; returns deliveries moved. A receipt naming
+        no delivery of ours is counted and logged, never an event. Used by the webhooks and, for
+        protocols that bring receipts themselves (SMPP), as their sink."""
         outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
         applied = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
         adapter.receipts_seen(found)
         latency = metrics.delivery_latency_seconds.labels(channel)
         for seconds in applied.reached_after_s:
             latency.observe(max(0.0, seconds))
-        at = now().isoformat()
-        sends = [
-            await self.producer.send(
-                self.events_topic,
-                json.dumps(
-                    {
-                        "delivery_id": o.delivery_id,
-                        "channel": channel,
-                        "status": o.status.value,
-                        "partner_id": o.partner_id,
-                        "at": at,
-                    }
-                ).encode(),
-                key=o.delivery_id.encode(),
-            )
-            for o in applied.moved
-        ]
-        await asyncio.gather(*sends)
         for o in applied.moved:
             metrics.receipts_total.labels(channel, o.status.value).inc()
         if applied.unknown:

@@ -98,6 +98,24 @@ delivery_count_deltas = sa.Table(
     sa.Index("ix_delivery_count_deltas_advisory", "advisory_id", "version"),
 )
 
+# the outbox of delivery events (gateway/events.py): every applied status change of a delivery, written
+# by triggers in the same transaction (Store.deliver_events), deleted once on the delivery-events topic
+delivery_events = sa.Table(
+    "delivery_events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", sa.String(32), nullable=False),
+    sa.Column("advisory_id", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("language", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("previous_status", sa.String(16)),
+    sa.Column("reason", sa.String(500)),
+    sa.Column("partner_id", sa.String(128)),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+)
+
 # advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:
 # an alert whose cancel overtook it on the way is stored withdrawn and never planned
 withdrawals = sa.Table(

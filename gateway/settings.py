@@ -25,7 +25,7 @@ from gateway.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
 ENV_PREFIX = "GATEWAY__"
-SECRET_KEYS = frozenset({"secret", "password", "signing_keys"})
+SECRET_KEYS = frozenset({"secret", "password", "signing_keys", "webhook_secrets"})
 
 Role = Literal["intake", "dispatch", "receipts"]
 
@@ -119,6 +119,45 @@ class ApiSettings(_Section):
         return {str(k): v for k, v in keys.items()}
 
 
+class WebhookSettings(_Section):
+    """One receiver of delivery events (gateway/events.py); its HMAC secret is in
+    ``events.webhook_secrets`` under the same name."""
+
+    url: str = Field(pattern=r"^https?://")
+    max_attempts: int = Field(8, ge=1, le=100)  # then the batch is given up (it stays on the topic)
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class EventsSettings(_Section):
+    """Delivery events out: every applied status change to the ``delivery-events`` topic and to the
+    configured webhooks (gateway/events.py)."""
+
+    enabled: bool = True
+    poll_s: float = Field(0.2, gt=0)  # how often the outbox is read when it was empty
+    batch: int = Field(500, ge=1, le=10_000)
+    webhooks: dict[str, WebhookSettings] = Field(default_factory=dict)
+    # name -> HMAC secret (JSON object; a secret: GATEWAY__EVENTS__WEBHOOK_SECRETS or
+    # webhook_secrets_file, never YAML)
+    webhook_secrets: str | None = None
+    webhook_secrets_file: Path | None = None
+    queue_batches: int = Field(100, ge=1)  # per webhook, batches waiting; full: the publisher waits
+
+    def secrets(self) -> dict[str, str]:
+        raw = read_secret("events.webhook_secrets", self.webhook_secrets, self.webhook_secrets_file)
+        try:
+            found = json.loads(raw) if raw else {}
+        except ValueError as e:
+            raise ConfigError("events.webhook_secrets: not a JSON object of webhook name -> secret") from e
+        if not isinstance(found, dict) or not all(isinstance(v, str) and v for v in found.values()):
+            raise ConfigError("events.webhook_secrets: not a JSON object of webhook name -> secret")
+        missing = sorted(set(self.webhooks) - set(found))
+        if missing:
+            raise ConfigError(
+                f"events.webhook_secrets: no secret for webhook {missing[0]!r} (every webhook is signed)"
+            )
+        return {name: found[name] for name in self.webhooks}
+
+
 class TrainingSettings(_Section):
     """Training advisories (gateway/training.py) go only to the gateway's own sandbox partners."""
 
@@ -180,6 +219,7 @@ class Settings(_Section):
     dispatch: DispatchSettings = DispatchSettings()
     sweeper: SweeperSettings = SweeperSettings()
     cascade: CascadeSettings = CascadeSettings()
+    events: EventsSettings = EventsSettings()
     # channel name -> that adapter's own settings, validated by the adapter's settings model
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
     logging: LoggingSettings = LoggingSettings()

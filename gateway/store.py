@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +45,7 @@ from gateway.schema import (
     deliveries,
     delivery_count_deltas,
     delivery_counts,
+    delivery_events,
     metadata,
     receipts,
     recipients,
@@ -152,6 +153,66 @@ _FOLD = (
     f"ORDER BY {_COLS} ON CONFLICT ({_COLS}) DO UPDATE SET n = delivery_counts.n + excluded.n) "
     "SELECT coalesce(sum(rows_), 0) FROM summed"
 )
+
+
+_EVENT_INTO = (
+    "INSERT INTO delivery_events (delivery_id, advisory_id, version, channel, language, status, "
+    "previous_status, reason, partner_id, at) "
+)
+# the outbox triggers (migration 0006 holds the table and PostgreSQL's trigger functions)
+_EVENT_TRIGGERS = {
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS deliveries_evented_insert AFTER INSERT ON deliveries BEGIN "
+        + _EVENT_INTO
+        + "VALUES (new.id, new.advisory_id, new.version, new.channel, new.language, new.status, NULL, "
+        "new.reason, new.partner_id, new.updated_at); END",
+        "CREATE TRIGGER IF NOT EXISTS deliveries_evented_update AFTER UPDATE OF status ON deliveries "
+        "WHEN old.status <> new.status BEGIN "
+        + _EVENT_INTO
+        + "VALUES (new.id, new.advisory_id, new.version, new.channel, new.language, new.status, "
+        "old.status, new.reason, new.partner_id, new.updated_at); END",
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE TRIGGER deliveries_evented_insert AFTER INSERT ON deliveries "
+        "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION deliveries_evented_insert()",
+        "CREATE OR REPLACE TRIGGER deliveries_evented_update AFTER UPDATE ON deliveries "
+        "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION deliveries_evented_update()",
+    ],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One applied status change of a delivery (the outbox row, gateway/events.py)."""
+
+    seq: int
+    delivery_id: str
+    advisory_id: str
+    version: int
+    channel: str
+    language: str
+    status: str
+    previous_status: str | None
+    reason: str | None
+    partner_id: str | None
+    at: datetime
+
+
+def _event(row: sa.RowMapping) -> Event:
+    return Event(
+        seq=int(row["seq"]),
+        delivery_id=str(row["delivery_id"]),
+        advisory_id=str(row["advisory_id"]),
+        version=int(row["version"]),
+        channel=str(row["channel"]),
+        language=str(row["language"]),
+        status=str(row["status"]),
+        previous_status=row["previous_status"],
+        reason=row["reason"],
+        partner_id=row["partner_id"],
+        at=_aware(row["at"]),
+    )
 
 
 def _count(row: Sequence[Any]) -> Count:
@@ -1071,6 +1132,47 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q)).all()
         return [_count(r) for r in rows]
+
+    # -- delivery events (the outbox) -----------------------------------------------------------
+
+    async def deliver_events(self, enabled: bool) -> None:
+        """Create (or drop) the triggers that write every applied status change of a delivery to
+        the ``delivery_events`` outbox, in the same transaction as the change. A deployment setting
+        (``events.enabled``): every instance should say the same."""
+        on = "" if self._dialect == "sqlite" else " ON deliveries"
+        async with self._begin() as conn:
+            if enabled:
+                for statement in _EVENT_TRIGGERS[self._dialect]:
+                    await conn.execute(sa.text(statement))
+            else:
+                for name in ("insert", "update"):
+                    await conn.execute(sa.text(f"DROP TRIGGER IF EXISTS deliveries_evented_{name}{on}"))
+
+    async def take_events(self, limit: int, publish: Callable[[list[Event]], Awaitable[None]]) -> int:
+        """The oldest ``limit`` events to ``publish``, then removed from the outbox (only once
+        ``publish`` returned: at least once). One taker at a time across instances on PostgreSQL
+        (an advisory lock: events of one delivery stay in order); returns how many were taken."""
+        q = sa.select(delivery_events).order_by(delivery_events.c.seq).limit(limit)
+        if self._dialect == "postgresql":
+            async with self.engine.begin() as conn:
+                if not (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(4711006)"))).scalar():
+                    return 0  # another instance is publishing
+                events = [_event(r) for r in (await conn.execute(q)).mappings().all()]
+                if events:
+                    await publish(events)
+                    await conn.execute(
+                        sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
+                    )
+            return len(events)
+        async with self.engine.connect() as conn:
+            events = [_event(r) for r in (await conn.execute(q)).mappings().all()]
+        if events:
+            await publish(events)
+            async with self._begin() as conn:
+                await conn.execute(
+                    sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
+                )
+        return len(events)
 
     async def fold_counts(self) -> int:
         """Fold the deltas PostgreSQL's triggers appended into ``delivery_counts`` (the sweeper

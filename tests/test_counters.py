@@ -144,3 +144,35 @@ async def test_reading_progress_never_reads_a_delivery(store: Store) -> None:
     assert captured
     assert all("delivery_counts" in s for s in captured)
     assert not any(" deliveries" in s.replace("\n", " ") for s in captured), captured
+
+
+async def test_the_outbox_holds_every_applied_change_in_order_and_empties_as_it_is_published(
+    store: Store,
+) -> None:
+    """The delivery events' outbox (gateway/events.py), filled by the same kind of triggers: replaying
+    each delivery's events from planned gives exactly its stored status, on SQLite and PostgreSQL,
+    with writers at once."""
+    await store.deliver_events(True)
+    rng = random.Random(5)
+    await _stored_advisory(store, "a", 1, expires_in_s=3600)
+    rows = _rows("a", 1, 200, rng)
+    await store.insert_deliveries(rows)
+    ids = [str(r["id"]) for r in rows]
+    await asyncio.gather(*(_random_moves(store, ids, random.Random(50 + w), 15) for w in range(3)))
+    published: list[object] = []
+
+    async def publish(events: list[object]) -> None:
+        published.extend(events)
+
+    while await store.take_events(64, publish):
+        pass
+    assert await store.take_events(64, publish) == 0  # emptied
+    last: dict[str, str] = {}
+    for e in published:
+        assert e.previous_status == last.get(e.delivery_id), e  # type: ignore[attr-defined]
+        last[e.delivery_id] = e.status  # type: ignore[attr-defined]
+    for i in ids:
+        assert last[i] == (await store.delivery(i) or {}).get("status")
+    await store.deliver_events(False)
+    await store.mark_queued(ids)
+    assert await store.take_events(64, publish) == 0  # no triggers: no events

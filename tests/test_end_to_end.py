@@ -184,7 +184,11 @@ async def test_duplicate_and_out_of_order_receipts_are_harmless(
     assert await post([{"idempotency_key": second, "status": "failed"}]) == 200
     assert (await store.delivery(first) or {}).get("status") == "read"
     assert (await store.delivery(second) or {}).get("status") == "delivered"
-    # only the two receipts that moved a delivery became events (test_receipts proves no others do)
-    events = await read_topic(gateway.bootstrap_servers, gateway.settings.kafka.topic_events, 2)
-    moved = sorted((json.loads(e.value)["delivery_id"], json.loads(e.value)["status"]) for e in events)
+    # each delivery: planned, queued, sent (3 events each), then only the two receipts that moved one
+    events = await read_topic(gateway.bootstrap_servers, gateway.settings.kafka.topic_events, 8)
+    moved = sorted(
+        (json.loads(e.value)["delivery_id"], json.loads(e.value)["status"])
+        for e in events
+        if json.loads(e.value)["previous_status"] == "sent"
+    )
     assert moved == sorted([(first, "read"), (second, "delivered")])

@@ -1,0 +1,164 @@
+"""Delivery events out: every applied status change of a delivery, to Kafka and to webhooks.
+
+The store writes each change to the ``delivery_events`` outbox **in the same transaction** as the
+change (triggers on ``deliveries``: planning, queueing, a partner's answer, a receipt, a cancel,
+expiry, the sweeper, an operator's replay — whatever moved it). The publisher here takes the oldest
+events in order, puts each on ``delivery-events`` keyed by delivery id (so the events of one
+delivery stay in order on one partition), and only then removes them from the outbox: at least
+once, never lost — a crash in between publishes them again (consumers de-duplicate by ``seq`` per
+delivery, or by ``(delivery_id, status)``). The schema is docs/delivery-events.md.
+
+Webhooks (``events.webhooks``) get the same events in batches, signed with HMAC-SHA256 as partners
+sign their receipts (``X-Timestamp``, ``X-Signature: v1=…``), retried with exponential backoff up to
+``max_attempts``, then given up (logged, counted; the events stay on the topic). Each webhook has
+its own bounded queue and worker: a slow receiver never holds dispatch — dispatch only writes the
+outbox; when a queue is full the publisher waits, and the outbox (a table) holds what comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from channels.base import hmac_headers
+from gateway import metrics
+from gateway.logging import get_logger
+from gateway.retry import Stopped, until_done
+from gateway.settings import EventsSettings, WebhookSettings
+from gateway.store import Event, Store
+
+log = get_logger(__name__)
+
+SCHEMA = "delivery-event/1"
+
+
+def event_json(e: Event) -> dict[str, Any]:
+    """One event as published (docs/delivery-events.md): no address, no recipient, no text."""
+    return {
+        "schema": SCHEMA,
+        "seq": e.seq,
+        "delivery_id": e.delivery_id,
+        "advisory_id": e.advisory_id,
+        "version": e.version,
+        "channel": e.channel,
+        "language": e.language or None,
+        "status": e.status,
+        "previous_status": e.previous_status,
+        "reason": e.reason,
+        "partner_id": e.partner_id,
+        "at": e.at.isoformat(),
+    }
+
+
+class _ReceiverError(Exception):
+    pass
+
+
+class Webhook:
+    """One receiver: a bounded queue of batches and a worker posting them in order."""
+
+    def __init__(self, name: str, settings: WebhookSettings, secret: str, queue_batches: int) -> None:
+        self.name = name
+        self.settings = settings
+        self.secret = secret
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_batches)
+
+    async def run(self, session: aiohttp.ClientSession, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            body = await self.queue.get()
+            try:
+                await self._post(session, body)
+                metrics.webhook_deliveries_total.labels(self.name, "delivered").inc()
+            except _ReceiverError as e:
+                metrics.webhook_deliveries_total.labels(self.name, "given_up").inc()
+                log.error(
+                    "events.webhook_gave_up",
+                    webhook=self.name,
+                    attempts=self.settings.max_attempts,
+                    error=str(e),
+                )
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.max_attempts),
+            wait=wait_exponential(multiplier=0.2, max=30),
+            retry=retry_if_exception_type(_ReceiverError),
+            reraise=True,
+        )
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        async for attempt in retrying:
+            with attempt:
+                headers = {"Content-Type": "application/json", **hmac_headers(self.secret, body)}
+                try:
+                    async with session.post(
+                        self.settings.url, data=body, headers=headers, timeout=timeout
+                    ) as r:
+                        if r.status >= 300:
+                            raise _ReceiverError(f"answered {r.status}")
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    raise _ReceiverError(f"{type(e).__name__}: {e}") from e
+
+
+class Publisher:
+    def __init__(
+        self,
+        store: Store,
+        producer: AIOKafkaProducer,
+        topic: str,
+        settings: EventsSettings,
+        secrets: Mapping[str, str],
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.store = store
+        self.producer = producer
+        self.topic = topic
+        self.settings = settings
+        self.session = session
+        self.webhooks = [
+            Webhook(name, hook, secrets[name], settings.queue_batches)
+            for name, hook in settings.webhooks.items()
+        ]
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        """On the topic (each acknowledged), then queued for every webhook."""
+        sends = [
+            await self.producer.send(
+                self.topic, json.dumps(event_json(e)).encode(), key=e.delivery_id.encode()
+            )
+            for e in events
+        ]
+        await asyncio.gather(*sends)
+        metrics.events_published_total.inc(len(events))
+        if self.webhooks:
+            body = json.dumps({"events": [event_json(e) for e in events]}).encode()
+            for hook in self.webhooks:
+                await hook.queue.put(body)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        workers = [
+            asyncio.create_task(h.run(self.session, stopping), name=f"webhook-{h.name}")
+            for h in self.webhooks
+        ]
+        try:
+            while not stopping.is_set():
+                taken = await until_done(
+                    lambda: self.store.take_events(self.settings.batch, self.publish),
+                    "events.retrying",
+                    stopping,
+                )
+                if taken < self.settings.batch:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), self.settings.poll_s)
+        except Stopped:
+            return
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)

@@ -1,0 +1,165 @@
+"""Delivery events out (gateway/events.py): every applied status change reaches a configured webhook,
+signed with HMAC, in order per delivery, retried when the receiver fails; a receiver that is down
+never holds a broadcast back; a webhook without its secret stops start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from channels.base import verify_hmac
+from gateway.app import Gateway
+from gateway.cli import publish
+from gateway.errors import ConfigError
+from gateway.models import Status
+from gateway.sandbox.process import SandboxProcess
+from tests.conftest import (
+    advisory,
+    eventually,
+    load_recipients,
+    make_settings,
+    reached,
+    running_gateway,
+    signed,
+)
+
+SECRET = "webhook-test-secret"
+CHAIN = [s.value for s in sorted(Status, key=lambda s: s.rank)]
+
+
+class Receiver:
+    """A webhook receiver on a real socket: checks every signature, fails the first ``fail`` calls."""
+
+    def __init__(self, fail: int = 0, always: int | None = None) -> None:
+        self.fail, self.always = fail, always
+        self.calls = 0
+        self.bad_signatures = 0
+        self.events: list[dict[str, Any]] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.calls += 1
+        try:
+            verify_hmac(SECRET, body, request.headers)
+        except Exception:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        if self.always is not None:
+            return web.Response(status=self.always)
+        if self.calls <= self.fail:
+            return web.Response(status=500)
+        self.events += json.loads(body)["events"]
+        return web.Response(status=204)
+
+    def statuses(self, delivery_id: str) -> list[str]:
+        return [e["status"] for e in self.events if e["delivery_id"] == delivery_id]
+
+
+@asynccontextmanager
+async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
+    app = web.Application()
+    app.router.add_post("/events", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    receiver.url = f"http://127.0.0.1:{port}/events"
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()
+
+
+def _settings(tmp_path: Path, kafka: str, sandbox: SandboxProcess, url: str) -> Any:
+    return make_settings(
+        tmp_path,
+        kafka,
+        sandbox,
+        GATEWAY__EVENTS__WEBHOOKS=json.dumps({"ops": {"url": url, "max_attempts": 6}}),
+        GATEWAY__EVENTS__WEBHOOK_SECRETS=json.dumps({"ops": SECRET}),
+    )
+
+
+async def test_every_status_change_reaches_the_webhook_signed_and_in_order_per_delivery(
+    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    async with receiving(Receiver(fail=2)) as receiver:  # two 500s first: retried with backoff
+        settings = _settings(tmp_path, kafka_bootstrap, sandbox, receiver.url)
+        async with running_gateway(settings, sandbox) as gw:
+            await load_recipients(gw, tmp_path, 40)
+            record = signed(advisory())
+            await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
+            await eventually(lambda: reached(gw, record["id"], "delivered", 40), what="40 delivered")
+            assert gw.store is not None
+            ids = [str(r["id"]) for r in await _delivery_rows(gw, record["id"])]
+
+            async def all_delivered_events() -> bool:
+                return all("delivered" in receiver.statuses(i) for i in ids)
+
+            await eventually(all_delivered_events, what="every delivered event at the webhook")
+    assert receiver.bad_signatures == 0
+    assert receiver.calls > 2
+    for i in ids:
+        statuses = receiver.statuses(i)
+        assert statuses[0] == "planned", statuses
+        assert statuses == sorted(statuses, key=CHAIN.index), statuses  # in order per delivery
+        assert len(statuses) == len(set(statuses)), statuses  # each change once
+    sample = next(e for e in receiver.events if e["status"] == "delivered")
+    assert sample["schema"] == "delivery-event/1"
+    assert sample["advisory_id"] == record["id"]
+    assert sample["language"] in {"kk", "ru", "en"}
+    assert not {"phone", "email", "app_user", "recipient_id"} & set(sample)  # no personal data
+
+
+async def _delivery_rows(gw: Gateway, advisory_id: str) -> list[Any]:
+    import sqlalchemy as sa
+
+    from gateway.schema import deliveries
+
+    assert gw.store is not None
+    async with gw.store.engine.connect() as conn:
+        q = sa.select(deliveries.c.id).where(deliveries.c.advisory_id == advisory_id)
+        return list((await conn.execute(q)).mappings().all())
+
+
+async def test_a_receiver_that_is_down_never_holds_the_broadcast_back(
+    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    async with receiving(Receiver(always=503)) as receiver:
+        settings = _settings(tmp_path, kafka_bootstrap, sandbox, receiver.url)
+        async with running_gateway(settings, sandbox) as gw:
+            await load_recipients(gw, tmp_path, 40)
+            record = signed(advisory())
+            await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
+            await eventually(
+                lambda: reached(gw, record["id"], "delivered", 40), what="delivered all the same"
+            )
+
+            async def retried() -> bool:
+                return receiver.calls >= 3
+
+            await eventually(retried, what="the webhook tried again")
+    assert receiver.events == []
+
+
+async def test_a_webhook_without_its_secret_stops_start_up(
+    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        kafka_bootstrap,
+        sandbox,
+        GATEWAY__EVENTS__WEBHOOKS=json.dumps({"ops": {"url": "http://127.0.0.1:9/events"}}),
+    )
+    with pytest.raises(ConfigError, match="no secret for webhook 'ops'"):
+        async with running_gateway(settings, sandbox):
+            await asyncio.sleep(0)  # never reached: start-up refuses
