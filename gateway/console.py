@@ -410,7 +410,8 @@ class Console:
             .limit(8)
         )
         async with self.store.engine.connect() as conn:
-            return [(str(c), plain_reason(r), int(n)) for c, r, n in (await conn.execute(q)).all()]
+            # reasons are stored as sentences already ("partner answered 400: …", "attempts exhausted …")
+            return [(str(c), str(r or "—"), int(n)) for c, r, n in (await conn.execute(q)).all()]
 
     async def _within(self, advisory_id: str, v: Version, seconds: float) -> dict[str, Any]:
         """The share of sent messages that went out within ``seconds`` of the advisory being
@@ -634,6 +635,7 @@ class Console:
                 raise InputError(f"channels: {channel!r} is not configured here")
             for lang in sorted(renderer.languages(adv, adapter.kind, adapter.parts)):
                 problem = None
+                parts: dict[str, str] = {}  # a rendering that does not fit is still shown
                 try:
                     parts = renderer.render(
                         adv, lang, adapter.kind, adapter.parts, None, adapter.optional_parts
@@ -641,7 +643,6 @@ class Console:
                     adapter.check_rendering(parts, adv)
                 except InputError as e:
                     problem = str(e)
-                    parts = locals().get("parts", {})
                 out.append(Preview(channel, adapter.kind, lang, parts, _facts(adapter, parts), problem))
         return out
 
@@ -657,13 +658,6 @@ def _facts(adapter: Adapter, parts: Mapping[str, str]) -> list[str]:
         limit = adapter.limits.get(part)
         facts.append(f"{part}:{len(text)}" + (f"/{limit}" if limit else ""))
     return facts
-
-
-def plain_reason(reason: str | None) -> str:
-    """A failure reason as an operator reads it."""
-    if not reason:
-        return "no reason recorded"
-    return reason
 
 
 def _local(target: Any) -> str:
