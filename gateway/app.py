@@ -168,6 +168,7 @@ class Gateway:
             self.stopping,
         )
         routes += console.routes()
+        self._tasks.append(asyncio.create_task(console.run(self.stopping), name="console-trends"))
         if "intake" in s.gateway.roles:
             self._tasks.append(asyncio.create_task(planner.run(self.stopping), name="planner"))
             loops.append(

@@ -41,6 +41,7 @@ from gateway.models import FINAL, Advisory, Status, now
 from gateway.rendering import Renderer
 from gateway.schema import deliveries
 from gateway.store import Count, Store, Version
+from gateway.trends import LATENCIES, Chart, Trends, chart
 
 log = get_logger(__name__)
 
@@ -167,6 +168,7 @@ class Console:
         self.senders = list(senders)
         self.stopping = stopping
         self._static = {name: (WEB / "static" / name).read_bytes() for name in STATIC}  # at start-up
+        self.trends = Trends()  # latency and channel rates over time; run by the gateway (run())
         self.streams = 0
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(WEB),
@@ -180,6 +182,9 @@ class Console:
         self.templates_available = sorted(
             p.name for p in renderer.templates_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.trends.run(stopping)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -313,9 +318,19 @@ class Console:
         return out
 
     def _health(self) -> list[dict[str, Any]]:
+        rates = self.trends.health()
         return [
-            {"channel": name, "kind": a.kind, "circuit": a.circuit.state.value}
+            {"channel": name, "kind": a.kind, "circuit": a.circuit.state.value, "rates": rates.get(name)}
             for name, a in sorted(self.adapters.items())
+        ]
+
+    def _charts(self) -> list[Chart]:
+        dispatch, delivery = LATENCIES
+        return [
+            chart("dispatch_p50", self.trends.series(dispatch, 0.5)),
+            chart("dispatch_p99", self.trends.series(dispatch, 0.99)),
+            chart("delivery_p50", self.trends.series(delivery, 0.5)),
+            chart("delivery_p99", self.trends.series(delivery, 0.99)),
         ]
 
     async def _dead_letters(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -326,6 +341,7 @@ class Console:
         return {
             "live": await self._live(),
             "health": self._health(),
+            "charts": self._charts(),
             "dead_letters": await self._dead_letters(),
             "updated": now(),
         }

@@ -154,6 +154,12 @@ def _print_summary(console: Console, summary: dict[str, Any]) -> None:
         f"all sent after {summary['seconds_to_all_sent']} s, all delivered after "
         f"{summary['seconds_to_all_delivered']} s  (--json prints everything)"
     )
+    agreement = summary["agreement"]
+    console.print(
+        ("[green]the store's counters, /metrics and the partners' own counts agree[/]")
+        if agreement["agree"]
+        else f"[red]the counts disagree[/]: {agreement}"
+    )
 
 
 def demo_env(
@@ -288,7 +294,8 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
             )
             console.print(
                 f"[bold]broker[/] {broker.bootstrap_servers}  [bold]sandbox[/] {sandbox.url}  "
-                f"[bold]store[/] {workdir / 'gateway.db'}"
+                f"[bold]store[/] {workdir / 'gateway.db'}",
+                soft_wrap=True,
             )
             csv_path = workdir / "recipients.csv"
             await asyncio.to_thread(write_recipients, csv_path, n, country)
@@ -306,9 +313,10 @@ async def run_demo(n: int, as_json: bool, deadline_s: float) -> int:
                     "demo-console", ["operator", "press"], actor="demo"
                 )
                 console_url = f"{gateway.public_url}/console/"
-                console.print(
-                    f"[bold]console[/] {console_url}  [bold]token[/] {console_token}\n"
-                    "  (open the address in a browser and paste the token to watch the broadcast live)"
+                console.print(  # not wrapped: the address and the token are copied from here
+                    f"[bold]console[/] {console_url}\n[bold]token[/]   {console_token}\n"
+                    "  (open the address in a browser and paste the token to watch the broadcast live)",
+                    soft_wrap=True,
                 )
                 interactive = console.is_terminal and sys.stdin.isatty() and not as_json
                 if interactive:

@@ -325,3 +325,19 @@ async def test_metrics_scraped_during_a_broadcast_match_the_store_and_carry_no_p
     # labels are channels, statuses, outcomes, groups: no recipient, address or token anywhere
     labels = {v for samples in after.values() for s in samples for v in s.labels.values()}
     assert not any("metr" in v or "app-" in v or "gw_" in v for v in labels), labels
+
+
+async def test_the_operations_room_draws_latency_over_time_and_channel_rates(room: Room) -> None:
+    """After the broadcasts above: the dispatch latency chart has a push line, and the channel
+    health table shows push's sent-per-minute and error share (from this process's metrics)."""
+    page = await room.page("duty-operator", viewport={"width": 390, "height": 844})
+    line = page.locator("figure[data-chart=dispatch_p50] polyline")
+    await line.first.wait_for(timeout=30_000)  # samples every 5 s: a line once two have messages
+    assert "push" in await page.locator("figure[data-chart=dispatch_p50] .legend").inner_text()
+    row = page.locator("table.health tr[data-channel=push] td")
+    cells = await row.all_inner_texts()
+    assert cells[1] == "closed"
+    assert cells[2] != "—"
+    assert int(cells[2].replace("\u202f", "")) > 0, cells
+    await _shot(page, "room-latency-phone")
+    await page.context.close()
