@@ -144,6 +144,25 @@ class Count:
     n: int
 
 
+_PG_INSERT_COLUMNS = (
+    ("id", "varchar"),
+    ("advisory_id", "varchar"),
+    ("version", "int"),
+    ("recipient_id", "varchar"),
+    ("channel", "varchar"),
+    ("language", "varchar"),
+    ("status", "varchar"),
+    ("rank", "smallint"),
+    ("reason", "varchar"),
+)
+_PG_DEFAULTS = {"language": ""}  # what the column's server default would give a row without it
+_PG_INSERT = sa.text(
+    "INSERT INTO deliveries ("  # noqa: S608 -- constant column names only
+    + ", ".join(n for n, _ in _PG_INSERT_COLUMNS)
+    + ", updated_at) SELECT *, CAST(:at AS timestamptz) FROM unnest("
+    + ", ".join(f"CAST(:{n} AS {t}[])" for n, t in _PG_INSERT_COLUMNS)
+    + ") ON CONFLICT DO NOTHING"
+)
 _COLS = ", ".join(COUNT_KEY)
 # PostgreSQL: take every delta, add them up per key, add the sums to the counters, in key order
 _FOLD = (
@@ -837,11 +856,18 @@ class Store:
         if not rows:
             return
         at = now()
-        stmt = self._insert(deliveries).on_conflict_do_nothing()
+        full = [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows]
         async with self._begin() as conn:
-            await conn.execute(
-                stmt, [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows]
-            )
+            if self._dialect == "postgresql":
+                # one INSERT … SELECT FROM unnest(arrays) (executemany is a statement per row there):
+                # the statement triggers run once per page, and nothing large is compiled
+                columns = {
+                    name: [r.get(name, _PG_DEFAULTS.get(name)) for r in full]
+                    for name, _ in _PG_INSERT_COLUMNS
+                }
+                await conn.execute(_PG_INSERT, {**columns, "at": at})
+                return
+            await conn.execute(self._insert(deliveries).on_conflict_do_nothing(), full)
 
     async def _lock(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
         """PostgreSQL: lock these deliveries in id order before an UPDATE that would lock them in
@@ -886,7 +912,7 @@ class Store:
             )
         at = now()
         moved = 0
-        if len(by_status) > 1:  # one statement per status would lock rows out of id order
+        if self._dialect == "postgresql":  # its UPDATE … FROM VALUES locks in join order: id order first
             await self._lock(conn, [p["b_id"] for params in by_status.values() for p in params])
         for status, params in by_status.items():
             moved += await self._move(conn, status, params, at, attempted)
@@ -919,10 +945,22 @@ class Store:
             # the partner's answer to a request that was already on its way when a cancel, an update
             # or expiry withdrew the delivery: the message went out, and the store says so
             forward = sa.or_(forward, *(deliveries.c.status == s.value for s in WITHDRAWN))
+        ordered = sorted(params, key=lambda p: str(p["b_id"]))  # id order, as every writer locks
+        if self._dialect == "postgresql":
+            # one statement for the batch (not one per row, as executemany is on PostgreSQL): its
+            # statement triggers (the counters, the events) run once per batch
+            rows = sa.values(
+                sa.column("b_id", sa.String),
+                sa.column("b_partner", sa.String),
+                sa.column("b_reason", sa.String),
+                name="moved",
+            ).data([(p["b_id"], p["b_partner"], p["b_reason"]) for p in ordered])
+            values["partner_id"] = sa.func.coalesce(rows.c.b_partner, deliveries.c.partner_id)
+            values["reason"] = rows.c.b_reason
+            batch = sa.update(deliveries).where(deliveries.c.id == rows.c.b_id, forward).values(**values)
+            return int((await conn.execute(batch)).rowcount)
         stmt = sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"), forward).values(**values)
-        # rows locked in id order, as every writer does: two transactions never wait on each other
-        # in a circle (PostgreSQL would abort one as a deadlock)
-        result = await conn.execute(stmt, sorted(params, key=lambda p: str(p["b_id"])))
+        result = await conn.execute(stmt, ordered)
         return int(result.rowcount)
 
     async def note_retry(self, ids: Sequence[str], reason: str) -> None:
