@@ -246,6 +246,21 @@ async def test_the_press_desk_previews_the_sms_part_count_of_a_kazakh_text(room:
     assert int(shown) == len(expected.parts) > 1
     assert await card.locator("li[data-fact=encoding] b").inner_text() == "UCS2"
     await _shot(page, "press-desk-preview-kk")
+    # live: typing a shorter text updates the preview without pressing the button again
+    data["open_crossings"] = data["open_crossings"][:1]
+    await page.fill("textarea[name=data]", json.dumps(data, ensure_ascii=False))
+    shorter = renderer.render(
+        Advisory.model_validate(advisory(id="preview-kk-2", data=data, channels=["sms-http"])),
+        "kk",
+        "sms",
+        ("body",),
+    )["body"]
+    fewer = str(len(layout(shorter).parts))
+    assert fewer != shown
+    await page.locator(
+        "article.preview[data-channel='sms-http'][data-language='kk'] "
+        f"li[data-fact=sms_parts] b:text-is('{fewer}')"
+    ).wait_for(timeout=10_000)
     await page.context.close()
 
 
