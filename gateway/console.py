@@ -318,11 +318,25 @@ class Console:
         return out
 
     def _health(self) -> list[dict[str, Any]]:
+        """A row per channel, and one per provider behind a routed channel (``<channel>/<provider>``:
+        the name its own metrics carry)."""
         rates = self.trends.health()
-        return [
-            {"channel": name, "kind": a.kind, "circuit": a.circuit.state.value, "rates": rates.get(name)}
-            for name, a in sorted(self.adapters.items())
-        ]
+        rows = []
+        for name, a in sorted(self.adapters.items()):
+            rows.append(
+                {"channel": name, "kind": a.kind, "circuit": a.circuit.state.value, "rates": rates.get(name)}
+            )
+            providers: Mapping[str, Adapter] = getattr(a, "providers", {})
+            for p in providers.values():
+                rows.append(
+                    {
+                        "channel": p.channel,
+                        "kind": p.kind,
+                        "circuit": p.circuit.state.value,
+                        "rates": rates.get(p.channel),
+                    }
+                )
+        return rows
 
     def _charts(self) -> list[Chart]:
         dispatch, delivery = LATENCIES

@@ -17,7 +17,7 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.models import Status, now
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, load_recipients, make_settings, reached, signed
+from tests.conftest import advisory, bearer, eventually, load_recipients, make_settings, reached, signed
 
 
 class Clock:
@@ -163,6 +163,16 @@ async def test_a_routed_sms_broadcast_is_delivered_through_both_providers_with_r
                 lambda: reached(gw, record["id"], "delivered", 200, "sms"),
                 what="200 SMS delivered through two providers",
             )
+            # the operations room shows each provider's health beside the channel's
+            headers = await bearer(gw, "operator")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{gw.public_url}/console/", headers=headers) as r,
+            ):
+                room = await r.text()
+            assert all(f'data-channel="{name}"' in room for name in ("sms", "sms/one", "sms/two")), room[
+                -3000:
+            ]
         finally:
             await gw.stop()
         counted = [(await sb.stats())["channels"]["sms-http"] for sb in (sandbox, second)]
