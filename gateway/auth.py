@@ -143,6 +143,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 
+def bearer_token(request: web.Request) -> str:
+    """The token of ``Authorization: Bearer <token>``, or "" without one."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else ""
+
+
 def middleware(
     tokens_: Tokens,
     roles_of: Callable[[web.Request], Collection[str] | None],
@@ -155,9 +161,8 @@ def middleware(
         needed = roles_of(request)
         if not needed:
             return await handler(request)
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        principal = await tokens_.authenticate(presented.strip()) if scheme.lower() == "bearer" else None
+        token = bearer_token(request)
+        principal = await tokens_.authenticate(token) if token else None
         if principal is None:
             response = problem(
                 401, "Unauthenticated", "send Authorization: Bearer <token> (broadcast-gateway tokens create)"

@@ -31,16 +31,17 @@ from aiohttp import web
 from channels.base import Adapter
 from channels.sms import layout
 from gateway import audit
-from gateway.auth import Principal, Tokens
+from gateway.auth import Principal, Tokens, bearer_token
 from gateway.cap import is_cap, parse_cap
-from gateway.errors import InputError
-from gateway.intake import Intake, parse
+from gateway.errors import DecisionError, DecodeError, InputError
+from gateway.intake import Intake, Stage, parse
 from gateway.lifecycle import AdvisoryState
 from gateway.logging import get_logger
-from gateway.models import FINAL, Advisory, Status, now
+from gateway.models import FINAL, Advisory, Status, aware, now
 from gateway.rendering import Renderer
 from gateway.schema import deliveries
 from gateway.store import Count, Store, Version
+from gateway.submissions import DECISION_ROUTES
 from gateway.trends import LATENCIES, Chart, Trends, chart
 
 log = get_logger(__name__)
@@ -216,9 +217,7 @@ class Console:
     # -- who and in which language ------------------------------------------------------------
 
     async def _principal(self, request: web.Request) -> Principal | None:
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        token = presented.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
+        token = bearer_token(request) or request.cookies.get(COOKIE, "")
         return await self.tokens.authenticate(token) if token else None
 
     async def _who(self, request: web.Request, roles: frozenset[str]) -> Principal:
@@ -349,7 +348,7 @@ class Console:
 
     async def _dead_letters(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = await audit.read(self.store.engine, subject_prefix="dlq:", limit=limit, newest_first=True)
-        return [{"at": _aware(r["at"]), "source": r["subject"][4:], **dict(r["detail"] or {})} for r in rows]
+        return [{"at": aware(r["at"]), "source": r["subject"][4:], **dict(r["detail"] or {})} for r in rows]
 
     async def _room_context(self) -> dict[str, Any]:
         return {
@@ -419,7 +418,7 @@ class Console:
         }
         if not live_only:
             context["history"] = [
-                {**dict(r), "at": _aware(r["at"])}
+                {**dict(r), "at": aware(r["at"])}
                 for r in await audit.read(self.store.engine, subject_prefix=f"{advisory_id}@v")
             ]
             context["reasons"] = await self._reasons(advisory_id, newest.version)
@@ -478,10 +477,8 @@ class Console:
         reason = str(form.get("reason") or "").strip()[:1000] or "cancelled from the console"
         try:
             await self.store.cancel(advisory_id, who.actor, reason)
-        except InputError as e:
-            return await self._advisory_error(request, who, advisory_id, str(e))
-        except Exception as e:  # DecisionError, NotFoundError: shown, never a 500
-            return await self._advisory_error(request, who, advisory_id, getattr(e, "reason", str(e)))
+        except (InputError, DecisionError) as e:  # nothing live to cancel, or unknown: shown, not a 500
+            return await self._advisory_error(request, who, advisory_id, _why(e))
         raise web.HTTPSeeOther(f"/console/advisories/{advisory_id}?done=cancelled")
 
     async def decide(self, request: web.Request) -> web.Response:
@@ -489,11 +486,7 @@ class Console:
         who = await self._who(request, DECIDE)
         advisory_id = request.match_info["advisory_id"]
         form = await request.post()
-        decision = {
-            "approve": AdvisoryState.ACTIVE,
-            "reject": AdvisoryState.REJECTED,
-            "return": AdvisoryState.RETURNED,
-        }.get(str(form.get("decision")))
+        decision = DECISION_ROUTES.get(str(form.get("decision")))
         reason = str(form.get("reason") or "").strip()[:1000] or None
         if decision is None:
             return await self._advisory_error(
@@ -508,8 +501,8 @@ class Console:
             await self.store.decide(advisory_id, version, decision, who.actor, reason)
         except ValueError:
             return await self._advisory_error(request, who, advisory_id, "version: a whole number")
-        except Exception as e:  # DecisionError (own advisory, decided meanwhile), NotFoundError
-            return await self._advisory_error(request, who, advisory_id, getattr(e, "reason", str(e)))
+        except (InputError, DecisionError) as e:  # own advisory, decided meanwhile, unknown
+            return await self._advisory_error(request, who, advisory_id, _why(e))
         raise web.HTTPSeeOther(f"/console/advisories/{advisory_id}?done={decision.value}")
 
     async def _advisory_error(
@@ -643,12 +636,8 @@ class Console:
         if kind == "application/cap+xml":
             if not is_cap(body):
                 raise InputError("cap: not a CAP 1.2 alert")
-            try:
+            with Stage(DecodeError, "cap"):  # whatever the parse raises, the pasted text is at fault
                 record = parse_cap(body, limits, self.intake.settings.cap_channels)
-            except InputError:
-                raise
-            except Exception as e:
-                raise InputError(f"cap: {type(e).__name__}: {e}") from e
         else:
             record = json.loads(body)
         return parse(record, limits)
@@ -690,11 +679,11 @@ def _facts(adapter: Adapter, parts: Mapping[str, str]) -> list[str]:
     return facts
 
 
+def _why(e: InputError | DecisionError) -> str:
+    return e.reason if isinstance(e, DecisionError) else str(e)
+
+
 def _local(target: Any) -> str:
     """A redirect target inside the console only (never an open redirect)."""
     text = str(target or "")
     return text if text.startswith("/console/") and "//" not in text and "\\" not in text else "/console/"
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo else at.replace(tzinfo=UTC)

@@ -276,3 +276,8 @@ def delivery_id(advisory_id: str, version: int, recipient_id: str, channel: str)
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def aware(at: datetime) -> datetime:
+    """A stored time as UTC-aware (SQLite gives it back naive)."""
+    return at if at.tzinfo else at.replace(tzinfo=UTC)

@@ -13,7 +13,7 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,7 +39,7 @@ from gateway.lifecycle import (
 )
 from gateway.logging import get_logger
 from gateway.migrate import Mode
-from gateway.models import PENDING, Advisory, Recipient, Status, now
+from gateway.models import PENDING, Advisory, Recipient, Status, aware, now
 from gateway.schema import (
     advisories,
     deliveries,
@@ -230,7 +230,7 @@ def _event(row: sa.RowMapping) -> Event:
         previous_status=row["previous_status"],
         reason=row["reason"],
         partner_id=row["partner_id"],
-        at=_aware(row["at"]),
+        at=aware(row["at"]),
     )
 
 
@@ -265,11 +265,6 @@ class Outcome:
     reason: str | None = None
 
 
-def _aware(at: datetime) -> datetime:
-    """A stored time as UTC-aware (SQLite gives it back naive)."""
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
-
-
 _VERSION_COLUMNS = (
     advisories.c.id,
     advisories.c.version,
@@ -292,8 +287,8 @@ def _version(row: sa.RowMapping) -> Version:
         state=AdvisoryState(row["state"]),
         training=bool(row["training"]),
         submitted_by=row["submitted_by"],
-        received_at=_aware(row["received_at"]),
-        expires_at=_aware(row["expires_at"]),
+        received_at=aware(row["received_at"]),
+        expires_at=aware(row["expires_at"]),
     )
 
 
@@ -798,7 +793,7 @@ class Store:
         """When an advisory version was stored (epoch seconds), or None."""
         async with self.engine.connect() as conn:
             at = await self._value(conn, advisories.c.received_at, advisory_id, version)
-        return None if at is None else _aware(at).timestamp()
+        return None if at is None else aware(at).timestamp()
 
     async def published(
         self, advisory_id: str | None = None, limit: int = 500, any_state: bool = False
@@ -825,7 +820,7 @@ class Store:
         for advisory_id_, version, received in rows:
             adv = await self.advisory(str(advisory_id_), int(version))
             if adv is not None:
-                out.append((adv, _aware(received)))
+                out.append((adv, aware(received)))
         return out
 
     async def plan_finished(self, advisory_id: str, version: int) -> bool:
@@ -1090,7 +1085,7 @@ class Store:
             )
             found = (await conn.execute(ranks_q)).all()
             ranks = {str(i): int(r) for i, r, _ in found}
-            sent_at = {str(i): _aware(t) for i, _, t in found if t is not None}
+            sent_at = {str(i): aware(t) for i, _, t in found if t is not None}
             before = dict(ranks)
             known = [o for o in items if o.delivery_id in ranks]
             unknown = [o for o in items if o.delivery_id not in ranks]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -44,7 +44,7 @@ from gateway.lifecycle import (
     partition_key,
     withdrawal_by,
 )
-from gateway.models import Advisory
+from gateway.models import Advisory, aware
 from gateway.receipts import read_limited
 from gateway.settings import PROJECT_ROOT
 from gateway.signing import SIGNATURE_HEADER, sign, sign_document
@@ -69,7 +69,7 @@ ROLES: dict[str, frozenset[str]] = {
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]-]*):")
 _STATES = frozenset(s.value for s in AdvisoryState)
 # route verb -> the state an approver's decision moves the waiting version to (lifecycle.DECISIONS)
-_DECISION_ROUTES = {
+DECISION_ROUTES = {
     "approve": AdvisoryState.ACTIVE,
     "reject": AdvisoryState.REJECTED,
     "return": AdvisoryState.RETURNED,
@@ -103,7 +103,7 @@ def _entry_json(row: sa.RowMapping) -> dict[str, Any]:
     at: datetime = row["at"]
     return {
         "seq": row["seq"],
-        "at": (at if at.tzinfo else at.replace(tzinfo=UTC)).isoformat(),  # SQLite: naive UTC
+        "at": aware(at).isoformat(),
         "actor": row["actor"],
         "action": row["action"],
         "subject": row["subject"],
@@ -138,7 +138,7 @@ class Submissions:
             web.get("/advisories", self.list),
             web.get("/advisories/{advisory_id}", self.get),
             web.get("/advisories/{advisory_id}/cap", self.export),
-            *(web.post(f"/advisories/{{advisory_id}}/{verb}", self.decide) for verb in _DECISION_ROUTES),
+            *(web.post(f"/advisories/{{advisory_id}}/{verb}", self.decide) for verb in DECISION_ROUTES),
             web.post("/advisories/{advisory_id}/cancel", self.cancel),
             web.get("/audit", self.audit),
         ]
@@ -336,7 +336,7 @@ class Submissions:
     async def decide(self, request: web.Request) -> web.Response:
         who: Principal = request[PRINCIPAL_KEY]
         advisory_id = request.match_info["advisory_id"]
-        decision = _DECISION_ROUTES[request.path.rsplit("/", 1)[1]]
+        decision = DECISION_ROUTES[request.path.rsplit("/", 1)[1]]
         try:
             body = await self._body(request)
             reason = body.get("reason")

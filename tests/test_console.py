@@ -356,3 +356,21 @@ async def test_the_operations_room_draws_latency_over_time_and_channel_rates(roo
     assert int(cells[2].replace("\u202f", "")) > 0, cells
     await _shot(page, "room-latency-phone")
     await page.context.close()
+
+
+async def test_the_press_desk_names_what_is_wrong_with_pasted_cap_and_sends_nothing(room: Room) -> None:
+    page = await room.page("press-officer")
+    await page.goto(f"{room.url}/console/compose")
+    await page.check("input[name=mode][value=cap]")
+    cap = (
+        "<?xml version='1.0'?><alert xmlns='urn:oasis:names:tc:emergency:cap:1.2'>"
+        "<identifier>broken-1</identifier></alert>"
+    )
+    await page.fill("textarea[name=cap]", cap)
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.click("button[value=submit]")
+    assert (await answer.value).status == 422
+    error = await page.locator("p.error[role=alert]").inner_text()
+    assert "cap" in error.lower() or "sender" in error.lower(), error
+    assert await room.gw.store.versions("broken-1") == []  # type: ignore[union-attr]
+    await page.context.close()
