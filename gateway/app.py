@@ -109,7 +109,7 @@ class Gateway:
         self.store = await Store.open(s.store.url, s.store.migrate)
         await self.store.deliver_events(s.events.enabled)
         await kafka.ensure_topics(self.bootstrap_servers, s.kafka, s.channels)
-        self._producer = kafka.producer(self.bootstrap_servers)
+        self._producer = kafka.producer(self.bootstrap_servers, s.kafka)
         await self._producer.start()
         self._session = aiohttp.ClientSession()
         self.adapters = build_adapters(s, self._session)

@@ -17,7 +17,7 @@ from gateway import kafka
 from gateway import logging as gw_logging
 from gateway.errors import ConfigError, InputError
 from gateway.lifecycle import partition_key
-from gateway.settings import Settings, load_settings
+from gateway.settings import KafkaSettings, Settings, load_settings
 
 SIGNING_KEY_ENV = "GATEWAY_SIGNING_KEY"
 SANDBOX_SECRET_ENV = "SANDBOX_SECRET"  # noqa: S105 - the name of a variable, not a secret
@@ -120,16 +120,23 @@ def record_key(record: dict[str, Any]) -> bytes:
     return partition_key(str(record.get("id", "")), str(record.get("msg_type")), references)
 
 
-async def publish(bootstrap_servers: str, topic: str, record: dict[str, Any]) -> None:
-    await publish_raw(
-        bootstrap_servers, topic, json.dumps(record, ensure_ascii=False).encode(), record_key(record)
-    )
+async def publish(
+    bootstrap_servers: str, topic: str, record: dict[str, Any], settings: KafkaSettings | None = None
+) -> None:
+    raw = json.dumps(record, ensure_ascii=False).encode()
+    await publish_raw(bootstrap_servers, topic, raw, record_key(record), settings=settings)
 
 
 async def publish_raw(
-    bootstrap_servers: str, topic: str, raw: bytes, key: bytes, headers: list[tuple[str, bytes]] | None = None
+    bootstrap_servers: str,
+    topic: str,
+    raw: bytes,
+    key: bytes,
+    headers: list[tuple[str, bytes]] | None = None,
+    settings: KafkaSettings | None = None,
 ) -> None:
-    producer = kafka.producer(bootstrap_servers)
+    """One record to ``topic`` (with ``settings``: through a managed cluster's TLS and SASL)."""
+    producer = kafka.producer(bootstrap_servers, settings)
     await producer.start()
     try:
         await producer.send_and_wait(topic, raw, key=key, headers=headers)
@@ -156,7 +163,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
             "kafka.bootstrap_servers: not set; publish needs a running broker "
             "(see `broadcast-gateway broker`)"
         )
-    asyncio.run(publish(settings.kafka.bootstrap_servers, settings.kafka.topic_advisories, record))
+    asyncio.run(
+        publish(settings.kafka.bootstrap_servers, settings.kafka.topic_advisories, record, settings.kafka)
+    )
     print(
         f"published {adv.key} to {settings.kafka.topic_advisories}"
         f"{'' if record.get('signature') else ' (unsigned)'}"
@@ -180,7 +189,9 @@ def _publish_cap(settings: Settings, path: Path, key: str | None) -> int:
         raise ConfigError("kafka.bootstrap_servers: not set; publish needs a running broker")
     headers = [(SIGNATURE_HEADER, sign_document(raw, key).encode())] if key else []
     topic = settings.kafka.topic_advisories
-    asyncio.run(publish_raw(settings.kafka.bootstrap_servers, topic, raw, record_key(record), headers))
+    asyncio.run(
+        publish_raw(settings.kafka.bootstrap_servers, topic, raw, record_key(record), headers, settings.kafka)
+    )
     print(f"published CAP {adv.key} ({adv.msg_type}) to {topic}{'' if headers else ' (unsigned)'}")
     return 0
 
@@ -236,7 +247,7 @@ async def replay(settings: Settings, advisory_id: str, channel: str | None, limi
     if not settings.kafka.bootstrap_servers:
         raise ConfigError("kafka.bootstrap_servers: not set; replay needs the gateway's broker")
     store = await Store.open(settings.store.url, settings.store.migrate)
-    producer = kafka.producer(settings.kafka.bootstrap_servers)
+    producer = kafka.producer(settings.kafka.bootstrap_servers, settings.kafka)
     await producer.start()
     try:
         planner = Planner(store, producer, settings.kafka, settings.planner.chunk_size, kinds={})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.approval import ApprovalSettings
 from gateway.errors import ConfigError
@@ -25,7 +25,7 @@ from gateway.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "gateway.yaml"
 ENV_PREFIX = "GATEWAY__"
-SECRET_KEYS = frozenset({"secret", "password", "signing_keys", "webhook_secrets"})
+SECRET_KEYS = frozenset({"secret", "password", "signing_keys", "webhook_secrets", "sasl_password"})
 
 Role = Literal["intake", "dispatch", "receipts"]
 
@@ -39,7 +39,26 @@ class GatewaySection(_Section):
 
 
 class KafkaSettings(_Section):
+    """The broker, and how to reach a managed one (MSK, Confluent Cloud, Redpanda Cloud, Aiven):
+    TLS (``security_protocol: SSL``, a CA file if the broker's certificate is not in the system's
+    store, a client certificate for mutual TLS) and SASL (PLAIN or SCRAM, username and password;
+    the password a secret). Every client the gateway makes — producer, consumers, admin — gets the
+    same options (``gateway.kafka.client_options``)."""
+
     bootstrap_servers: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    # a secret: GATEWAY__KAFKA__SASL_PASSWORD or sasl_password_file, never YAML
+    sasl_password: str | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None  # the CA that signed the broker's certificate (else the system's)
+    ssl_certfile: Path | None = None  # mutual TLS: this client's certificate …
+    ssl_keyfile: Path | None = None  # … and its key
+    ssl_check_hostname: bool = True
+    # false: the topics are made by whoever runs the cluster; start-up checks they exist with at
+    # least ``partitions`` partitions each, and refuses naming what is missing
+    create_topics: bool = True
     topic_advisories: str = "advisories"
     topic_deliveries: str = "deliveries"
     topic_deliveries_urgent: str = "deliveries.urgent"
@@ -49,6 +68,48 @@ class KafkaSettings(_Section):
     intake_group: str = "gateway-intake"
     dispatch_group: str = "gateway-dispatch"
     session_timeout_ms: int = Field(6000, ge=1000)
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and (self.sasl_mechanism is None or not self.sasl_username):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism (PLAIN, SCRAM-SHA-256 "
+                "or SCRAM-SHA-512), sasl_username and the password (GATEWAY__KAFKA__SASL_PASSWORD)"
+            )
+        if not sasl and (self.sasl_mechanism or self.sasl_username):
+            raise ValueError(
+                f"sasl_mechanism and sasl_username need security_protocol SASL_SSL (or SASL_PLAINTEXT), "
+                f"not {self.security_protocol}"
+            )
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        files = {
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        given = [k for k, v in files.items() if v is not None]
+        if given and not tls:
+            raise ValueError(
+                f"{given[0]} needs security_protocol SSL or SASL_SSL, not {self.security_protocol}"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        for key in given:
+            path = files[key]
+            assert path is not None
+            if not path.is_file():
+                raise ValueError(f"{key}: {path} is not a readable file")
+        return self
+
+    def sasl_secret(self) -> str | None:
+        """The SASL password (environment or file); required with a SASL protocol."""
+        password = read_secret("kafka.sasl_password", self.sasl_password, self.sasl_password_file)
+        if self.security_protocol.startswith("SASL_") and not password:
+            raise ConfigError(
+                "kafka.sasl_password: missing (GATEWAY__KAFKA__SASL_PASSWORD or kafka.sasl_password_file)"
+            )
+        return password
 
 
 class StoreSettings(_Section):
