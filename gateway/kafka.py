@@ -11,7 +11,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.helpers import create_ssl_context
 
 from gateway.errors import ConfigError
-
 from gateway.logging import get_logger
 from gateway.settings import KafkaSettings
 
@@ -77,10 +76,10 @@ async def ensure_topics(bootstrap_servers: str, settings: KafkaSettings, channel
                 if code not in (0, TOPIC_EXISTS):
                     raise RuntimeError(f"cannot create topic {topic}: {message} (error {code})")
             log.info("kafka.topics_created", topics=missing)
-        described = await admin.describe_topics([t for t in wanted if t not in missing])
-        few = {
-            d["topic"]: len(d["partitions"]) for d in described if len(d["partitions"]) < settings.partitions
-        }
+        present = [t for t in wanted if t not in missing]
+        described = await admin.describe_topics(present)  # (a broker may answer for more topics)
+        counts = {d["topic"]: len(d["partitions"]) for d in described if d["topic"] in present}
+        few = {t: n for t, n in counts.items() if n < settings.partitions}
         if few:
             detail = ", ".join(f"{t} has {n}" for t, n in sorted(few.items()))
             raise ConfigError(
