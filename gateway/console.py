@@ -25,7 +25,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
-import sqlalchemy as sa
 from aiohttp import web
 
 from channels.base import Adapter
@@ -39,7 +38,6 @@ from gateway.lifecycle import AdvisoryState
 from gateway.logging import get_logger
 from gateway.models import FINAL, Advisory, Status, aware, now
 from gateway.rendering import Renderer
-from gateway.schema import deliveries
 from gateway.store import Count, Store, Version
 from gateway.submissions import DECISION_ROUTES
 from gateway.trends import LATENCIES, Chart, Trends, chart
@@ -421,42 +419,10 @@ class Console:
                 {**dict(r), "at": aware(r["at"])}
                 for r in await audit.read(self.store.engine, subject_prefix=f"{advisory_id}@v")
             ]
-            context["reasons"] = await self._reasons(advisory_id, newest.version)
-            context["within_10s"] = await self._within(advisory_id, newest, 10.0)
+            context["reasons"] = await self.store.failure_reasons(advisory_id, newest.version)
+            sent, within = await self.store.sent_within(advisory_id, newest.version, 10.0)
+            context["within_10s"] = {"sent": sent, "within": within, "share": within / sent if sent else None}
         return context
-
-    async def _reasons(self, advisory_id: str, version: int) -> list[tuple[str, str, int]]:
-        """The most frequent failure reasons (failed deliveries only: the index narrows to them)."""
-        q = (
-            sa.select(deliveries.c.channel, deliveries.c.reason, sa.func.count().label("n"))
-            .where(
-                deliveries.c.advisory_id == advisory_id,
-                deliveries.c.version == version,
-                deliveries.c.status == Status.FAILED.value,
-            )
-            .group_by(deliveries.c.channel, deliveries.c.reason)
-            .order_by(sa.desc("n"))
-            .limit(8)
-        )
-        async with self.store.engine.connect() as conn:
-            # reasons are stored as sentences already ("partner answered 400: …", "attempts exhausted …")
-            return [(str(c), str(r or "—"), int(n)) for c, r, n in (await conn.execute(q)).all()]
-
-    async def _within(self, advisory_id: str, v: Version, seconds: float) -> dict[str, Any]:
-        """The share of sent messages that went out within ``seconds`` of the advisory being
-        stored (on the advisory's page only: it reads the sent deliveries' times)."""
-        limit = v.received_at + timedelta(seconds=seconds)
-        sent = deliveries.c.sent_at.is_not(None)
-        q = sa.select(
-            sa.func.count().filter(sent), sa.func.count().filter(sent, deliveries.c.sent_at <= limit)
-        ).where(deliveries.c.advisory_id == advisory_id, deliveries.c.version == v.version)
-        async with self.store.engine.connect() as conn:
-            total, within = (await conn.execute(q)).one()
-        return {
-            "sent": int(total or 0),
-            "within": int(within or 0),
-            "share": (within or 0) / total if total else None,
-        }
 
     async def advisory(self, request: web.Request) -> web.Response:
         who = await self._who(request, READ)

@@ -13,7 +13,7 @@ import dataclasses
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -57,6 +57,7 @@ __all__ = [
     "AppliedReceipts",
     "By",
     "Count",
+    "Event",
     "Outcome",
     "Store",
     "Version",
@@ -899,7 +900,10 @@ class Store:
         async with self._begin() as conn:
             return await self._record_in(conn, outcomes, attempted)
 
-    async def _record_in(self, conn: AsyncConnection, outcomes: Iterable[Outcome], attempted: bool) -> int:
+    async def _record_in(
+        self, conn: AsyncConnection, outcomes: Iterable[Outcome], attempted: bool, locked: bool = False
+    ) -> int:
+        """``locked``: the caller holds these rows already (locked in id order)."""
         by_status: dict[Status, list[dict[str, Any]]] = defaultdict(list)
         for o in outcomes:
             by_status[o.status].append(
@@ -907,7 +911,7 @@ class Store:
             )
         at = now()
         moved = 0
-        if self._dialect == "postgresql":  # its UPDATE … FROM VALUES locks in join order: id order first
+        if not locked:  # PostgreSQL's UPDATE … FROM VALUES locks in join order: id order first
             await self._lock(conn, [p["b_id"] for params in by_status.values() for p in params])
         for status, params in by_status.items():
             moved += await self._move(conn, status, params, at, attempted)
@@ -940,7 +944,6 @@ class Store:
             # the partner's answer to a request that was already on its way when a cancel, an update
             # or expiry withdrew the delivery: the message went out, and the store says so
             forward = sa.or_(forward, *(deliveries.c.status == s.value for s in WITHDRAWN))
-        ordered = sorted(params, key=lambda p: str(p["b_id"]))  # id order, as every writer locks
         if self._dialect == "postgresql":
             # one statement for the batch (not one per row, as executemany is on PostgreSQL): its
             # statement triggers (the counters, the events) run once per batch
@@ -949,13 +952,13 @@ class Store:
                 sa.column("b_partner", sa.String),
                 sa.column("b_reason", sa.String),
                 name="moved",
-            ).data([(p["b_id"], p["b_partner"], p["b_reason"]) for p in ordered])
+            ).data([(p["b_id"], p["b_partner"], p["b_reason"]) for p in params])
             values["partner_id"] = sa.func.coalesce(rows.c.b_partner, deliveries.c.partner_id)
             values["reason"] = rows.c.b_reason
             batch = sa.update(deliveries).where(deliveries.c.id == rows.c.b_id, forward).values(**values)
             return int((await conn.execute(batch)).rowcount)
         stmt = sa.update(deliveries).where(deliveries.c.id == sa.bindparam("b_id"), forward).values(**values)
-        result = await conn.execute(stmt, ordered)
+        result = await conn.execute(stmt, params)
         return int(result.rowcount)
 
     async def note_retry(self, ids: Sequence[str], reason: str) -> None:
@@ -1094,7 +1097,7 @@ class Store:
                 if ranks[o.delivery_id] < o.status.rank:
                     ranks[o.delivery_id] = o.status.rank
                     moved.append(o)
-            await self._record_in(conn, _last_per_delivery(moved), attempted=False)
+            await self._record_in(conn, _last_per_delivery(moved), attempted=False, locked=True)
             if known:
                 await conn.execute(
                     sa.insert(receipts),
@@ -1128,6 +1131,43 @@ class Store:
                 .mappings()
                 .first()
             )
+
+    async def failure_reasons(
+        self, advisory_id: str, version: int, limit: int = 8
+    ) -> list[tuple[str, str, int]]:
+        """The most frequent reasons of failed deliveries, (channel, reason, how many); they are
+        stored as sentences already ("partner answered 400: …"). Reads the failed rows only."""
+        q = (
+            sa.select(deliveries.c.channel, deliveries.c.reason, sa.func.count().label("n"))
+            .where(
+                deliveries.c.advisory_id == advisory_id,
+                deliveries.c.version == version,
+                deliveries.c.status == Status.FAILED.value,
+            )
+            .group_by(deliveries.c.channel, deliveries.c.reason)
+            .order_by(sa.desc("n"))
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [(str(c), str(r or "—"), int(n)) for c, r, n in (await conn.execute(q)).all()]
+
+    async def sent_within(self, advisory_id: str, version: int, seconds: float) -> tuple[int, int]:
+        """(messages sent, of which within ``seconds`` of the version being stored). Reads the
+        version's deliveries: for one advisory's page, not for a live view."""
+        stored = sa.select(advisories.c.received_at).where(
+            advisories.c.id == advisory_id, advisories.c.version == version
+        )
+        async with self.engine.connect() as conn:
+            received = (await conn.execute(stored)).scalar()
+            if received is None:
+                return 0, 0
+            sent = deliveries.c.sent_at.is_not(None)
+            limit = aware(received) + timedelta(seconds=seconds)
+            q = sa.select(
+                sa.func.count().filter(sent), sa.func.count().filter(sent, deliveries.c.sent_at <= limit)
+            ).where(deliveries.c.advisory_id == advisory_id, deliveries.c.version == version)
+            total, within = (await conn.execute(q)).one()
+        return int(total or 0), int(within or 0)
 
     async def counts(self, advisory_id: str | None = None) -> dict[str, dict[str, int]]:
         """channel -> status -> count, for one advisory or for all — from the counters (no scan)."""
@@ -1186,6 +1226,10 @@ class Store:
         ``publish`` returned: at least once). One taker at a time across instances on PostgreSQL
         (an advisory lock: events of one delivery stay in order); returns how many were taken."""
         q = sa.select(delivery_events).order_by(delivery_events.c.seq).limit(limit)
+
+        def published(events: list[Event]) -> sa.Delete:
+            return sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
+
         if self._dialect == "postgresql":
             async with self.engine.begin() as conn:
                 if not (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(4711006)"))).scalar():
@@ -1193,18 +1237,14 @@ class Store:
                 events = [_event(r) for r in (await conn.execute(q)).mappings().all()]
                 if events:
                     await publish(events)
-                    await conn.execute(
-                        sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
-                    )
+                    await conn.execute(published(events))
             return len(events)
-        async with self.engine.connect() as conn:
+        async with self.engine.connect() as conn:  # SQLite: the write lock is not held while publishing
             events = [_event(r) for r in (await conn.execute(q)).mappings().all()]
         if events:
             await publish(events)
             async with self._begin() as conn:
-                await conn.execute(
-                    sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
-                )
+                await conn.execute(published(events))
         return len(events)
 
     async def fold_counts(self) -> int:

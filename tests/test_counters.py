@@ -176,3 +176,24 @@ async def test_the_outbox_holds_every_applied_change_in_order_and_empties_as_it_
     await store.deliver_events(False)
     await store.mark_queued(ids)
     assert await store.take_events(64, publish) == 0  # no triggers: no events
+
+
+async def test_the_advisory_pages_figures_failure_reasons_and_sent_within_10_s(store: Store) -> None:
+    await _stored_advisory(store, "a", 1, expires_in_s=3600)
+    rows = _rows("a", 1, 6, random.Random(2))
+    for r in rows:
+        r["status"], r["channel"] = "planned", "push"
+    await store.insert_deliveries(rows)
+    ids = [str(r["id"]) for r in rows]
+    await store.record(
+        [Outcome(i, Status.FAILED, reason="partner answered 400: unknown user") for i in ids[:3]]
+    )
+    await store.record([Outcome(ids[3], Status.FAILED, reason="attempts exhausted (5): 503")])
+    await store.record([Outcome(i, Status.SENT) for i in ids[4:]], attempted=True)
+    assert await store.failure_reasons("a", 1) == [
+        ("push", "partner answered 400: unknown user", 3),
+        ("push", "attempts exhausted (5): 503", 1),
+    ]
+    assert await store.sent_within("a", 1, 10.0) == (2, 2)  # sent just now, stored just now
+    assert await store.sent_within("a", 1, -60.0) == (2, 0)
+    assert await store.sent_within("missing", 1, 10.0) == (0, 0)
