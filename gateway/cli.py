@@ -1,4 +1,5 @@
-"""``broadcast-gateway``: run, broker, sandbox, publish, recipients, replay, db, status, demo, drill."""
+"""``broadcast-gateway``: run, broker, sandbox, publish, recipients, replay, db, status, demo, drill,
+bench."""
 
 from __future__ import annotations
 
@@ -432,6 +433,22 @@ def cmd_drill(args: argparse.Namespace) -> int:
     return main(args.scenario, args.recipients, args.json, args.timeout, args.channel)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gateway.bench import main
+
+    return main(
+        args.recipients,
+        args.channel,
+        args.json,
+        args.timeout,
+        args.apprise,
+        args.urgent,
+        args.chart,
+        args.profile,
+        args.no_floor,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -547,6 +564,21 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
     dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")
     dr.set_defaults(func=cmd_drill)
+    b = sub.add_parser(
+        "bench", help="time one broadcast end to end beside the floor (a bare client) and Apprise"
+    )
+    b.add_argument("--recipients", type=int, default=100_000)
+    b.add_argument("--channel", choices=["push", "sms-http", "email", "smpp"], default="push")
+    b.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    b.add_argument("--chart", help="draw deliveries/s and the gateway's RSS over time to this PNG")
+    b.add_argument("--profile", help="sample the gateway with py-spy; collapsed stacks to this file")
+    b.add_argument(
+        "--apprise", type=int, default=10_000, help="messages through Apprise (projected to N; 0: none)"
+    )
+    b.add_argument("--urgent", type=int, default=0, help="urgent advisories published during the bulk")
+    b.add_argument("--no-floor", action="store_true", help="leave out the floor client")
+    b.add_argument("--timeout", type=float, default=1800.0, help="seconds the broadcast may take")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -49,16 +49,18 @@ FIELDS = ["id", "languages", "phone", "email", "app_user", "country", "region", 
 LANGUAGE_CHAINS = [("kk|ru", 30), ("kk", 15), ("ru", 40), ("en", 10), ("de|en", 5)]
 
 
-def write_recipients(path: Path, n: int, country: str, seed: int = 7, only: str | None = None) -> None:
+def write_recipients(
+    path: Path, n: int, country: str, seed: int = 7, only: str | None = None, first: int = 0
+) -> None:
     """A synthetic directory of ``n`` recipients, written row by row (never held in memory);
     ``only`` ("push", "sms" or "email"): every one reachable there and nowhere else (the drills
-    count one channel)."""
+    count one channel); numbered from ``first`` (ids, phones and addresses follow the number)."""
     rng = random.Random(seed)
     chains, weights = zip(*LANGUAGE_CHAINS, strict=True)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(FIELDS)
-        for i in range(n):
+        for i in range(first, first + n):
             rid = f"r{i:07d}"
             reach = rng.random()  # 60 % on the super-app, 25 % phone only, 15 % e-mail only
             on_app = reach < 0.60 if only is None else only == "push"

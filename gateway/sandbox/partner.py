@@ -95,6 +95,7 @@ class SandboxPartner:
         self.secret = secret
         self.receipt_url = receipt_url
         self.receipt_delay_s = receipt_delay_s
+        self.send_receipts = True  # false: accepted messages get no receipt (the bench's floor)
         self.faults = Faults()
         self.total = Counter()
         self.by_advisory: dict[str, Counter] = {}
@@ -114,6 +115,7 @@ class SandboxPartner:
         return [
             web.post(f"/control/{self.channel}/faults", self.set_faults),
             web.post(f"/control/{self.channel}/config", self.set_config),
+            web.post(f"/apprise/{self.channel}", self.take_apprise),
         ]
 
     async def start(self) -> None:
@@ -160,14 +162,31 @@ class SandboxPartner:
         self.receipt_url = body.get("receipt_url", self.receipt_url)
         self.receipt_delay_s = float(body.get("receipt_delay_s", self.receipt_delay_s))
         self.receipt_status = str(body.get("receipt_status", self.receipt_status))
+        self.send_receipts = bool(body.get("receipts", self.send_receipts))
         self._wakeup.set()
         return web.json_response(
             {
                 "receipt_url": self.receipt_url,
                 "receipt_delay_s": self.receipt_delay_s,
                 "receipt_status": self.receipt_status,
+                "receipts": self.send_receipts,
             }
         )
+
+    async def take_apprise(self, request: web.Request) -> web.Response:
+        """One notification from Apprise's ``json://`` plugin (the bench's peer): its payload with the
+        URL's extras (``?:idempotency_key=…&:advisory=…&:user_ref=…``), counted like any message."""
+        with self.open_request():
+            self.requests += 1
+            try:
+                m = json.loads(await request.read())
+                key, advisory = str(m["idempotency_key"]), str(m["advisory"])
+                recipient = str(m.get("user_ref") or m.get("to") or m.get("email"))
+            except (ValueError, KeyError, TypeError):
+                self.rejected += 1
+                return web.json_response({"error": "idempotency_key and advisory are required"}, status=400)
+            message_id, _ = self.accept(key, recipient, advisory, "en")
+            return web.json_response({"message_id": message_id})
 
     def wake(self) -> None:
         """Look at the receipt queue again (the receipt URL or delay changed)."""
@@ -237,9 +256,10 @@ class SandboxPartner:
         message_id = uuid.uuid4().hex
         self.answers[key] = {"message_id": message_id}
         self.count(recipient, advisory, language)
-        due = asyncio.get_running_loop().time() + self.receipt_delay_s
-        self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
-        self._wakeup.set()
+        if self.send_receipts:
+            due = asyncio.get_running_loop().time() + self.receipt_delay_s
+            self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
+            self._wakeup.set()
         return message_id, True
 
     def count(self, recipient: str, advisory: str, language: str) -> None:

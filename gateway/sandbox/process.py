@@ -23,6 +23,10 @@ class SandboxProcess:
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -100,7 +104,7 @@ class SandboxProcess:
         return await self._call("POST", f"/control/{channel}/faults", fault)
 
     async def configure(self, channel: str = "push", **config: Any) -> dict[str, Any]:
-        """Per partner: receipt_url, receipt_delay_s, receipt_status."""
+        """Per partner: receipt_url, receipt_delay_s, receipt_status, receipts (false: none sent)."""
         return await self._call("POST", f"/control/{channel}/config", config)
 
     async def point_at(self, gateway_url: str | None) -> dict[str, Any]:
