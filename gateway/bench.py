@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -85,9 +86,9 @@ class ProcStat:
     cpu_s: float = 0.0
 
 
-def proc_stat(pid: int) -> ProcStat | None:
-    """RSS, peak RSS and CPU seconds of ``pid`` and its children (None once it is gone)."""
-    pids = [pid, *_children(pid)]
+def proc_stat(pid: int, children: bool = True) -> ProcStat | None:
+    """RSS, peak RSS and CPU seconds of ``pid`` and (``children``) its children (None once it is gone)."""
+    pids = [pid, *_children(pid)] if children else [pid]
     out = ProcStat()
     found = False
     for p in pids:
@@ -124,7 +125,7 @@ class Watch:
 
     def sample(self, t: float) -> None:
         for name, pid in self.pids.items():
-            s = proc_stat(pid)
+            s = proc_stat(pid, children=pid != os.getpid())  # this process: not the ones it started
             if s is not None:
                 self.last[name] = s
                 self.series[name].append((t, s.rss))
@@ -176,6 +177,8 @@ def _message(channel: str, advisory: str, i: int) -> dict[str, Any]:
 async def floor(sandbox: SandboxProcess, channel: str, n: int) -> dict[str, Any]:
     """The same messages straight to the partner; seconds and messages/s (None for SMPP)."""
     advisory = f"floor-{secrets.token_hex(3)}"
+    assert sandbox.pid is not None
+    cpu_before = (proc_stat(sandbox.pid) or ProcStat()).cpu_s
     started = time.monotonic()
     if channel in ("push", "sms-http"):
         await _floor_http(sandbox, channel, advisory, n)
@@ -184,10 +187,12 @@ async def floor(sandbox: SandboxProcess, channel: str, n: int) -> dict[str, Any]
     else:
         return {"seconds": None, "per_s": None, "why": "no floor client for SMPP: measured at its window"}
     seconds = time.monotonic() - started
+    sandbox_cpu = (proc_stat(sandbox.pid) or ProcStat()).cpu_s - cpu_before
     counted = (await sandbox.stats())["channels"][channel]["by_advisory"].get(f"{advisory}@v1", {})
     return {
         "seconds": round(seconds, 2),
         "per_s": round(n / seconds),
+        "sandbox_cpu_s": round(sandbox_cpu, 2),
         "accepted": counted.get("accepted", 0),
         "duplicates": counted.get("duplicates", 0),
     }
@@ -377,9 +382,10 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
         n = int(count)
         frames = stack.split(";")
         total += n
-        threads[frames[0].split(" ")[0].strip('"') if frames else "?"] += n
+        # "thread (6008): MainThread;frame;frame": the thread's name, then its stack
+        threads[frames[0].partition(": ")[2] or "?"] += n
         leaves[_frame(frames[-1])] += n
-        own = next((f for f in reversed(frames) if "/gateway/" in f or "/channels/" in f), None)
+        own = next((f for f in reversed(frames) if _OWN.search(f)), None)
         owners[_frame(own) if own else "(outside the project)"] += n
 
     def shares(c: Counter[str]) -> dict[str, float]:
@@ -391,6 +397,9 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, Any]:
         "leaf_functions_pct": shares(leaves),
         "own_code_pct": shares(owners),
     }
+
+
+_OWN = re.compile(r"\((?:.*/)?(?:gateway|channels)/[^/]+\.py:")
 
 
 def _frame(frame: str) -> str:
@@ -409,6 +418,7 @@ async def run_bench(
     chart: Path | None,
     profile: Path | None,
     skip_floor: bool = False,
+    floor_only: bool = False,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     report: dict[str, Any] = {"channel": channel, "recipients": n, "workdir": str(workdir)}
@@ -431,33 +441,14 @@ async def run_bench(
             report["floor"] = (
                 {"seconds": None, "per_s": None} if skip_floor else await floor(sandbox, channel, n)
             )
-            report["apprise"] = (
-                await apprise_run(sandbox, channel, n, apprise_limit)
-                if apprise_limit
-                else {"seconds": None, "per_s": None, "why": "--apprise 0"}
-            )
-            await sandbox.configure(channel, receipts=True)
-            await rig.start_gateway()
-            assert rig.proc is not None
-            assert sandbox.pid is not None
-            assert broker.pid is not None
-            watch = Watch(
-                {"gateway": rig.proc.pid, "sandbox": sandbox.pid, "broker": broker.pid, "bench": os.getpid()}
-            )
-            profiler = Profiler(profile) if profile else None
-            if profiler is not None:
-                await profiler.start(rig.proc.pid)
-            report["gateway"] = await _broadcast(rig, watch, deadline_s, urgent)
-            if profiler is not None:
-                report["profile"] = await profiler.stop()
-            report["gateway"]["dispatch_latency"] = await dispatch_latency(rig, channel)
-            report["processes"] = watch.report()
-            report["counters_agree"] = await rig.counters_agree()
-            if chart is not None:
-                draw(chart, report, report["gateway"].pop("timeline"), n)
-                report["chart"] = str(chart)
-            else:
-                report["gateway"].pop("timeline")
+            if not floor_only:
+                report["apprise"] = (
+                    await apprise_run(sandbox, channel, n, apprise_limit)
+                    if apprise_limit
+                    else {"seconds": None, "per_s": None, "why": "--apprise 0"}
+                )
+                await sandbox.configure(channel, receipts=True)
+                await _measure_gateway(rig, report, deadline_s, urgent, chart, profile)
         except DrillError as e:
             report["error"] = str(e)
         finally:
@@ -469,6 +460,31 @@ async def run_bench(
         report["apprise_over_floor"] = round(a["projected_seconds"] / f["seconds"], 2)
     report["seconds"] = round(time.monotonic() - started, 1)
     return report
+
+
+async def _measure_gateway(
+    rig: Rig, report: dict[str, Any], deadline_s: float, urgent: int, chart: Path | None, profile: Path | None
+) -> None:
+    await rig.start_gateway()
+    assert rig.proc is not None
+    assert rig.sandbox.pid is not None
+    assert rig.broker.pid is not None
+    watch = Watch(
+        {"gateway": rig.proc.pid, "sandbox": rig.sandbox.pid, "broker": rig.broker.pid, "bench": os.getpid()}
+    )
+    profiler = Profiler(profile) if profile else None
+    if profiler is not None:
+        await profiler.start(rig.proc.pid)
+    report["gateway"] = await _broadcast(rig, watch, deadline_s, urgent)
+    if profiler is not None:
+        report["profile"] = await profiler.stop()
+    report["gateway"]["dispatch_latency"] = await dispatch_latency(rig, rig.channel)
+    report["processes"] = watch.report()
+    report["counters_agree"] = await rig.counters_agree()
+    timeline = report["gateway"].pop("timeline")
+    if chart is not None:
+        draw(chart, report, timeline, rig.n)
+        report["chart"] = str(chart)
 
 
 async def _urgent_audience(rig: Rig) -> None:
@@ -579,6 +595,7 @@ def main(
     chart: str | None,
     profile: str | None,
     skip_floor: bool = False,
+    floor_only: bool = False,
 ) -> int:
     gw_logging.configure("warning", "auto")
     report = asyncio.run(
@@ -591,6 +608,7 @@ def main(
             Path(chart) if chart else None,
             Path(profile) if profile else None,
             skip_floor,
+            floor_only,
         )
     )
     if as_json:

@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import json
+import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from channels.base import hmac_headers, verify_hmac
@@ -61,9 +63,9 @@ class Counter:
     languages: dict[str, int] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)  # wall clock of each accepted message, in order
 
-    def add(self, recipient: str, advisory: str, language: str) -> None:
+    def add(self, recipient: str, advisory: str, language: str, at: float) -> None:
         self.accepted += 1
-        self.times.append(time.time())
+        self.times.append(at)
         self.languages[language] = self.languages.get(language, 0) + 1
         key = (advisory, recipient)
         if key in self.seen:
@@ -99,7 +101,9 @@ class SandboxPartner:
         self.faults = Faults()
         self.total = Counter()
         self.by_advisory: dict[str, Counter] = {}
-        self.answers: dict[str, dict[str, Any]] = {}  # idempotency key -> first answer
+        self.answers: dict[str, str] = {}  # idempotency key -> the partner's message id, first answer
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(4)  # message ids unique across partners and restarts
         self.requests = 0
         self.replays = 0
         self.rejected = 0
@@ -214,12 +218,13 @@ class SandboxPartner:
                 if (refused := await self.http_fault(request, body)) is not None:
                     return refused
                 try:
-                    messages = json.loads(body)["messages"]
+                    messages = orjson.loads(body)["messages"]
                 except (ValueError, KeyError, TypeError):
                     return web.json_response({"error": 'body must be {"messages": [...]}'}, status=400)
                 if not isinstance(messages, list) or not 1 <= len(messages) <= max_batch:
                     return web.json_response({"error": f"messages: 1 to {max_batch} items"}, status=413)
-                return web.json_response({"results": [take(m) for m in messages]})
+                results = [take(m) for m in messages]
+                return web.Response(body=orjson.dumps({"results": results}), content_type="application/json")
 
         return web.post(path, handle)
 
@@ -250,11 +255,11 @@ class SandboxPartner:
     ) -> tuple[str, bool]:
         """Take one message; returns (partner message id, first time). A seen key is a replay, not
         counted. Its receipt will say ``status`` (default: the partner's ``receipt_status``)."""
-        if key in self.answers:
+        if (first := self.answers.get(key)) is not None:
             self.replays += 1
-            return str(self.answers[key]["message_id"]), False
-        message_id = uuid.uuid4().hex
-        self.answers[key] = {"message_id": message_id}
+            return first, False
+        message_id = f"{self._id_prefix}{next(self._ids):x}"
+        self.answers[key] = message_id
         self.count(recipient, advisory, language)
         if self.send_receipts:
             due = asyncio.get_running_loop().time() + self.receipt_delay_s
@@ -264,8 +269,12 @@ class SandboxPartner:
 
     def count(self, recipient: str, advisory: str, language: str) -> None:
         """Count one message taken for a recipient (a second one for the same advisory is a duplicate)."""
-        self.total.add(recipient, advisory, language)
-        self.by_advisory.setdefault(advisory, Counter()).add(recipient, advisory, language)
+        at = time.time()
+        self.total.add(recipient, advisory, language, at)
+        counter = self.by_advisory.get(advisory)
+        if counter is None:
+            counter = self.by_advisory[advisory] = Counter()
+        counter.add(recipient, advisory, language, at)
 
     def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
         """One receipt as this partner's webhook carries it."""
