@@ -15,7 +15,6 @@ import contextvars
 import dataclasses
 import hashlib
 import hmac
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import aiohttp
+import orjson
 from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -338,7 +338,7 @@ class SignedHttpAdapter(Adapter):
 
     async def post_json(self, url: str, payload: Mapping[str, Any]) -> Any:
         """POST signed JSON; 429/5xx/unreachable → RetryableError, other non-200 → PermanentError."""
-        body = json.dumps(payload, ensure_ascii=False).encode()
+        body = orjson.dumps(payload)
         headers = {"Content-Type": "application/json", **hmac_headers(self._secret, body)}
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         try:
@@ -350,7 +350,10 @@ class SignedHttpAdapter(Adapter):
                     raise RetryableError(f"partner answered {resp.status}", after)
                 if resp.status != 200:
                     raise PermanentError(f"partner answered {resp.status}: {(await resp.text())[:200]}")
-                return await resp.json()
+                try:
+                    return orjson.loads(await resp.read())
+                except orjson.JSONDecodeError as e:
+                    raise RetryableError(f"partner answered 200 with a body that is not JSON: {e}") from e
         except (aiohttp.ClientError, TimeoutError) as e:
             raise RetryableError(f"partner unreachable: {type(e).__name__}: {e}") from e
 
@@ -359,7 +362,7 @@ class SignedHttpAdapter(Adapter):
         verify_hmac(self._secret, body, headers)
         try:
             check_depth(body, MAX_RECEIPT_DEPTH)
-            items = json.loads(body)[key]
+            items = orjson.loads(body)[key]
         except (ValueError, KeyError, TypeError) as e:
             raise SchemaError(f"{key}: malformed body: {e}") from e
         if not isinstance(items, list):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
+import orjson
 from aiokafka import AIOKafkaProducer
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -129,15 +129,13 @@ class Publisher:
     async def publish(self, events: Sequence[Event]) -> None:
         """On the topic (each acknowledged), then queued for every webhook."""
         sends = [
-            await self.producer.send(
-                self.topic, json.dumps(event_json(e)).encode(), key=e.delivery_id.encode()
-            )
+            await self.producer.send(self.topic, orjson.dumps(event_json(e)), key=e.delivery_id.encode())
             for e in events
         ]
         await asyncio.gather(*sends)
         metrics.events_published_total.inc(len(events))
         if self.webhooks:
-            body = json.dumps({"events": [event_json(e) for e in events]}).encode()
+            body = orjson.dumps({"events": [event_json(e) for e in events]})
             for hook in self.webhooks:
                 await hook.queue.put(body)
 
