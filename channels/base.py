@@ -41,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.limits import check_depth
 from gateway.logging import get_logger
-from gateway.models import Advisory, Status
+from gateway.models import Advisory, SegmentReceipt, Status
 from gateway.rendering import unencodable
 from gateway.retry import Stopped
 from gateway.settings import describe_validation_error, read_secret
@@ -111,6 +111,30 @@ class Receipt:
     partner_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SegmentMessage:
+    """One request to a segment the partner holds, in one language: the partner fans it out to its
+    users (docs/partner-push-api.md, "Segments"). ``key`` is its idempotency key."""
+
+    key: str
+    segment: str
+    language: str
+    languages: tuple[str, ...]  # every language this advisory version goes to the segment in
+    is_default: bool  # also for the segment's users whose language is not among ``languages``
+    parts: Mapping[str, str]
+    advisory_id: str
+    version: int
+    priority: int
+    expires_at: datetime
+    replaces: str | None = None  # the partner's id of the earlier version's request this updates
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentAccepted:
+    partner_id: str
+    targeted: int  # the users the partner will fan out to (its count; it may report more later)
+
+
 class Adapter(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]  # push | sms | email: chooses templates and the recipient's address
@@ -121,6 +145,8 @@ class Adapter(ABC):
     limits: ClassVar[Mapping[str, int]] = {}  # part -> most characters
     max_batch: ClassVar[int] = 1
     settings_model: ClassVar[type[ChannelSettings]] = ChannelSettings
+    # whether the partner takes requests for segments it holds (send_segment, cancel_segment)
+    segments: ClassVar[bool] = False
     # where an adapter that receives receipts itself (SMPP deliver_sm) hands them; set by the app
     receipt_sink: Callable[[Sequence[Receipt]], Awaitable[None]] | None = None
 
@@ -278,6 +304,18 @@ class Adapter(ABC):
     def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
         """Verify and parse a receipt webhook call; raise AuthError if it is not the partner's."""
         raise AuthError(f"channel {self.channel!r} takes no receipt webhooks")
+
+    async def send_segment(self, m: SegmentMessage) -> SegmentAccepted:
+        """One segment request; raise RetryableError / PermanentError."""
+        raise PermanentError(f"channel {self.channel!r} takes no segment requests")
+
+    async def cancel_segment(self, partner_id: str, key: str) -> int:
+        """Stop a segment's fan-out; returns how many of its users the partner will now not notify."""
+        raise PermanentError(f"channel {self.channel!r} takes no segment requests")
+
+    def parse_segment_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[SegmentReceipt]:
+        """Verify and parse an aggregate receipt webhook call; AuthError if it is not the partner's."""
+        raise AuthError(f"channel {self.channel!r} takes no segment receipts")
 
     def for_receipts(self, provider: str | None) -> Adapter:
         """The adapter that parses receipts at ``/receipts/<channel>[/<provider>]``; KeyError if none."""

@@ -83,16 +83,22 @@ def build_app(
         metrics.deliveries.clear()
         for (channel, status_), n in totals.items():
             metrics.deliveries.labels(channel, status_).set(n)
+        metrics.segment_recipients.clear()
+        for (channel, count), n in (await store.segment_totals()).items():
+            metrics.segment_recipients.labels(channel, count).set(n)
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(request: web.Request) -> web.Response:
         advisory_id = request.match_info["advisory_id"]
         counts = await store.counts(advisory_id)
-        if not counts:
+        segments = await store.segments(advisory_id)
+        if not counts and not segments:
             return problem(
                 404, "Unknown advisory", f"no deliveries for advisory {advisory_id!r}", field="advisory_id"
             )
-        return web.json_response({"advisory_id": advisory_id, "by_channel": counts})
+        return web.json_response(
+            {"advisory_id": advisory_id, "by_channel": counts, "segments": [s.as_dict() for s in segments]}
+        )
 
     app = web.Application(
         client_max_size=4 * 1024 * 1024,

@@ -34,6 +34,7 @@ from gateway.models import Advisory, Recipient
 from gateway.planner import Planner
 from gateway.receipts import ReceiptWebhook
 from gateway.rendering import Renderer
+from gateway.segments import SegmentSender, segment_rows
 from gateway.settings import Settings
 from gateway.signing import Verifier
 from gateway.store import Store
@@ -130,6 +131,7 @@ class Gateway:
             kinds,
             s.planner.poll_s,
             partial(_language_of, renderer, self.adapters),
+            lambda adv: segment_rows(adv, renderer, self.adapters),
         )
         verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
         intake = Intake(
@@ -200,6 +202,9 @@ class Gateway:
                 )
                 self._tasks.append(asyncio.create_task(publisher.run(self.stopping), name="events"))
             self._tasks.append(asyncio.create_task(cascade.run(self.stopping), name="cascade"))
+            segments = SegmentSender(self.store, renderer, self.adapters, s.dispatch)
+            planner.segments_planned = segments.wake
+            self._tasks.append(asyncio.create_task(segments.run(self.stopping), name="segments"))
             loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
         if "receipts" in s.gateway.roles:
             webhook = ReceiptWebhook(self.store, self.adapters)

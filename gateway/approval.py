@@ -60,10 +60,13 @@ async def required(adv: Advisory, rules: Sequence[ApprovalRule], audience_size: 
                 continue
             why.append(f"category {adv.category}")
         if rule.min_audience is not None:
-            if size is None:
-                size = await audience_size(adv)
-            if size < rule.min_audience:
-                continue
-            why.append(f"audience {size} ≥ {rule.min_audience}")
+            if adv.audience.segments:  # the partner holds the segment: its size is not ours to know
+                why.append(f"partner segments (size unknown, counted as ≥ {rule.min_audience})")
+            else:
+                if size is None:
+                    size = await audience_size(adv)
+                if size < rule.min_audience:
+                    continue
+                why.append(f"audience {size} ≥ {rule.min_audience}")
         return f"approval.rules[{n}]: " + (", ".join(why) or "every advisory")
     return None

@@ -12,7 +12,7 @@ a SQLite store in a temporary folder, N recipients all on one channel — and me
    ``--apprise`` messages (Apprise sends one HTTP request per message; its rate is projected to N).
 3. **the gateway** as its own process (``broadcast-gateway run``), the partner's rate limit lifted:
    the advisory is published on Kafka and followed to the end. With ``--urgent K``, K urgent
-   advisories (100 recipients each, elsewhere) are published one a second during the bulk one.
+   advisories (100 recipients each, elsewhere) are published one every 0.5 s from the bulk's start.
 
 Reported: time to all-sent (the partner's last acceptance) and all-delivered (every delivery final in
 the store), deliveries/s over time, dispatch latency p50/p99 (the gateway's own histogram), the
@@ -36,9 +36,11 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ from gateway.trends import quantile
 CHANNELS = ("push", "sms-http", "email", "smpp")
 URGENT_AUDIENCE = 100
 URGENT_COUNTRY = "XU"
+URGENT_EVERY_S = 0.5  # --urgent K: one urgent advisory every this many seconds from the bulk's start
 TITLE = "Evacuation advisory: Arvenia"
 BODY = (
     "Leave Arvenia now by an open crossing: North Gate to Belmora (24/7), River Bridge to Calden "
@@ -246,13 +249,17 @@ async def _floor_smtp(sandbox: SandboxProcess, advisory: str, n: int) -> None:
 
 async def apprise_run(sandbox: SandboxProcess, channel: str, n: int, limit: int) -> dict[str, Any]:
     """Up to ``limit`` of the same per-message notifications through Apprise's json:// plugin."""
+    base = f"json://127.0.0.1:{sandbox.port}/apprise/{channel}"
     try:
-        import apprise
+        with warnings.catch_warnings():  # apprise 2.x loads plugins importing imghdr (deprecated)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import apprise
+
+            apprise.Apprise().add(base)  # its plugins load on the first URL: before the clock starts
     except ImportError:
         return {"seconds": None, "per_s": None, "why": "apprise is not installed (pip install apprise)"}
     count = min(n, limit)
     advisory = f"apprise-{secrets.token_hex(3)}"
-    base = f"json://127.0.0.1:{sandbox.port}/apprise/{channel}"
     numbers = iter(range(count))
     failed = 0
 
@@ -503,6 +510,7 @@ async def _broadcast(rig: Rig, watch: Watch, deadline_s: float, urgent: int) -> 
     pending = {s.value for s in PENDING}
     final = {s.value for s in FINAL}
     urgents: list[tuple[dict[str, Any], float]] = []
+    during_bulk = 0  # urgent advisories published while the bulk one was not all sent
     all_final_s: float | None = None
     while time.monotonic() - t0 < deadline_s:
         counts = await rig.counts(record["id"])
@@ -512,12 +520,14 @@ async def _broadcast(rig: Rig, watch: Watch, deadline_s: float, urgent: int) -> 
         timeline.sent.append(sum(v for s, v in counts.items() if s not in pending))
         timeline.final.append(sum(v for s, v in counts.items() if s in final))
         timeline.rss.append(watch.last["gateway"].rss if "gateway" in watch.last else 0)
-        if len(urgents) < urgent and t >= len(urgents) + 1 and timeline.sent[-1] < rig.n:
+        if len(urgents) < urgent and t >= URGENT_EVERY_S * (len(urgents) + 1):
             u = rig.advisory(f"urgent{len(urgents)}", severity="extreme", urgency="immediate")
             u["audience"] = {"countries": [URGENT_COUNTRY]}
             urgents.append((u, await rig.publish(u)))
-        if timeline.final[-1] >= rig.n and sum(counts.values()) >= rig.n:
+            during_bulk += timeline.sent[-1] < rig.n
+        if all_final_s is None and timeline.final[-1] >= rig.n and sum(counts.values()) >= rig.n:
             all_final_s = t
+        if all_final_s is not None and len(urgents) == urgent:
             break
         await asyncio.sleep(0.2)  # sampling another process's progress
     if all_final_s is None:
@@ -525,9 +535,9 @@ async def _broadcast(rig: Rig, watch: Watch, deadline_s: float, urgent: int) -> 
     counted = await rig.counted(record)
     firsts = []
     for u, at in urgents:
+        await rig.until(partial(rig.accepted, u, URGENT_AUDIENCE), deadline_s, f"{u['id']} accepted")
         c = await rig.counted(u)
-        if c.get("first_at") is not None:
-            firsts.append(c["first_at"] - at)
+        firsts.append(c["first_at"] - at)
     out: dict[str, Any] = {
         "all_sent_s": round(counted["last_at"] - published, 2) if counted.get("last_at") else None,
         "all_delivered_s": round(all_final_s, 2),
@@ -542,6 +552,7 @@ async def _broadcast(rig: Rig, watch: Watch, deadline_s: float, urgent: int) -> 
     if urgent:
         out["urgent"] = {
             "published": len(urgents),
+            "published_during_bulk": during_bulk,
             "reached_partner": len(firsts),
             "first_request_p50_s": round(statistics.median(firsts), 3) if firsts else None,
             "first_request_p99_s": round(_p(firsts, 0.99), 3) if firsts else None,

@@ -91,7 +91,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         )
     asyncio.run(
         serve(
-            args.host, args.port, args.smtp_port, args.smpp_port, secret, args.gateway_url, args.receipt_delay
+            args.host,
+            args.port,
+            args.smtp_port,
+            args.smpp_port,
+            secret,
+            args.gateway_url,
+            args.receipt_delay,
+            args.segment_size,
         )
     )
     return 0
@@ -280,7 +287,11 @@ async def _status(settings: Settings, advisory_id: str | None) -> dict[str, Any]
 
     store = await Store.open(settings.store.url, settings.store.migrate)
     try:
-        return {"advisory_id": advisory_id, "by_channel": await store.counts(advisory_id)}
+        return {
+            "advisory_id": advisory_id,
+            "by_channel": await store.counts(advisory_id),
+            "segments": [s.as_dict() for s in await store.segments(advisory_id)],
+        }
     finally:
         await store.close()
 
@@ -318,12 +329,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    from gateway.progress import table
+    from gateway.progress import segments_table, table
 
-    if not status["by_channel"]:
+    if not status["by_channel"] and not status["segments"]:
         print(f"advisory_id: no deliveries for {args.advisory!r}" if args.advisory else "no deliveries")
         return 1
-    Console().print(table(status["by_channel"], args.advisory or "every advisory"))
+    console = Console()
+    if status["by_channel"]:
+        console.print(table(status["by_channel"], args.advisory or "every advisory"))
+    if status["segments"]:
+        console.print(segments_table(status["segments"], args.advisory or "every advisory"))
     return 0
 
 
@@ -483,6 +498,12 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--gateway-url", default=None, help="where receipts go: <url>/receipts/<channel>")
     s.add_argument("--receipt-delay", type=float, default=0.5, help="seconds before a receipt is sent")
+    s.add_argument(
+        "--segment-size",
+        type=int,
+        default=1_000_000,
+        help="virtual users in each segment the push partner holds",
+    )
     s.set_defaults(func=cmd_sandbox)
 
     pub = sub.add_parser(

@@ -151,11 +151,27 @@ class Intake:
             unknown = [c for c in adv.channels if c not in self.targets]
             if unknown:
                 raise SchemaError(f"channels: not configured here: {', '.join(unknown)}")
-            if adv.audience.segments:
-                raise SchemaError("audience.segments: partner-side segments are not supported yet")
+            self._check_segments(adv)
             with Stage(ContentError, f"render check of {adv.template or 'inline content'}"):
-                self.renderer.check(adv, [self.targets[c] for c in adv.channels])
+                segment_channels = [s.channel for s in adv.audience.segments if s.channel not in adv.channels]
+                self.renderer.check(adv, [self.targets[c] for c in (*adv.channels, *segment_channels)])
         return adv, record
+
+    def _check_segments(self, adv: Advisory) -> None:
+        """Each partner segment on a configured channel whose partner takes segment requests."""
+        for n, ref in enumerate(adv.audience.segments):
+            target = self.targets.get(ref.channel)
+            if target is None:
+                raise SchemaError(f"audience.segments[{n}].channel: {ref.channel!r} is not configured here")
+            if not getattr(target, "segments", False):
+                raise SchemaError(
+                    f"audience.segments[{n}].channel: {ref.channel!r} takes no segment requests "
+                    "(docs/partner-push-api.md, Segments)"
+                )
+            if adv.training:
+                raise SchemaError(
+                    f"audience.segments[{n}]: a training advisory never reaches a partner's own audience"
+                )
 
     def _verify_cap(
         self, sender: str, raw: bytes, record: Mapping[str, Any], headers: Mapping[str, bytes]

@@ -65,6 +65,20 @@ deliveries = Gauge(
     ["channel", "status"],
     registry=REGISTRY,
 )
+segment_recipients = Gauge(
+    "gateway_segment_recipients",
+    "Partner-side segments: the partners' aggregate counts of their users (targeted, delivered, read, "
+    "failed, cancelled) and our segment requests by status (requests_<status>), per channel; from the "
+    "store at each scrape (the same on every instance)",
+    ["channel", "count"],
+    registry=REGISTRY,
+)
+segment_receipts_total = Counter(
+    "gateway_segment_receipts_total",
+    "Aggregate receipts for segment requests applied",
+    ["channel"],
+    registry=REGISTRY,
+)
 dispatch_latency_seconds = Histogram(
     "gateway_dispatch_latency_seconds",
     "From the advisory stored to its message accepted by the partner (sent), per message",

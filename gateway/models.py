@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,11 +22,31 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SegmentRef(_Model):
+    """An audience a partner holds (docs/partner-push-api.md, "Segments"): the partner fans out."""
+
+    channel: str = Field(min_length=1, max_length=32, pattern=r"^[a-z0-9][a-z0-9_\-]*$")
+    segment: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9:._\-]*$")
+
+
 class Audience(_Model):
     countries: tuple[str, ...] = ()
     regions: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
-    segments: tuple[str, ...] = ()
+    segments: tuple[SegmentRef, ...] = ()
+
+    @property
+    def in_directory(self) -> bool:
+        """Whether the audience names anyone in our own directory (else only partner segments)."""
+        return bool(self.countries or self.regions or self.tags)
+
+    @field_validator("segments")
+    @classmethod
+    def _unique_segments(cls, v: tuple[SegmentRef, ...]) -> tuple[SegmentRef, ...]:
+        seen = {(s.channel, s.segment) for s in v}
+        if len(seen) != len(v):
+            raise ValueError("a segment may appear only once per channel")
+        return v
 
     @field_validator("countries")
     @classmethod
@@ -266,6 +287,25 @@ class Chunk:
     def decode(cls, raw: bytes) -> Chunk:
         d = json.loads(raw)
         return cls(str(d["advisory_id"]), int(d["version"]), str(d["channel"]), tuple(d["ids"]))
+
+
+# what a partner reports of a segment request: cumulative counts of its users
+SEGMENT_COUNTS = ("targeted", "delivered", "read", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentReceipt:
+    """A partner's aggregate receipt for one segment request: its counts so far (SEGMENT_COUNTS)."""
+
+    key: str  # our segment delivery id: the request's idempotency key
+    counts: Mapping[str, int]
+    final: bool  # the partner's fan-out is over: the counts will not change
+
+
+def segment_delivery_id(advisory_id: str, version: int, channel: str, segment: str, language: str) -> str:
+    """Deterministic id of one segment request, also its idempotency key: (advisory, version,
+    segment, language) on a channel is one request, ever."""
+    return delivery_id(advisory_id, version, f"\x1esegment\x1e{segment}\x1e{language}", channel)
 
 
 def delivery_id(advisory_id: str, version: int, recipient_id: str, channel: str) -> str:

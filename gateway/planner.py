@@ -119,6 +119,10 @@ class _Plan:
     planned: int = 0
 
 
+# an advisory version's partner-side segment deliveries (gateway/segments.py: segment_rows)
+SegmentRows = Callable[[Advisory], list[dict[str, Any]]]
+
+
 class Planner:
     def __init__(
         self,
@@ -129,8 +133,11 @@ class Planner:
         kinds: Mapping[str, str],
         poll_s: float = 1.0,
         language: LanguageOf = _unknown_language,
+        segments: SegmentRows | None = None,
     ) -> None:
         self.store = store
+        self.segments = segments
+        self.segments_planned: Callable[[], None] | None = None  # told when segments were planned
         self.language = language
         self.poll_s = poll_s
         self._next_poll = 0.0
@@ -216,8 +223,15 @@ class Planner:
             self._done(plan)
             return
         aud = adv.audience
-        page = await self.store.audience_page(
-            aud.countries, aud.regions, aud.tags, plan.cursor, self.chunk_size
+        if plan.cursor == "" and aud.segments and self.segments is not None:
+            # before the first page (a replay from the start plans them again: nothing changes)
+            await self.store.plan_segments(self.segments(adv))
+            if self.segments_planned is not None:
+                self.segments_planned()
+        page = (
+            await self.store.audience_page(aud.countries, aud.regions, aud.tags, plan.cursor, self.chunk_size)
+            if aud.in_directory
+            else []
         )
         if not page:
             await self.store.mark_planned(adv.id, adv.version)

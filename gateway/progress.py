@@ -3,12 +3,13 @@ and status, with a bar per channel of how many deliveries are final."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from gateway.models import FINAL, Status
+from gateway.models import FINAL, SEGMENT_COUNTS, Status
 
 _FINAL = {s.value for s in FINAL}
 
@@ -43,3 +44,22 @@ def _with(bar: ProgressBar, text: str) -> Table:
     grid = Table.grid()
     grid.add_row(bar, text)
     return grid
+
+
+def segments_table(segments: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """Partner-side segments: one row per request (version × channel × segment × language), with the
+    partner's aggregate counts of its users beside our request's status."""
+    out = Table(title=f"{title}: partner segments (the partner's counts of its users)")
+    for name in ("v", "channel", "segment", "language", "request", *SEGMENT_COUNTS):
+        out.add_column(name, justify="right" if name in SEGMENT_COUNTS or name == "v" else "left")
+    for s in segments:
+        language = s["language"] + (" (default)" if s["default_language"] else "")
+        out.add_row(
+            str(s["version"]),
+            s["channel"],
+            s["segment"],
+            language,
+            s["status"] + ("" if not s["final"] else ", final"),
+            *(f"{int(s[k]):,}" for k in SEGMENT_COUNTS),
+        )
+    return out

@@ -74,7 +74,38 @@ class ReceiptWebhook:
         return [
             web.post("/receipts/{channel}", self.handle),
             web.post("/receipts/{channel}/{provider}", self.handle),
+            web.post("/segment-receipts/{channel}", self.handle_segments),
         ]
+
+    async def handle_segments(self, request: web.Request) -> web.Response:
+        """A partner's aggregate receipts for segment requests (gateway/segments.py): verified like
+        any receipt call; counts only grow, so a repeated or late one changes nothing."""
+        channel = request.match_info["channel"]
+        adapter = self.adapters.get(channel)
+        if adapter is None:
+            return problem(
+                404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel"
+            )
+        body = await read_limited(request, MAX_BODY)
+        if body is None:
+            return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes", field="body")
+        signature = request.headers.get(SIGNATURE_HEADER, "")
+        try:
+            found = adapter.parse_segment_receipts(body, request.headers)
+            self.replays.check(signature)
+        except AuthError as e:
+            log.warning("segment_receipt.rejected", channel=channel, reason=str(e))
+            return problem(401, "Unauthenticated", str(e))
+        except Exception as e:  # whatever parsing the body raised, the body is at fault
+            reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {str(e)[:200]}"
+            return problem(400, "Malformed segment receipts", reason, field="segment_receipts")
+        applied, unknown = await asyncio.shield(self.store.apply_segment_receipts(channel, found))
+        self.replays.seen(signature)
+        metrics.segment_receipts_total.labels(channel).inc(applied)
+        if unknown:
+            metrics.receipts_unmatched_total.labels(channel).inc(unknown)
+            log.warning("segment_receipts.unmatched", channel=channel, count=unknown)
+        return web.json_response({"received": len(found), "applied": applied})
 
     async def handle(self, request: web.Request) -> web.Response:
         channel = request.match_info["channel"]

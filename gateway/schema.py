@@ -76,6 +76,39 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_status", "status", "updated_at"),
 )
 
+# partner-side segments (migration 0007): one request per advisory version × channel × segment ×
+# language; the partner fans out and reports aggregate receipts, kept in the counts columns
+segment_deliveries = sa.Table(
+    "segment_deliveries",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # also the idempotency key sent to the partner
+    sa.Column("advisory_id", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("channel", sa.String(32), nullable=False),
+    sa.Column("segment", sa.String(128), nullable=False),
+    sa.Column("language", sa.String(16), nullable=False),
+    # this request also carries the segment's users whose language is not among ``languages``
+    sa.Column("is_default", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("languages", sa.String(500), nullable=False),  # every language sent to the segment, "|"
+    sa.Column("status", sa.String(16), nullable=False),  # planned, sent, failed, cancelled, expired
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("partner_id", sa.String(128), index=True),
+    sa.Column("replaces", sa.String(128)),  # the partner id of the earlier version's request it updates
+    sa.Column("reason", sa.String(500)),
+    sa.Column("cancel", sa.String(16)),  # None, or "done" once the partner has taken our cancel
+    # the partner's aggregate receipts (cumulative; a later, larger count replaces an earlier one)
+    sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("delivered", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("read", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("failed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cancelled", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),  # the fan-out is over
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.UniqueConstraint("advisory_id", "version", "channel", "segment", "language"),
+    sa.Index("ix_segment_deliveries_status", "status"),
+)
+
 # deliveries per advisory × version × channel × language × status, kept by triggers on deliveries in
 # the same transaction as every insert and status change (migration 0005): progress without a scan.
 # On PostgreSQL the triggers append to delivery_count_deltas, folded in here by the sweeper.

@@ -256,6 +256,8 @@ class Submissions:
                 "version": newest.version if newest else None,
                 "versions": [_version_json(v) for v in versions],
                 "deliveries": await self.store.counts(advisory_id),
+                # partner-side segments: one request per language, the partner's aggregate counts
+                "segments": [s.as_dict() for s in await self.store.segments(advisory_id)],
                 "history": [_entry_json(e) for e in history],
             }
         )

@@ -39,6 +39,7 @@ async def test_published_advisory_is_delivered_once_to_every_recipient(
             assert await resp.json() == {
                 "advisory_id": record["id"],
                 "by_channel": {"push": {"delivered": 1200}},
+                "segments": [],  # no partner-side segments in this audience
             }
         async with http.get("/advisories/no-such-advisory/status") as resp:
             assert resp.status == 404

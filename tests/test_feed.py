@@ -4,6 +4,7 @@ CAP link, and drops what is superseded, cancelled or expired."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +14,7 @@ from lxml import etree
 from gateway.app import Gateway
 from gateway.cap import parse_cap, to_cap, validate_cap
 from gateway.feed import Feed
-from gateway.models import Advisory
+from gateway.models import Advisory, now
 from gateway.rendering import Renderer
 from gateway.settings import InputLimits, load_settings
 from tests.conftest import advisory
@@ -41,9 +42,15 @@ def test_a_template_advisory_exports_as_valid_cap_with_one_info_per_language_and
     assert "Арвения" in back.content["kk"].title + back.content["kk"].body
 
 
-async def _accept(gw: Gateway, name: str) -> Advisory:
+async def _accept(gw: Gateway, name: str, sent_now: bool = False) -> Advisory:
+    """Store a CAP fixture as intake would; ``sent_now``: as sent this moment (a cancel stands for a
+    day after it was sent, and the fixture's date is in the past)."""
     assert gw.store is not None
-    adv = Advisory.model_validate(parse_cap((CAP_FIXTURES / name).read_bytes(), InputLimits(), CHANNELS))
+    document = (CAP_FIXTURES / name).read_bytes()
+    if sent_now:
+        at = now().replace(microsecond=0).isoformat().encode()
+        document = re.sub(rb"<sent>[^<]*</sent>", b"<sent>" + at + b"</sent>", document, count=1)
+    adv = Advisory.model_validate(parse_cap(document, InputLimits(), CHANNELS))
     await gw.store.accept(adv, adv.model_dump(mode="json"), {})
     return adv
 
@@ -85,7 +92,7 @@ async def test_the_feed_follows_an_alert_through_its_update_and_cancel(gateway: 
         # the same instant as the alert's <sent>, in UTC as stored
         assert b"<references>mfa.test,mfa.kz.evac.2026-001,2026-11-25T05:00:00+00:00</references>" in update
 
-        await _accept(gateway, "evacuation-cancel.xml")  # withdraws both; the cancel itself is shown
+        await _accept(gateway, "evacuation-cancel.xml", sent_now=True)  # withdraws both; the cancel is shown
         assert [e for e, _ in await _entries(http)] == ["urn:broadcast-gateway:advisory:mfa.kz.evac.2026-003"]
         async with http.get("/cap/mfa.kz.evac.2026-003") as resp:
             cancel = await resp.read()

@@ -307,14 +307,19 @@ class SandboxPartner:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _post_receipts(self, batch: list[dict[str, Any]]) -> bool:
+    async def _post_receipts(
+        self, batch: list[dict[str, Any]], url: str | None = None, key: str | None = None
+    ) -> bool:
+        """POST receipts, signed, to the gateway (``url``: instead of ``receipt_url``; ``key``: the
+        body's list is named this instead of ``receipt_body``'s shape)."""
         assert self._session is not None
-        assert self.receipt_url is not None
-        body = json.dumps(self.receipt_body(batch)).encode()
+        target = url or self.receipt_url
+        assert target is not None
+        body = orjson.dumps({key: batch} if key else self.receipt_body(batch))
         headers = {"Content-Type": "application/json", **hmac_headers(self.secret, body)}
         try:
             async with self._session.post(
-                self.receipt_url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+                target, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
             ) as resp:
                 if resp.status == 200:
                     return True

@@ -13,8 +13,15 @@ import aiohttp
 
 
 class SandboxProcess:
-    def __init__(self, secret: str, gateway_url: str | None = None, receipt_delay_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        secret: str,
+        gateway_url: str | None = None,
+        receipt_delay_s: float = 0.5,
+        segment_size: int = 1_000_000,
+    ) -> None:
         self.secret = secret
+        self.segment_size = segment_size
         self.gateway_url = gateway_url
         self.receipt_delay_s = receipt_delay_s
         self.port = 0
@@ -44,6 +51,8 @@ class SandboxProcess:
             "0",
             "--receipt-delay",
             str(self.receipt_delay_s),
+            "--segment-size",
+            str(self.segment_size),
         ]
         if self.gateway_url:
             cmd += ["--gateway-url", self.gateway_url]

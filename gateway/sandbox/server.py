@@ -71,11 +71,12 @@ async def serve(
     secret: str,
     gateway_url: str | None,
     receipt_delay_s: float,
+    segment_size: int = 1_000_000,
 ) -> None:
     email = EmailSink(secret, None, receipt_delay_s)
     smsc = Smsc(secret, None, receipt_delay_s)
     partners: list[SandboxPartner] = [
-        PushPartner(secret, None, receipt_delay_s),
+        PushPartner(secret, None, receipt_delay_s, segment_size=segment_size),
         SmsAggregator(secret, None, receipt_delay_s),
         email,
         smsc,
