@@ -206,11 +206,13 @@ class Gateway:
             planner.segments_planned = segments.wake
             self._tasks.append(asyncio.create_task(segments.run(self.stopping), name="segments"))
             loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
+        webhook = ReceiptWebhook(self.store, self.adapters)
         if "receipts" in s.gateway.roles:
-            webhook = ReceiptWebhook(self.store, self.adapters)
             routes += webhook.routes()
-            for name, adapter in self.adapters.items():
-                adapter.receipt_sink = webhook.sink(name, adapter)
+        # receipts that come on a session this process holds (SMPP deliver_sm on its binds) are
+        # applied here, whatever its roles: the SMSC writes them once, to the bind that sent
+        for name, adapter in self.adapters.items():
+            adapter.receipt_sink = webhook.sink(name, adapter)
         # joining a consumer group takes the broker's rebalance delay: join them all at once
         await asyncio.gather(*(consumer.start() for _, consumer, _ in loops))
         for name, consumer, run in loops:

@@ -17,7 +17,15 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.models import Status, now
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, eventually, load_recipients, reached, signed
+from tests.conftest import (
+    advisory,
+    eventually,
+    load_recipients,
+    make_settings,
+    reached,
+    running_gateway,
+    signed,
+)
 
 KAZAKH = "Елден шығыңыз: өткізу пункті ашық. Консулдық жедел желі: +7 7172 00 00 00. " * 2
 
@@ -140,3 +148,25 @@ async def test_an_smpp_broadcast_ends_delivered_by_deliver_sm(
     stats = await _stats(sandbox)
     assert (stats["unique_recipients"], stats["duplicates"]) == (80, 0)
     assert stats["encodings"] == {"ucs2": 80}
+
+
+async def test_smpp_receipts_are_applied_by_an_instance_without_the_receipts_role(
+    kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    """An SMSC writes each deliver_sm once, to the bind that sent the message: the instance holding
+    the bind applies it, whatever its roles (here intake and dispatch, no receipt webhooks)."""
+    settings = make_settings(tmp_path, kafka_bootstrap, sandbox, GATEWAY__GATEWAY__ROLES="[intake, dispatch]")
+    async with running_gateway(settings, sandbox) as gw:
+        await load_recipients(gw, tmp_path, 30, reach="phone", languages="kk|ru")
+        record = signed(advisory(channels=["smpp"]))
+        await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
+        await eventually(
+            lambda: reached(gw, record["id"], "delivered", 30, "smpp"),
+            within=60,
+            what="30 SMPP messages delivered by receipts on this instance's bind",
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{gw.public_url}/receipts/push", data=b"{}") as resp,
+        ):
+            assert resp.status == 404  # and no receipt webhook here: it is not this instance's role
