@@ -132,6 +132,7 @@ class Gateway:
             s.planner.poll_s,
             partial(_language_of, renderer, self.adapters),
             lambda adv: segment_rows(adv, renderer, self.adapters),
+            s.planner.lease_s,
         )
         verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
         intake = Intake(

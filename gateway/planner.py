@@ -6,6 +6,9 @@ it is **scheduled**: urgent advisories (urgency ``immediate`` or severity ``extr
 before bulk ones, and advisories of equal priority take turns page by page — an urgent advisory
 never waits for a large bulk one to finish planning. Their chunks go to ``deliveries.urgent.<channel>``.
 
+With several instances, an advisory is planned by one at a time (a lease in the store, renewed each
+page): the others plan other advisories, and take it over from its stored cursor if its planner dies.
+
 Progress is durable: after each page the cursor (last recipient id) is stored, and at start-up the
 planner resumes every stored advisory whose planning had not finished. Planning is idempotent:
 delivery ids are deterministic and inserts of existing rows do nothing, so a page replayed after a
@@ -17,6 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -134,8 +140,12 @@ class Planner:
         poll_s: float = 1.0,
         language: LanguageOf = _unknown_language,
         segments: SegmentRows | None = None,
+        lease_s: float = 15.0,
     ) -> None:
         self.store = store
+        self.lease_s = lease_s
+        # this instance, as named on the advisories it plans (planning is leased: one at a time)
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.segments = segments
         self.segments_planned: Callable[[], None] | None = None  # told when segments were planned
         self.language = language
@@ -192,6 +202,8 @@ class Planner:
             return
         finally:
             watcher.cancel()
+            with contextlib.suppress(Exception):  # the store is down: the leases run out by themselves
+                await self.store.release_planning(self.me)
 
     async def _poll_store(self) -> None:
         """Submit stored advisories that are active and not fully planned, unless known already."""
@@ -222,6 +234,11 @@ class Planner:
         if state is None or not may_plan(state):
             self._done(plan)
             return
+        stored = await self.store.claim_planning(adv.id, adv.version, self.me, self.lease_s)
+        if stored is None:  # another instance plans it: this one looks again when its lease runs out
+            self._done(plan)
+            return
+        plan.cursor = max(plan.cursor, stored)  # another instance may have gone further before it died
         aud = adv.audience
         if plan.cursor == "" and aud.segments and self.segments is not None:
             # before the first page (a replay from the start plans them again: nothing changes)

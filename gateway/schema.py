@@ -30,6 +30,9 @@ advisories = sa.Table(
     sa.Column("submitted_by", sa.String(200)),
     # a training advisory goes only to the gateway's own sandbox partners (gateway/training.py)
     sa.Column("training", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the instance planning it, until when (renewed each page; another takes over once it runs out)
+    sa.Column("planner", sa.String(128)),
+    sa.Column("plan_lease_until", sa.DateTime(timezone=True)),
 )
 
 recipients = sa.Table(

@@ -239,6 +239,9 @@ class PlannerSettings(_Section):
     chunk_size: int = Field(500, ge=1, le=10_000)
     # how often the store is asked for advisories stored by another intake process
     poll_s: float = Field(1.0, gt=0)
+    # an instance plans an advisory under a lease renewed each page; another instance takes it over
+    # (from the stored cursor) when its holder has not renewed it for this long (it died)
+    lease_s: float = Field(15.0, gt=0)
 
 
 class DispatchSettings(_Section):

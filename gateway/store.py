@@ -907,6 +907,34 @@ class Store:
     async def save_plan_cursor(self, advisory_id: str, version: int, cursor: str) -> None:
         await self._set_advisory(advisory_id, version, plan_cursor=cursor)
 
+    async def claim_planning(
+        self, advisory_id: str, version: int, planner: str, lease_s: float
+    ) -> str | None:
+        """Take or renew the lease to plan an advisory version; the stored cursor if ``planner``
+        holds it now, None if another instance does (its lease not run out)."""
+        at = now()
+        t = advisories.c
+        async with self._begin() as conn:
+            result = await conn.execute(
+                sa.update(advisories)
+                .where(
+                    t.id == advisory_id,
+                    t.version == version,
+                    sa.or_(t.planner.is_(None), t.planner == planner, t.plan_lease_until < at),
+                )
+                .values(planner=planner, plan_lease_until=at + timedelta(seconds=lease_s))
+            )
+            if not result.rowcount:
+                return None
+            return str(await self._value(conn, t.plan_cursor, advisory_id, version) or "")
+
+    async def release_planning(self, planner: str) -> None:
+        """Give up every lease ``planner`` holds (a graceful stop): another instance goes on at once."""
+        async with self._begin() as conn:
+            await conn.execute(
+                sa.update(advisories).where(advisories.c.planner == planner).values(plan_lease_until=now())
+            )
+
     async def unplanned(self) -> list[tuple[str, int, str]]:
         """Active advisories whose planning has not finished: (id, version, cursor to resume after)."""
         q = sa.select(advisories.c.id, advisories.c.version, advisories.c.plan_cursor).where(

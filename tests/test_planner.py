@@ -1,14 +1,20 @@
 """Planner: the store is its schedule — an advisory stored by any intake (here: straight into the
-store, as another gateway process's intake would) is planned and sent without a restart."""
+store, as another gateway process's intake would) is planned and sent without a restart; with
+several instances one plans an advisory at a time, and another takes over where it stopped."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
+from gateway import kafka, metrics
 from gateway.app import Gateway
 from gateway.lifecycle import AdvisoryState
-from gateway.models import Advisory
+from gateway.models import Advisory, Recipient
+from gateway.planner import Planner, _Plan
 from gateway.sandbox.process import SandboxProcess
+from gateway.settings import load_settings
+from gateway.store import Store
 from tests.conftest import advisory, eventually, load_recipients, reached
 
 
@@ -22,3 +28,60 @@ async def test_an_advisory_stored_by_another_process_is_planned_without_a_restar
     assert accepted.state is AdvisoryState.ACTIVE
     await eventually(lambda: reached(gateway, adv.id, "delivered", 50), what="planned, sent and delivered")
     assert await gateway.store.plan_finished(adv.id, 1)
+
+
+async def test_one_instance_plans_an_advisory_and_another_takes_over_where_it_stopped(
+    store: Store, kafka_bootstrap: str
+) -> None:
+    """Two planners (two instances) on one store: only the lease holder plans pages; when its lease
+    runs out (it died) the other goes on from the stored cursor — no page is planned twice."""
+    people = [Recipient(id=f"r{i:04d}", app_user=f"app-{i}", country="XA") for i in range(30)]
+    await store.upsert_recipients(people)
+    adv = Advisory.model_validate(advisory())
+    await store.accept(adv, adv.model_dump(mode="json"), {})
+    topics = load_settings(
+        environ={"GATEWAY__KAFKA__TOPIC_DELIVERIES": f"deliveries-{uuid.uuid4().hex[:8]}"}
+    ).kafka
+    await kafka.ensure_topics(kafka_bootstrap, topics, {"push": {}})
+    producer = kafka.producer(kafka_bootstrap)
+    await producer.start()
+    planned = metrics.deliveries_planned_total.labels("push")
+    try:
+        # the first instance's lease is over as soon as it is taken: it "died" after each page
+        first = Planner(store, producer, topics, 10, {"push": "push"}, lease_s=-1.0)
+        second = Planner(store, producer, topics, 10, {"push": "push"}, lease_s=60.0)
+        before = planned._value.get()
+        page = _Plan(adv, "")
+        await first.plan_page(page)
+        assert page.cursor == "r0009"
+        assert planned._value.get() - before == 10
+
+        takeover = _Plan(adv, "")  # the second instance's schedule knew nothing of that page
+        await second.plan_page(takeover)
+        assert takeover.cursor == "r0019"  # it went on after the stored cursor, not from the start
+        assert planned._value.get() - before == 20
+
+        again = _Plan(adv, "r0009")
+        await first.plan_page(again)  # the second holds the lease now: the first plans nothing
+        assert again.cursor == "r0009"
+        assert planned._value.get() - before == 20
+
+        await second.plan_page(takeover)
+        await second.plan_page(takeover)  # an empty page: planning is finished
+        assert planned._value.get() - before == 30
+        assert await store.plan_finished(adv.id, 1)
+        assert await store.recount() == await store.progress()
+    finally:
+        await producer.stop()
+
+
+async def test_a_released_lease_is_taken_at_once_and_a_held_one_is_not(store: Store) -> None:
+    adv = Advisory.model_validate(advisory())
+    await store.accept(adv, adv.model_dump(mode="json"), {})
+    assert await store.claim_planning(adv.id, 1, "a", 60) == ""
+    assert await store.claim_planning(adv.id, 1, "b", 60) is None
+    await store.save_plan_cursor(adv.id, 1, "r0042")
+    assert await store.claim_planning(adv.id, 1, "a", 60) == "r0042"  # renewed by its holder
+    await store.release_planning("a")  # a graceful stop
+    assert await store.claim_planning(adv.id, 1, "b", 60) == "r0042"
+    assert await store.claim_planning(adv.id, 1, "a", 60) is None
