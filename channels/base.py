@@ -147,6 +147,9 @@ class Adapter(ABC):
     settings_model: ClassVar[type[ChannelSettings]] = ChannelSettings
     # whether the partner takes requests for segments it holds (send_segment, cancel_segment)
     segments: ClassVar[bool] = False
+    # whether the partner answers a repeated idempotency key with its first answer (HTTP partners
+    # here); if not (SMTP, SMPP), dispatch claims each delivery in the store before sending it
+    idempotent: ClassVar[bool] = True
     # where an adapter that receives receipts itself (SMPP deliver_sm) hands them; set by the app
     receipt_sink: Callable[[Sequence[Receipt]], Awaitable[None]] | None = None
 

@@ -66,6 +66,7 @@ class EmailAdapter(SignedHttpAdapter):
     optional_parts = ("html",)
     header_parts = ("subject",)
     limits: ClassVar[Mapping[str, int]] = {"subject": 200}
+    idempotent = False  # no idempotency key on the wire: dispatch claims before sending
     max_batch = 50
     settings_model = EmailSettings
 

@@ -109,6 +109,7 @@ class _Esme(ESME):
 
 class SmppAdapter(SmsAdapter):
     name = "smpp"
+    idempotent = False  # no idempotency key on the wire: dispatch claims before sending
     max_batch = 50
     settings_model = SmppSettings
 

@@ -5,7 +5,9 @@ circuit-broken channel never holds another. In every lane, chunks of urgent advi
 ``deliveries.urgent.<channel>`` topics) go before bulk ones, and advisories of equal priority take turns.
 
 Only deliveries still pending in the store are sent, and each carries its idempotency key, so a
-chunk replayed after a crash never becomes a second notification. A chunk's offset is committed once
+chunk replayed after a crash never becomes a second notification. A partner without idempotency keys
+(SMTP, SMPP) gets a delivery only after this instance has claimed it in the store (``claim_s``): two
+instances holding the same delivery in two chunks never both send it. A chunk's offset is committed once
 it and every chunk before it on its partition are finished (chunks finish out of order across lanes).
 Consumption pauses while ``max_buffered_chunks`` chunks of a topic are unfinished (backpressure:
 memory stays bounded whatever the audience), and resumes at half of it.
@@ -22,6 +24,9 @@ stay uncommitted and are replayed by the next consumer.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
@@ -47,6 +52,7 @@ from gateway.turns import take_turn
 log = get_logger(__name__)
 
 URGENT, BULK = 0, 1
+CLAIM_POLL_S = 1.0  # how often a delivery another instance has claimed is looked at again
 
 
 class _WaitRetryAfter(wait_random_exponential):
@@ -168,6 +174,8 @@ class Dispatcher:
         self.most_buffered = 0  # the most chunks one topic had buffered at once (backpressure bounds it)
         self.stopping = asyncio.Event()
         self.in_hand: set[str] = set()  # delivery ids a worker of this process is sending now
+        # this instance, as named on the deliveries it claims (partners without idempotency keys)
+        self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._stored: dict[str, float | None] = {}  # advisory key -> when stored (dispatch latency)
 
     # -- one chunk ----------------------------------------------------------------------------
@@ -229,8 +237,26 @@ class Dispatcher:
         finally:
             self.in_hand.difference_update(ids)
 
+    async def _claimed_work(self, adapter: Adapter, ids: Sequence[str]) -> list[WorkItem]:
+        """The pending deliveries among ``ids``. For a partner without idempotency keys, only those
+        this instance claimed in the store; one another instance holds is waited for until it is
+        sent there or its claim runs out (its holder died), so it is neither sent twice nor lost."""
+        if adapter.idempotent:
+            return await self.store.pending_work(ids)
+        items = await self.store.pending_work(ids, claim=self.me, lease_s=self.settings.claim_s)
+        held = set(ids) - {i.delivery_id for i in items}
+        while held:
+            await pause(self.stopping, CLAIM_POLL_S)  # another instance is sending these: wait on it
+            still = {i.delivery_id for i in await self.store.pending_work(sorted(held))}
+            if not still:
+                break
+            mine = await self.store.pending_work(sorted(still), claim=self.me, lease_s=self.settings.claim_s)
+            items += mine
+            held = still - {i.delivery_id for i in mine}
+        return items
+
     async def _send_chunk(self, adv: Advisory, adapter: Adapter, ids: Sequence[str]) -> None:
-        items = await self.store.pending_work(ids)
+        items = await self._claimed_work(adapter, ids)
         messages: list[Message] = []
         failed: list[Outcome] = []
         for item in items:

@@ -71,6 +71,9 @@ deliveries = sa.Table(
     sa.Column("cascaded", sa.Boolean, nullable=False, server_default=sa.false()),
     # the language it is rendered in, chosen at planning (Renderer.choose_language): counted by it
     sa.Column("language", sa.String(16), nullable=False, server_default=""),
+    # the instance sending it now, until when: for partners without idempotency keys (SMTP, SMPP)
+    sa.Column("claimed_by", sa.String(128)),
+    sa.Column("claimed_until", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
     sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
     # the cascade looks for the few deliveries of a channel still sent/unknown/failed, not the many

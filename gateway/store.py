@@ -983,8 +983,12 @@ class Store:
             await self._lock(conn, ids)
             await _transition(conn, planned, Status.QUEUED, None)
 
-    async def pending_work(self, ids: Sequence[str]) -> list[WorkItem]:
-        """The deliveries among ``ids`` that are still to be sent, with their recipients."""
+    async def pending_work(
+        self, ids: Sequence[str], claim: str | None = None, lease_s: float = 60.0
+    ) -> list[WorkItem]:
+        """The deliveries among ``ids`` that are still to be sent, with their recipients. With
+        ``claim`` (an instance's name): only those it could claim for ``lease_s`` — none another
+        instance holds now — so that two instances never send one delivery at once."""
         q = (
             sa.select(
                 deliveries.c.id.label("delivery_id"), deliveries.c.channel, deliveries.c.attempts, recipients
@@ -992,8 +996,24 @@ class Store:
             .join(recipients, recipients.c.id == deliveries.c.recipient_id)
             .where(deliveries.c.id.in_(list(ids)), _IS_PENDING)
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(q)).mappings().all()
+        if claim is not None:
+            at = now()
+            t = deliveries.c
+            async with self._begin() as conn:
+                await self._lock(conn, ids)
+                await conn.execute(
+                    sa.update(deliveries)
+                    .where(
+                        t.id.in_(list(ids)),
+                        _IS_PENDING,
+                        sa.or_(t.claimed_by.is_(None), t.claimed_by == claim, t.claimed_until < at),
+                    )
+                    .values(claimed_by=claim, claimed_until=at + timedelta(seconds=lease_s))
+                )
+                rows = (await conn.execute(q.where(t.claimed_by == claim))).mappings().all()
+        else:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(q)).mappings().all()
         return [WorkItem(r["delivery_id"], _recipient_from_row(r), r["channel"], r["attempts"]) for r in rows]
 
     async def record(self, outcomes: Iterable[Outcome], attempted: bool = False) -> int:

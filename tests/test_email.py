@@ -254,3 +254,41 @@ async def test_the_same_chunk_twice_at_once_sends_each_email_once(
         per = (await sandbox.stats())["channels"]["email"]["by_advisory"][f"{record['id']}@v1"]
         assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (40, 40, 0)
         assert (await store.counts(record["id"]))["email"].get("queued") is None
+
+
+async def test_two_instances_with_the_same_chunk_send_each_email_once_and_take_over_a_dead_claim(
+    settings: Settings, sandbox: SandboxProcess, tmp_path: Path
+) -> None:
+    """Two instances (two dispatchers, each with its own in-hand set) get the same chunk at once:
+    each e-mail is claimed in the store by one of them and sent once. Deliveries a dead instance had
+    claimed are sent once its claim has run out, not skipped."""
+    intake_only = settings.model_copy(
+        update={"gateway": settings.gateway.model_copy(update={"roles": ("intake",)})}
+    )
+    async with running_gateway(intake_only, sandbox) as gw:
+        path = tmp_path / "mail.csv"
+        rows = "".join(f"m{i:03d},ru,claim{i}@example.kz,XA\n" for i in range(40))
+        path.write_text("id,languages,email,country\n" + rows, encoding="utf-8")
+        assert gw.store is not None
+        store = gw.store
+        await import_file(store, path)
+        record = signed(advisory(channels=["email"]))
+        await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
+
+        async def planned() -> bool:
+            return (await store.counts(record["id"])).get("email") == {"queued": 40}
+
+        await eventually(planned, what="40 e-mails planned and queued")
+        async with store.engine.connect() as conn:
+            q = sa.select(deliveries.c.id).where(deliveries.c.advisory_id == record["id"])
+            ids = sorted(str(i) for i in (await conn.execute(q)).scalars())
+        # ten of them were claimed by an instance that died before sending (its claim is over)
+        assert len(await store.pending_work(ids[:10], claim="dead-instance", lease_s=-1.0)) == 10
+        renderer = Renderer(settings.rendering.templates_path(), settings.rendering.default_language)
+        one = Dispatcher(store, renderer, gw.adapters, settings.dispatch, {})
+        two = Dispatcher(store, renderer, gw.adapters, settings.dispatch, {})
+        chunk = Chunk(record["id"], 1, "email", tuple(ids))
+        await asyncio.gather(one.handle_chunk(chunk), two.handle_chunk(chunk))
+        per = (await sandbox.stats())["channels"]["email"]["by_advisory"][f"{record['id']}@v1"]
+        assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (40, 40, 0)
+        assert (await store.counts(record["id"]))["email"].get("queued") is None
