@@ -443,6 +443,10 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
+    if args.scenario == "scale":
+        from gateway import scale
+
+        return scale.main(args.recipients, args.instances, args.json, args.timeout, args.postgres)
     from gateway.drill import main
 
     return main(args.scenario, args.recipients, args.json, args.timeout, args.channel)
@@ -574,7 +578,7 @@ def parser() -> argparse.ArgumentParser:
     dr = sub.add_parser(
         "drill", help="rehearse an outage, a crash, a cancel or an urgent advisory against the sandboxes"
     )
-    dr.add_argument("scenario", choices=["outage", "crash", "cancel", "priority", "poison"])
+    dr.add_argument("scenario", choices=["outage", "crash", "cancel", "priority", "poison", "scale"])
     dr.add_argument("--recipients", type=int, default=20_000)
     dr.add_argument(
         "--channel",
@@ -585,6 +589,12 @@ def parser() -> argparse.ArgumentParser:
     )
     dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
     dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")
+    dr.add_argument("--instances", type=int, default=3, help="scale: gateway processes (the last is killed)")
+    dr.add_argument(
+        "--postgres",
+        default="postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+        help="scale: a PostgreSQL server (URL of any database on it; the drill makes its own database)",
+    )
     dr.set_defaults(func=cmd_drill)
     b = sub.add_parser(
         "bench", help="time one broadcast end to end beside the floor (a bare client) and Apprise"
