@@ -446,7 +446,9 @@ def cmd_drill(args: argparse.Namespace) -> int:
     if args.scenario == "scale":
         from gateway import scale
 
-        return scale.main(args.recipients, args.instances, args.json, args.timeout, args.postgres)
+        return scale.main(
+            args.recipients, args.instances, args.json, args.timeout, args.postgres, not args.no_kill
+        )
     from gateway.drill import main
 
     return main(args.scenario, args.recipients, args.json, args.timeout, args.channel)
@@ -590,6 +592,7 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true", help="print the report as one JSON object")
     dr.add_argument("--timeout", type=float, default=300.0, help="seconds each step may take")
     dr.add_argument("--instances", type=int, default=3, help="scale: gateway processes (the last is killed)")
+    dr.add_argument("--no-kill", action="store_true", help="scale: kill none (to measure N instances)")
     dr.add_argument(
         "--postgres",
         default="postgresql+asyncpg://postgres@127.0.0.1:5432/test",

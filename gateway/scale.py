@@ -5,7 +5,8 @@ made on the server ``--postgres`` names and dropped after), with the embedded br
 partners as in the other drills. One advisory goes to N recipients on the push channel; planning is
 leased to one instance at a time, dispatch is split by partitions, receipts go to the first
 instance. With more than one instance, the last one is SIGKILLed when 30 % of the broadcast has been
-accepted by the partner: its partitions move to the others, which replay what it had not committed.
+accepted by the partner: its partitions move to the others, which replay what it had not committed
+(``--no-kill``: none is, to measure what N instances do together).
 
 Reported: each instance's share (messages the partner accepted from it, from its own /metrics,
 sampled until it died), ``lost`` and ``duplicates`` from the partner's own counts, time to all-sent
@@ -136,7 +137,9 @@ class Instance:
                 await self.proc.wait()
 
 
-async def run_scale(n: int, instances: int, deadline_s: float, postgres: str = POSTGRES) -> dict[str, Any]:
+async def run_scale(
+    n: int, instances: int, deadline_s: float, postgres: str = POSTGRES, kill: bool = True
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-drill-scale-"))
     started = time.monotonic()
     report: dict[str, Any] = {
@@ -160,7 +163,7 @@ async def run_scale(n: int, instances: int, deadline_s: float, postgres: str = P
                 await g.start()
             for g in gateways:
                 await rig.until(g.healthy, 60, f"instance {g.number} answering /healthz")
-            report.update(await _broadcast(rig, gateways, deadline_s))
+            report.update(await _broadcast(rig, gateways, deadline_s, kill))
             report["counters_agree"] = await rig.counters_agree()
         except DrillError as e:
             report["error"] = str(e)
@@ -186,12 +189,12 @@ async def _open(rig: Rig, store_url: str, sandbox: SandboxProcess, first: Instan
     await sandbox.point_at(first.url)  # receipts to the first instance, the one never killed
 
 
-async def _broadcast(rig: Rig, gateways: list[Instance], deadline_s: float) -> dict[str, Any]:
+async def _broadcast(rig: Rig, gateways: list[Instance], deadline_s: float, kill: bool) -> dict[str, Any]:
     assert rig.store is not None
     _, token = await Tokens(rig.store).create("drill-scale", ["operator"], actor="drill")
     record = rig.advisory("scale", severity="severe", urgency="expected")
     published = await rig.publish(record)
-    victim = gateways[-1] if len(gateways) > 1 else None
+    victim = gateways[-1] if kill and len(gateways) > 1 else None
     pending = {s.value for s in PENDING}
     final = {s.value for s in FINAL}
     all_sent_s = all_final_s = None
@@ -236,9 +239,9 @@ async def _planner(rig: Rig, advisory_id: str) -> str | None:
         return (await conn.execute(q)).scalar()
 
 
-def main(n: int, instances: int, as_json: bool, deadline_s: float, postgres: str) -> int:
+def main(n: int, instances: int, as_json: bool, deadline_s: float, postgres: str, kill: bool = True) -> int:
     gw_logging.configure("warning", "auto")
-    report = asyncio.run(run_scale(n, instances, deadline_s, postgres))
+    report = asyncio.run(run_scale(n, instances, deadline_s, postgres, kill))
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
     else:
