@@ -156,6 +156,15 @@ async def run_scale(
     ):
         rig = Rig(workdir, broker, sandbox, n, "push")
         rig.env["GATEWAY__STORE__URL"] = store_url
+        # pages, chunks and batches of 500, the partner's rate lifted: as bench measures (not the
+        # fault drills' 100, which make a broadcast many small requests so that faults land mid-way)
+        rig.env.update(
+            {
+                "GATEWAY__PLANNER__CHUNK_SIZE": "500",
+                "GATEWAY__CHANNELS__PUSH__BURST": "500",
+                "GATEWAY__CHANNELS__PUSH__RATE_PER_S": "1000000",
+            }
+        )
         gateways = [Instance(i, rig.env, workdir) for i in range(instances)]
         try:
             await _open(rig, store_url, sandbox, gateways[0])

@@ -426,6 +426,9 @@ class Store:
         # 2 ms, … 100 ms), which under many concurrent lanes costs more than the writes. In one
         # process, writers take turns here instead. PostgreSQL needs no such thing.
         self._write_turn = asyncio.Lock() if self._dialect == "sqlite" else None
+        # PostgreSQL: deliveries inserted since this process last had the table analyzed (see _grown)
+        self._inserted = 0
+        self._analyzed_at = 0
         self._parsed: dict[tuple[str, int], Advisory] = {}
 
     @contextlib.asynccontextmanager
@@ -963,8 +966,24 @@ class Store:
                     for name, _ in _PG_INSERT_COLUMNS
                 }
                 await conn.execute(_PG_INSERT, {**columns, "at": at})
-                return
-            await conn.execute(self._insert(deliveries).on_conflict_do_nothing(), full)
+            else:
+                await conn.execute(self._insert(deliveries).on_conflict_do_nothing(), full)
+        if self._dialect == "postgresql":
+            await self._analyze_when_grown(len(rows))
+
+    async def _analyze_when_grown(self, inserted: int) -> None:
+        """PostgreSQL: ANALYZE deliveries (and the outbox) each time this process has doubled what it
+        inserted since the last time (at least 5,000 rows). A broadcast fills the table faster than
+        autovacuum looks (a minute): planned on the statistics of an empty table, a lookup of 500
+        ids by primary key became a sequential scan of every delivery, and a broadcast of 100,000
+        slowed to 470 a second. About twenty analyzes over ten million rows, each a bounded sample."""
+        self._inserted += inserted
+        if self._inserted < max(5_000, 2 * self._analyzed_at):
+            return
+        self._analyzed_at = self._inserted
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("ANALYZE deliveries, delivery_events, delivery_count_deltas"))
+            await conn.commit()
 
     async def _lock(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
         """PostgreSQL: lock these deliveries in id order before an UPDATE that would lock them in
