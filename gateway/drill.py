@@ -68,6 +68,71 @@ class DrillError(Exception):
     """The drill could not run to its end (the report says how far it got)."""
 
 
+class GatewayProcess:
+    """``broadcast-gateway run`` as its own process on ``port``, its output in ``workdir``
+    (gateway-<name>-<start>.log); started, killed and started again by the drills."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, port: int, name: str = "0") -> None:
+        self.env = {**env, "GATEWAY__HTTP__PORT": str(port)}
+        self.workdir = workdir
+        self.port = port
+        self.name = name
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.kills = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.starts += 1
+        log = (self.workdir / f"gateway-{self.name}-{self.starts}.log").open("wb")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            env={**os.environ, **self.env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+    async def healthy(self) -> bool:
+        if self.proc is not None and self.proc.returncode is not None:
+            raise DrillError(f"gateway {self.name} exited with {self.proc.returncode}; see {self.workdir}")
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{self.url}/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        self.kills += 1
+
+    async def terminate(self) -> tuple[int, float]:
+        """SIGTERM: the gateway drains what is in flight and exits; returns (exit status, seconds)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        status = await self.proc.wait()
+        return status, round(time.monotonic() - started, 2)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
 class Rig:
     """Broker, sandbox, store and a gateway process that can be started, killed and started again."""
 
@@ -96,9 +161,15 @@ class Rig:
             "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({self.sender: public_key, ROGUE: rogue_public}),
         }
         self.store: Store | None = None
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
-        self.kills = 0
+        self.gateway = GatewayProcess(self.env, workdir, self.port)
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process | None:
+        return self.gateway.proc
+
+    @property
+    def kills(self) -> int:
+        return self.gateway.kills
 
     @property
     def url(self) -> str:
@@ -115,52 +186,19 @@ class Rig:
         await self.sandbox.point_at(self.url)
 
     async def start_gateway(self) -> None:
-        self.starts += 1
-        log = (self.workdir / f"gateway-{self.starts}.log").open("wb")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            env={**os.environ, **self.env},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        await self.until(self._healthy, 60, "the gateway answering /healthz")
-
-    async def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.returncode is not None:
-            raise DrillError(f"the gateway exited with {self.proc.returncode}; see {self.workdir}")
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"{self.url}/healthz") as resp:
-                return resp.status == 200
-        except aiohttp.ClientError:
-            return False
+        self.gateway.env.update(self.env)  # a drill may have changed a setting since
+        await self.gateway.start()
+        await self.until(self.gateway.healthy, 60, "the gateway answering /healthz")
 
     async def kill_gateway(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        self.kills += 1
+        await self.gateway.kill()
 
     async def terminate_gateway(self) -> tuple[int, float]:
         """SIGTERM: the gateway drains what is in flight and exits; returns (exit status, seconds)."""
-        assert self.proc is not None
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        status = await self.proc.wait()
-        return status, round(time.monotonic() - started, 2)
+        return await self.gateway.terminate()
 
     async def close(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await self.gateway.stop()
         if self.store is not None:
             await self.store.close()
 

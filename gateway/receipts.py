@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from gateway.store import Outcome, Store
 log = get_logger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
+T = TypeVar("T")
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes | None:
@@ -77,28 +79,69 @@ class ReceiptWebhook:
             web.post("/segment-receipts/{channel}", self.handle_segments),
         ]
 
-    async def handle_segments(self, request: web.Request) -> web.Response:
-        """A partner's aggregate receipts for segment requests (gateway/segments.py): verified like
-        any receipt call; counts only grow, so a repeated or late one changes nothing."""
+    async def _signed(
+        self,
+        request: web.Request,
+        parse: Callable[[bytes, Mapping[str, str]], list[T]],
+        what: str,
+    ) -> tuple[list[T], str] | web.Response:
+        """The body parsed by ``parse`` (which verifies the partner's signature) and the signature; or
+        the problem response: 413 too large, 401 not signed or replayed, 400 malformed (``what``)."""
         channel = request.match_info["channel"]
-        adapter = self.adapters.get(channel)
-        if adapter is None:
-            return problem(
-                404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel"
-            )
         body = await read_limited(request, MAX_BODY)
         if body is None:
             return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes", field="body")
         signature = request.headers.get(SIGNATURE_HEADER, "")
         try:
-            found = adapter.parse_segment_receipts(body, request.headers)
+            found = parse(body, request.headers)
             self.replays.check(signature)
         except AuthError as e:
-            log.warning("segment_receipt.rejected", channel=channel, reason=str(e))
+            log.warning("receipt.rejected", channel=channel, reason=str(e))
             return problem(401, "Unauthenticated", str(e))
-        except Exception as e:  # whatever parsing the body raised, the body is at fault
+        except Exception as e:  # whatever parsing the body raised, the body is at fault: 400, not 500
             reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {str(e)[:200]}"
-            return problem(400, "Malformed segment receipts", reason, field="segment_receipts")
+            return problem(400, f"Malformed {what.replace('_', ' ')}", reason, field=what)
+        return found, signature
+
+    def _adapter(self, channel: str) -> Adapter | web.Response:
+        adapter = self.adapters.get(channel)
+        if adapter is None:
+            return problem(
+                404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel"
+            )
+        return adapter
+
+    async def handle(self, request: web.Request) -> web.Response:
+        channel = request.match_info["channel"]
+        provider = request.match_info.get("provider")
+        adapter = self._adapter(channel)
+        if isinstance(adapter, web.Response):
+            return adapter
+        try:
+            parser = adapter.for_receipts(provider)
+        except KeyError:
+            return problem(
+                404, "Unknown provider", f"channel {channel!r} has no provider {provider!r}", field="provider"
+            )
+        signed = await self._signed(request, parser.parse_receipts, "receipts")
+        if isinstance(signed, web.Response):
+            return signed
+        found, signature = signed
+        moved = await self.apply(channel, adapter, found)
+        self.replays.seen(signature)  # only once applied: a partner's retry after a failure is no replay
+        return web.json_response({"received": len(found), "moved": moved})
+
+    async def handle_segments(self, request: web.Request) -> web.Response:
+        """A partner's aggregate receipts for segment requests (gateway/segments.py): verified like
+        any receipt call; counts only grow, so a repeated or late one changes nothing."""
+        channel = request.match_info["channel"]
+        adapter = self._adapter(channel)
+        if isinstance(adapter, web.Response):
+            return adapter
+        signed = await self._signed(request, adapter.parse_segment_receipts, "segment_receipts")
+        if isinstance(signed, web.Response):
+            return signed
+        found, signature = signed
         applied, unknown = await asyncio.shield(self.store.apply_segment_receipts(channel, found))
         self.replays.seen(signature)
         metrics.segment_receipts_total.labels(channel).inc(applied)
@@ -106,37 +149,6 @@ class ReceiptWebhook:
             metrics.receipts_unmatched_total.labels(channel).inc(unknown)
             log.warning("segment_receipts.unmatched", channel=channel, count=unknown)
         return web.json_response({"received": len(found), "applied": applied})
-
-    async def handle(self, request: web.Request) -> web.Response:
-        channel = request.match_info["channel"]
-        provider = request.match_info.get("provider")
-        adapter = self.adapters.get(channel)
-        if adapter is None:
-            return problem(
-                404, "Unknown channel", f"no channel {channel!r} is configured here", field="channel"
-            )
-        try:
-            parser = adapter.for_receipts(provider)
-        except KeyError:
-            return problem(
-                404, "Unknown provider", f"channel {channel!r} has no provider {provider!r}", field="provider"
-            )
-        body = await read_limited(request, MAX_BODY)
-        if body is None:
-            return problem(413, "Too large", f"receipt batches are limited to {MAX_BODY} bytes", field="body")
-        signature = request.headers.get(SIGNATURE_HEADER, "")
-        try:
-            found = parser.parse_receipts(body, request.headers)
-            self.replays.check(signature)
-        except AuthError as e:
-            log.warning("receipt.rejected", channel=channel, reason=str(e))
-            return problem(401, "Unauthenticated", str(e))
-        except Exception as e:  # whatever parsing the body raised, the body is at fault: 400, not 500
-            reason = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {str(e)[:200]}"
-            return problem(400, "Malformed receipts", reason, field="receipts")
-        moved = await self.apply(channel, adapter, found)
-        self.replays.seen(signature)  # only once applied: a partner's retry after a failure is no replay
-        return web.json_response({"received": len(found), "moved": moved})
 
     async def apply(self, channel: str, adapter: Adapter, found: Sequence[Receipt]) -> int:
         """Store receipts (rank-guarded; each one that moves a delivery is a delivery event, written

@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker, free_port
 from gateway.demo import write_recipients
 from gateway.directory import import_file
-from gateway.drill import DrillError, Rig
+from gateway.drill import DrillError, GatewayProcess, Rig
 from gateway.models import FINAL, PENDING
 from gateway.sandbox.process import SandboxProcess
 
@@ -48,8 +46,9 @@ KILL_AT = 0.30
 
 @contextlib.asynccontextmanager
 async def fresh_database(server_url: str) -> AsyncIterator[str]:
-    """A new database on the server of ``server_url`` for the drill (dropped after); its URL."""
-    name = f"gw_scale_{secrets.token_hex(5)}"
+    """A new, empty database on the server of ``server_url`` (dropped after, whatever is connected
+    to it); yields its URL. The scale drill's, and the tests'."""
+    name = f"gw_{secrets.token_hex(5)}"
     admin = server_url.replace("postgresql+asyncpg://", "postgresql://")
     conn = await asyncpg.connect(admin)
     try:
@@ -66,44 +65,17 @@ async def fresh_database(server_url: str) -> AsyncIterator[str]:
             await conn.close()
 
 
-class Instance:
-    """One gateway process of the drill."""
+class Instance(GatewayProcess):
+    """One gateway process of the drill, and what the partner accepted from it."""
 
     def __init__(self, number: int, env: dict[str, str], workdir: Path) -> None:
+        super().__init__(env, workdir, free_port(), str(number))
         self.number = number
-        self.port = free_port()
-        self.env = {**env, "GATEWAY__HTTP__PORT": str(self.port)}
-        self.workdir = workdir
-        self.proc: asyncio.subprocess.Process | None = None
         self.accepted = 0  # messages the partner accepted from this instance (its last /metrics)
-        self.killed = False
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        log = (self.workdir / f"gateway-{self.number}.log").open("wb")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            env={**os.environ, **self.env},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-
-    async def healthy(self) -> bool:
-        if self.proc is not None and self.proc.returncode is not None:
-            raise DrillError(f"instance {self.number} exited with {self.proc.returncode}; see {self.workdir}")
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"{self.url}/healthz") as resp:
-                return resp.status == 200
-        except aiohttp.ClientError:
-            return False
+    def killed(self) -> bool:
+        return self.kills > 0
 
     async def sample(self, token: str) -> None:
         """This instance's count of messages the push partner accepted, from its /metrics."""
@@ -120,21 +92,6 @@ class Instance:
                     for s in family.samples:
                         if s.labels.get("channel") == "push" and s.labels.get("outcome") == "accepted":
                             self.accepted = int(s.value)
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        self.killed = True
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
 
 
 async def run_scale(

@@ -32,6 +32,7 @@ from gateway.broker import free_port
 from gateway.directory import import_file
 from gateway.models import now
 from gateway.sandbox.process import SandboxProcess
+from gateway.scale import fresh_database
 from gateway.settings import Settings, load_settings
 from gateway.signing import new_key, sign
 from gateway.store import Store
@@ -297,24 +298,8 @@ def postgres_url() -> str:
 @asynccontextmanager
 async def fresh_postgres_database() -> AsyncIterator[str]:
     """A new, empty PostgreSQL database for one test (dropped after); yields its URL."""
-    import asyncpg
-
-    base = postgres_url()
-    name = f"gw_{uuid.uuid4().hex[:10]}"
-    admin_dsn = base.replace("postgresql+asyncpg://", "postgresql://")
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield base.rsplit("/", 1)[0] + "/" + name
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with fresh_database(postgres_url()) as url:
+        yield url
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])

@@ -11,6 +11,7 @@ from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest_asyncio
@@ -221,6 +222,27 @@ async def test_a_message_that_cannot_be_built_fails_alone_and_the_rest_go_once(
     assert handler.messages.empty()
 
 
+async def _queued_emails(gw: Gateway, tmp_path: Path, local: str) -> tuple[dict[str, Any], list[str]]:
+    """40 e-mail recipients and an advisory to them, planned and queued (for a gateway that does not
+    dispatch); the advisory record and its delivery ids, sorted."""
+    path = tmp_path / "mail.csv"
+    rows = "".join(f"m{i:03d},ru,{local}{i}@example.kz,XA\n" for i in range(40))
+    path.write_text("id,languages,email,country\n" + rows, encoding="utf-8")
+    assert gw.store is not None
+    store = gw.store
+    await import_file(store, path)
+    record = signed(advisory(channels=["email"]))
+    await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
+
+    async def planned() -> bool:
+        return (await store.counts(record["id"])).get("email") == {"queued": 40}
+
+    await eventually(planned, what="40 e-mails planned and queued")
+    async with store.engine.connect() as conn:
+        q = sa.select(deliveries.c.id).where(deliveries.c.advisory_id == record["id"])
+        return record, sorted(str(i) for i in (await conn.execute(q)).scalars())
+
+
 async def test_the_same_chunk_twice_at_once_sends_each_email_once(
     settings: Settings, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
@@ -231,22 +253,9 @@ async def test_the_same_chunk_twice_at_once_sends_each_email_once(
         update={"gateway": settings.gateway.model_copy(update={"roles": ("intake",)})}
     )
     async with running_gateway(intake_only, sandbox) as gw:  # plans, and nobody dispatches
-        path = tmp_path / "mail.csv"
-        rows = "".join(f"m{i:03d},ru,twice{i}@example.kz,XA\n" for i in range(40))
-        path.write_text("id,languages,email,country\n" + rows, encoding="utf-8")
+        record, ids = await _queued_emails(gw, tmp_path, "twice")
         assert gw.store is not None
         store = gw.store
-        await import_file(store, path)
-        record = signed(advisory(channels=["email"]))
-        await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
-
-        async def planned() -> bool:
-            return (await store.counts(record["id"])).get("email") == {"queued": 40}
-
-        await eventually(planned, what="40 e-mails planned and queued")
-        async with store.engine.connect() as conn:
-            q = sa.select(deliveries.c.id).where(deliveries.c.advisory_id == record["id"])
-            ids = [str(i) for i in (await conn.execute(q)).scalars()]
         renderer = Renderer(settings.rendering.templates_path(), settings.rendering.default_language)
         dispatcher = Dispatcher(store, renderer, gw.adapters, settings.dispatch, {})
         chunk = Chunk(record["id"], 1, "email", tuple(ids))
@@ -265,23 +274,10 @@ async def test_two_instances_with_the_same_chunk_send_each_email_once_and_take_o
     intake_only = settings.model_copy(
         update={"gateway": settings.gateway.model_copy(update={"roles": ("intake",)})}
     )
-    async with running_gateway(intake_only, sandbox) as gw:
-        path = tmp_path / "mail.csv"
-        rows = "".join(f"m{i:03d},ru,claim{i}@example.kz,XA\n" for i in range(40))
-        path.write_text("id,languages,email,country\n" + rows, encoding="utf-8")
+    async with running_gateway(intake_only, sandbox) as gw:  # plans, and nobody dispatches
+        record, ids = await _queued_emails(gw, tmp_path, "claim")
         assert gw.store is not None
         store = gw.store
-        await import_file(store, path)
-        record = signed(advisory(channels=["email"]))
-        await publish(gw.bootstrap_servers, gw.settings.kafka.topic_advisories, record)
-
-        async def planned() -> bool:
-            return (await store.counts(record["id"])).get("email") == {"queued": 40}
-
-        await eventually(planned, what="40 e-mails planned and queued")
-        async with store.engine.connect() as conn:
-            q = sa.select(deliveries.c.id).where(deliveries.c.advisory_id == record["id"])
-            ids = sorted(str(i) for i in (await conn.execute(q)).scalars())
         # ten of them were claimed by an instance that died before sending (its claim is over)
         assert len(await store.pending_work(ids[:10], claim="dead-instance", lease_s=-1.0)) == 10
         renderer = Renderer(settings.rendering.templates_path(), settings.rendering.default_language)
