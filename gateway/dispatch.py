@@ -256,7 +256,27 @@ class Dispatcher:
         return items
 
     async def _send_chunk(self, adv: Advisory, adapter: Adapter, ids: Sequence[str]) -> None:
-        items = await self._claimed_work(adapter, ids)
+        if adapter.idempotent:
+            await self._send_items(adv, adapter, await self.store.pending_work(ids))
+            return
+        # claimed for claim_s and renewed every third of it while this chunk is worked on: a claim
+        # outlives its holder by at most claim_s (a restarted gateway waits no longer than that)
+        renewing = asyncio.create_task(self._renew_claims(ids), name="dispatch-claims")
+        try:
+            await self._send_items(adv, adapter, await self._claimed_work(adapter, ids))
+        finally:
+            renewing.cancel()
+
+    async def _renew_claims(self, ids: Sequence[str]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.claim_s / 3)  # a lease's renewal interval: a timer
+            await until_done(
+                lambda: self.store.renew_claims(ids, self.me, self.settings.claim_s),
+                "dispatch.claims_retrying",
+                self.stopping,
+            )
+
+    async def _send_items(self, adv: Advisory, adapter: Adapter, items: Sequence[WorkItem]) -> None:
         messages: list[Message] = []
         failed: list[Outcome] = []
         for item in items:

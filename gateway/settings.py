@@ -253,8 +253,9 @@ class DispatchSettings(_Section):
     # on stop: how long workers may finish the chunk in hand before it is left for the next consumer
     drain_timeout_s: float = Field(10.0, gt=0)
     # partners without idempotency keys (SMTP, SMPP): a delivery is claimed by the instance sending
-    # it for this long; another instance holding it in a chunk waits that out if the holder died
-    claim_s: float = Field(120.0, gt=0)
+    # it for this long, renewed every third of it; another instance (or this one restarted) holding
+    # it in a chunk waits that out if the holder died
+    claim_s: float = Field(15.0, gt=0)
 
 
 class SweeperSettings(_Section):

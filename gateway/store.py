@@ -1039,6 +1039,16 @@ class Store:
                 rows = (await conn.execute(q)).mappings().all()
         return [WorkItem(r["delivery_id"], _recipient_from_row(r), r["channel"], r["attempts"]) for r in rows]
 
+    async def renew_claims(self, ids: Sequence[str], claim: str, lease_s: float) -> None:
+        """Extend ``claim``'s hold on those of ``ids`` it still holds and that are still pending."""
+        t = deliveries.c
+        async with self._begin() as conn:
+            await conn.execute(
+                sa.update(deliveries)
+                .where(t.id.in_(list(ids)), t.claimed_by == claim, _IS_PENDING)
+                .values(claimed_until=now() + timedelta(seconds=lease_s))
+            )
+
     async def record(self, outcomes: Iterable[Outcome], attempted: bool = False) -> int:
         """Move deliveries forward; a write that would move one backwards is ignored. Returns rows moved."""
         async with self._begin() as conn:

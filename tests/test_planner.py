@@ -39,8 +39,12 @@ async def test_one_instance_plans_an_advisory_and_another_takes_over_where_it_st
     await store.upsert_recipients(people)
     adv = Advisory.model_validate(advisory())
     await store.accept(adv, adv.model_dump(mode="json"), {})
+    tag = uuid.uuid4().hex[:8]  # the session's broker is shared: topics of this test's own
     topics = load_settings(
-        environ={"GATEWAY__KAFKA__TOPIC_DELIVERIES": f"deliveries-{uuid.uuid4().hex[:8]}"}
+        environ={
+            f"GATEWAY__KAFKA__TOPIC_{name.upper()}": f"{name}-{tag}"
+            for name in ("advisories", "deliveries", "deliveries_urgent", "events", "dlq")
+        }
     ).kafka
     await kafka.ensure_topics(kafka_bootstrap, topics, {"push": {}})
     producer = kafka.producer(kafka_bootstrap)
