@@ -12,10 +12,12 @@ from typing import Any
 import aiohttp
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 
 from gateway.app import Gateway, build_adapters
 from gateway.cli import publish
 from gateway.models import SEGMENT_COUNTS, Advisory
+from gateway.progress import segments_table
 from gateway.rendering import Renderer
 from gateway.sandbox.process import SandboxProcess
 from gateway.schema import segment_deliveries
@@ -88,6 +90,12 @@ async def test_a_segment_is_one_request_per_language_and_the_partners_counts_com
         async with http.get(f"{gateway.public_url}/metrics", headers=await bearer(gateway)) as resp:
             text = await resp.text()
     assert body["by_channel"]["push"] == {"delivered": 20}
+    console = Console(record=True, width=160)  # `broadcast-gateway status` prints this table
+    console.print(segments_table(body["segments"], record["id"]))
+    printed = console.export_text()
+    for s in segs.values():
+        assert f"{s.counts['delivered']:,}" in printed
+    assert "en (default)" in printed
     assert sum(s["delivered"] for s in body["segments"]) == sum(s.counts["delivered"] for s in segs.values())
     scraped = {
         s.labels["count"]: s.value
