@@ -24,9 +24,6 @@ stay uncommitted and are replayed by the next consumer.
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
@@ -41,7 +38,7 @@ from gateway import lifecycle, metrics
 from gateway.errors import ContentError, RetryableError, Withdrawn
 from gateway.lifecycle import AdvisoryState, why_not_sent
 from gateway.logging import get_logger
-from gateway.models import Advisory, Chunk, Status, now
+from gateway.models import Advisory, Chunk, Status, instance_name, now
 from gateway.rendering import Renderer
 from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
@@ -175,7 +172,7 @@ class Dispatcher:
         self.stopping = asyncio.Event()
         self.in_hand: set[str] = set()  # delivery ids a worker of this process is sending now
         # this instance, as named on the deliveries it claims (partners without idempotency keys)
-        self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.me = instance_name()
         self._stored: dict[str, float | None] = {}  # advisory key -> when stored (dispatch latency)
 
     # -- one chunk ----------------------------------------------------------------------------
@@ -237,12 +234,10 @@ class Dispatcher:
         finally:
             self.in_hand.difference_update(ids)
 
-    async def _claimed_work(self, adapter: Adapter, ids: Sequence[str]) -> list[WorkItem]:
-        """The pending deliveries among ``ids``. For a partner without idempotency keys, only those
-        this instance claimed in the store; one another instance holds is waited for until it is
-        sent there or its claim runs out (its holder died), so it is neither sent twice nor lost."""
-        if adapter.idempotent:
-            return await self.store.pending_work(ids)
+    async def _claimed_work(self, ids: Sequence[str]) -> list[WorkItem]:
+        """The pending deliveries among ``ids`` this instance claimed in the store (for a partner
+        without idempotency keys); one another instance holds is waited for until it is sent there
+        or its claim runs out (its holder died), so it is neither sent twice nor lost."""
         items = await self.store.pending_work(ids, claim=self.me, lease_s=self.settings.claim_s)
         held = set(ids) - {i.delivery_id for i in items}
         while held:
@@ -263,7 +258,7 @@ class Dispatcher:
         # outlives its holder by at most claim_s (a restarted gateway waits no longer than that)
         renewing = asyncio.create_task(self._renew_claims(ids), name="dispatch-claims")
         try:
-            await self._send_items(adv, adapter, await self._claimed_work(adapter, ids))
+            await self._send_items(adv, adapter, await self._claimed_work(ids))
         finally:
             renewing.cancel()
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -316,6 +319,12 @@ def delivery_id(advisory_id: str, version: int, recipient_id: str, channel: str)
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def instance_name() -> str:
+    """This process as named on what it holds in a shared store (planning leases, delivery claims):
+    host, pid and a random tag, so a restarted process is never taken for its predecessor."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def aware(at: datetime) -> datetime:

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
-import socket
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +31,7 @@ from aiokafka import AIOKafkaProducer
 from gateway import kafka, lifecycle, metrics
 from gateway.lifecycle import may_plan
 from gateway.logging import get_logger
-from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id
+from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
 from gateway.store import Store
@@ -145,7 +142,7 @@ class Planner:
         self.store = store
         self.lease_s = lease_s
         # this instance, as named on the advisories it plans (planning is leased: one at a time)
-        self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.me = instance_name()
         self.segments = segments
         self.segments_planned: Callable[[], None] | None = None  # told when segments were planned
         self.language = language

@@ -34,8 +34,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import logging as gw_logging
 from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker, free_port
-from gateway.demo import write_recipients
-from gateway.directory import import_file
 from gateway.drill import DrillError, GatewayProcess, Rig
 from gateway.models import FINAL, PENDING
 from gateway.sandbox.process import SandboxProcess
@@ -124,7 +122,8 @@ async def run_scale(
         )
         gateways = [Instance(i, rig.env, workdir) for i in range(instances)]
         try:
-            await _open(rig, store_url, sandbox, gateways[0])
+            await rig.open()  # recipients into the store of rig.env: this drill's database
+            await sandbox.point_at(gateways[0].url)  # receipts to the first instance, never killed
             for g in gateways:
                 await g.start()
             for g in gateways:
@@ -141,18 +140,6 @@ async def run_scale(
     report["seconds"] = round(time.monotonic() - started, 1)
     report["passed"] = "error" not in report and report.get("lost") == 0 and report.get("duplicates") == 0
     return report
-
-
-async def _open(rig: Rig, store_url: str, sandbox: SandboxProcess, first: Instance) -> None:
-    from gateway.store import Store
-
-    csv_path = rig.workdir / "recipients.csv"
-    await asyncio.to_thread(write_recipients, csv_path, rig.n, "XA", 7, "push")
-    rig.store = await Store.open(store_url)
-    loaded = await import_file(rig.store, csv_path)
-    if loaded.loaded != rig.n:
-        raise DrillError(f"imported {loaded.loaded} of {rig.n} recipients")
-    await sandbox.point_at(first.url)  # receipts to the first instance, the one never killed
 
 
 async def _broadcast(rig: Rig, gateways: list[Instance], deadline_s: float, kill: bool) -> dict[str, Any]:

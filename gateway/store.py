@@ -1043,6 +1043,7 @@ class Store:
         """Extend ``claim``'s hold on those of ``ids`` it still holds and that are still pending."""
         t = deliveries.c
         async with self._begin() as conn:
+            await self._lock(conn, ids)  # in id order, as every writer of several deliveries
             await conn.execute(
                 sa.update(deliveries)
                 .where(t.id.in_(list(ids)), t.claimed_by == claim, _IS_PENDING)
