@@ -3,10 +3,11 @@
 The store writes each change to the ``delivery_events`` outbox **in the same transaction** as the
 change (triggers on ``deliveries``: planning, queueing, a partner's answer, a receipt, a cancel,
 expiry, the sweeper, an operator's replay — whatever moved it). The publisher here takes the oldest
-events in order, puts each on ``delivery-events`` keyed by delivery id (so the events of one
-delivery stay in order on one partition), and only then removes them from the outbox: at least
-once, never lost — a crash in between publishes them again (consumers de-duplicate by ``seq`` per
-delivery, or by ``(delivery_id, status)``). The schema is docs/delivery-events.md.
+events in order, puts them on ``delivery-events`` — one record per advisory version and batch,
+``{"events": [...]}``, keyed ``id@vN`` (so the events of one delivery stay in order on one
+partition; a record per event cost more than the broadcast it described) — and only then removes
+them from the outbox: at least once, never lost — a crash in between publishes them again
+(consumers de-duplicate by ``(delivery_id, status)``). The schema is docs/delivery-events.md.
 
 Webhooks (``events.webhooks``) get the same events in batches, signed with HMAC-SHA256 as partners
 sign their receipts (``X-Timestamp``, ``X-Signature: v1=…``), retried with exponential backoff up to
@@ -28,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from channels.base import hmac_headers
-from gateway import metrics
+from gateway import lifecycle, metrics
 from gateway.logging import get_logger
 from gateway.retry import Stopped, until_done
 from gateway.settings import EventsSettings, WebhookSettings
@@ -37,6 +38,7 @@ from gateway.store import Event, Store
 log = get_logger(__name__)
 
 SCHEMA = "delivery-event/1"
+RECORD_EVENTS = 1000  # events in one record at most (~350 kB: under Kafka's 1 MB default)
 
 
 def event_json(e: Event) -> dict[str, Any]:
@@ -53,8 +55,24 @@ def event_json(e: Event) -> dict[str, Any]:
         "previous_status": e.previous_status,
         "reason": e.reason,
         "partner_id": e.partner_id,
-        "at": e.at.isoformat(),
+        "at": e.at,
     }
+
+
+Records = list[tuple[str, list[dict[str, Any]]]]
+
+
+def records(events: Sequence[Event], as_json: Sequence[dict[str, Any]]) -> Records:
+    """The events as ``delivery-events`` records: one per advisory version (its key, ``id@vN``: every
+    event of a delivery on one partition, in order), at most ``RECORD_EVENTS`` events each."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for e, j in zip(events, as_json, strict=True):
+        by_key.setdefault(lifecycle.key(e.advisory_id, e.version), []).append(j)
+    return [
+        (key, part[start : start + RECORD_EVENTS])
+        for key, part in by_key.items()
+        for start in range(0, len(part), RECORD_EVENTS)
+    ]
 
 
 class _ReceiverError(Exception):
@@ -127,15 +145,16 @@ class Publisher:
         ]
 
     async def publish(self, events: Sequence[Event]) -> None:
-        """On the topic (each acknowledged), then queued for every webhook."""
+        """On the topic (each record acknowledged), then queued for every webhook."""
+        as_json = [event_json(e) for e in events]
         sends = [
-            await self.producer.send(self.topic, orjson.dumps(event_json(e)), key=e.delivery_id.encode())
-            for e in events
+            await self.producer.send(self.topic, orjson.dumps({"events": part}), key=key.encode())
+            for key, part in records(events, as_json)
         ]
         await asyncio.gather(*sends)
         metrics.events_published_total.inc(len(events))
         if self.webhooks:
-            body = orjson.dumps({"events": [event_json(e) for e in events]})
+            body = orjson.dumps({"events": as_json})
             for hook in self.webhooks:
                 await hook.queue.put(body)
 

@@ -286,6 +286,28 @@ async def read_topic(bootstrap: str, topic: str, count: int, within: float = 20.
     return out
 
 
+def events_in(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """The delivery events that ``delivery-events`` records carry (each record: ``{"events": [...]}``)."""
+    return [e for r in records for e in json.loads(r.value)["events"]]
+
+
+async def read_events(bootstrap: str, topic: str, count: int, within: float = 20.0) -> list[dict[str, Any]]:
+    """At least ``count`` delivery events from the start of ``topic``."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(within):
+            while len(out) < count:
+                for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                    out += events_in(msgs)
+    finally:
+        await consumer.stop()
+    return out
+
+
 def postgres_url() -> str:
     """PostgreSQL for the tests that need it: skipped when absent, a failure when CI=true."""
     if not _port_open("127.0.0.1", 5432):

@@ -15,7 +15,16 @@ from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.models import delivery_id
 from gateway.sandbox.process import SandboxProcess
-from tests.conftest import advisory, bearer, eventually, load_recipients, reached, read_topic, signed
+from tests.conftest import (
+    advisory,
+    bearer,
+    eventually,
+    load_recipients,
+    reached,
+    read_events,
+    read_topic,
+    signed,
+)
 
 
 async def test_published_advisory_is_delivered_once_to_every_recipient(
@@ -186,10 +195,6 @@ async def test_duplicate_and_out_of_order_receipts_are_harmless(
     assert (await store.delivery(first) or {}).get("status") == "read"
     assert (await store.delivery(second) or {}).get("status") == "delivered"
     # each delivery: planned, queued, sent (3 events each), then only the two receipts that moved one
-    events = await read_topic(gateway.bootstrap_servers, gateway.settings.kafka.topic_events, 8)
-    moved = sorted(
-        (json.loads(e.value)["delivery_id"], json.loads(e.value)["status"])
-        for e in events
-        if json.loads(e.value)["previous_status"] == "sent"
-    )
+    events = await read_events(gateway.bootstrap_servers, gateway.settings.kafka.topic_events, 8)
+    moved = sorted((e["delivery_id"], e["status"]) for e in events if e["previous_status"] == "sent")
     assert moved == sorted([(first, "read"), (second, "delivered")])

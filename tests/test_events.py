@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ from channels.base import verify_hmac
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.errors import ConfigError
+from gateway.events import RECORD_EVENTS, event_json, records
 from gateway.models import Status
 from gateway.sandbox.process import SandboxProcess
+from gateway.store import Event
 from tests.conftest import (
     advisory,
     eventually,
@@ -118,6 +121,24 @@ async def test_every_status_change_reaches_the_webhook_signed_and_in_order_per_d
     assert sample["advisory_id"] == record["id"]
     assert sample["language"] in {"kk", "ru", "en"}
     assert not {"phone", "email", "app_user", "recipient_id"} & set(sample)  # no personal data
+    assert datetime.fromisoformat(sample["at"]).utcoffset() == timedelta(0)  # RFC 3339, UTC
+
+
+def test_events_go_out_as_records_of_one_advisory_version_each_in_order() -> None:
+    """One record per advisory version (keyed id@vN: a delivery's events on one partition, in
+    order), split at RECORD_EVENTS so that no record outgrows the broker's limit."""
+
+    def ev(seq: int, advisory_id: str) -> Event:
+        at = "2026-12-01T00:00:00+00:00"
+        return Event(seq, f"d{seq}", advisory_id, 1, "push", "kk", "sent", "queued", None, None, at)
+
+    events = [ev(i, "a" if i % 3 else "b") for i in range(RECORD_EVENTS * 2)]
+    out = records(events, [event_json(e) for e in events])
+    assert {k for k, _ in out} == {"a@v1", "b@v1"}
+    assert all(len(part) <= RECORD_EVENTS for _, part in out)
+    for key in ("a@v1", "b@v1"):
+        seqs = [e["seq"] for k, part in out if k == key for e in part]
+        assert seqs == sorted(e.seq for e in events if f"{e.advisory_id}@v1" == key)
 
 
 async def _delivery_rows(gw: Gateway, advisory_id: str) -> list[Any]:
