@@ -24,13 +24,13 @@ from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker
 from gateway.cascade import Cascade
 from gateway.console import Console
-from gateway.dispatch import BULK, URGENT, Dispatcher
+from gateway.dispatch import Dispatcher
 from gateway.errors import ConfigError
 from gateway.events import Publisher
 from gateway.feed import Feed
 from gateway.intake import Intake
 from gateway.logging import get_logger
-from gateway.models import Advisory, Recipient
+from gateway.models import BULK, URGENT, Advisory, Recipient
 from gateway.planner import Planner
 from gateway.receipts import ReceiptWebhook
 from gateway.rendering import Renderer
@@ -133,6 +133,7 @@ class Gateway:
             partial(_language_of, renderer, self.adapters),
             lambda adv: segment_rows(adv, renderer, self.adapters),
             s.planner.lease_s,
+            s.planner.page_size,
         )
         verifier = Verifier(s.intake.trusted_keys) if s.intake.require_signature else None
         intake = Intake(

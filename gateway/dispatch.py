@@ -48,7 +48,6 @@ from gateway.turns import take_turn
 
 log = get_logger(__name__)
 
-URGENT, BULK = 0, 1
 CLAIM_POLL_S = 1.0  # how often a delivery another instance has claimed is looked at again
 
 

@@ -73,6 +73,9 @@ class Content(_Model):
     body: str = Field(min_length=1, max_length=4000)
 
 
+URGENT, BULK = 0, 1  # Advisory.priority: urgent work goes first in the planner and in every lane
+
+
 class Advisory(_Model):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")
     version: int = Field(1, ge=1)
@@ -133,8 +136,8 @@ class Advisory(_Model):
 
     @property
     def priority(self) -> int:
-        """0 for life-safety (overtakes), 1 for the rest."""
-        return 0 if self.urgency == "immediate" or self.severity == "extreme" else 1
+        """URGENT (0) for life-safety (overtakes), BULK (1) for the rest."""
+        return URGENT if self.urgency == "immediate" or self.severity == "extreme" else BULK
 
 
 class Recipient(_Model):

@@ -4,7 +4,8 @@ them → chunks of delivery ids on the deliveries topics.
 Planning runs a page at a time (keyset paging), so a million recipients never sit in one list, and
 it is **scheduled**: urgent advisories (urgency ``immediate`` or severity ``extreme``) are planned
 before bulk ones, and advisories of equal priority take turns page by page — an urgent advisory
-never waits for a large bulk one to finish planning. Their chunks go to ``deliveries.urgent.<channel>``.
+waits at most for the bulk page in hand (``planner.page_size``), never for a large bulk advisory to
+finish planning. Their chunks go to ``deliveries.urgent.<channel>``.
 
 With several instances, an advisory is planned by one at a time (a lease in the store, renewed each
 page): the others plan other advisories, and take it over from its stored cursor if its planner dies.
@@ -31,7 +32,7 @@ from aiokafka import AIOKafkaProducer
 from gateway import kafka, lifecycle, metrics
 from gateway.lifecycle import may_plan
 from gateway.logging import get_logger
-from gateway.models import Advisory, Chunk, Recipient, Status, delivery_id, instance_name
+from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, delivery_id, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
 from gateway.store import Store
@@ -138,8 +139,10 @@ class Planner:
         language: LanguageOf = _unknown_language,
         segments: SegmentRows | None = None,
         lease_s: float = 15.0,
+        page_size: int | None = None,
     ) -> None:
         self.store = store
+        self.page_size = page_size or chunk_size
         self.lease_s = lease_s
         # this instance, as named on the advisories it plans (planning is leased: one at a time)
         self.me = instance_name()
@@ -243,7 +246,7 @@ class Planner:
             if self.segments_planned is not None:
                 self.segments_planned()
         page = (
-            await self.store.audience_page(aud.countries, aud.regions, aud.tags, plan.cursor, self.chunk_size)
+            await self.store.audience_page(aud.countries, aud.regions, aud.tags, plan.cursor, self.page_size)
             if aud.in_directory
             else []
         )
@@ -254,20 +257,25 @@ class Planner:
             return
         rows, by_channel = plan_recipients(adv, page, self.kinds, language=self.language)
         await self.store.insert_deliveries(rows)
-        await self.publish(adv, by_channel, page[0].id)
+        await self._send_chunks(adv, by_channel, page[0].id)
+        ids = [i for channel_ids in by_channel.values() for i in channel_ids]
+        await self.store.page_published(ids, adv.id, adv.version, page[-1].id)
         plan.cursor = page[-1].id
         plan.planned += len(rows)
-        await self.store.save_plan_cursor(adv.id, adv.version, plan.cursor)
 
     async def publish(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
         """Chunks of planned deliveries onto the advisory's lane, then mark them queued."""
+        await self._send_chunks(adv, by_channel, key)
+        await self.store.mark_queued([i for ids in by_channel.values() for i in ids])
+
+    async def _send_chunks(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
+        """Chunks of planned deliveries onto the advisory's lane, each acknowledged by the broker."""
         sends = []
         for channel, ids in by_channel.items():
-            topic = kafka.deliveries_topic(self.topics, channel, urgent=adv.priority == 0)
+            topic = kafka.deliveries_topic(self.topics, channel, urgent=adv.priority == URGENT)
             for start in range(0, len(ids), self.chunk_size):
                 chunk = Chunk(adv.id, adv.version, channel, tuple(ids[start : start + self.chunk_size]))
                 record_key = f"{adv.key}/{key}/{channel}/{start}".encode()
                 sends.append(await self.producer.send(topic, chunk.encode(), key=record_key))
             metrics.deliveries_planned_total.labels(channel).inc(len(ids))
         await asyncio.gather(*sends)
-        await self.store.mark_queued([i for ids in by_channel.values() for i in ids])

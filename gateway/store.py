@@ -1003,8 +1003,16 @@ class Store:
     async def mark_planned(self, advisory_id: str, version: int) -> None:
         await self._set_advisory(advisory_id, version, planned=True)
 
-    async def save_plan_cursor(self, advisory_id: str, version: int, cursor: str) -> None:
-        await self._set_advisory(advisory_id, version, plan_cursor=cursor)
+    async def page_published(self, ids: Sequence[str], advisory_id: str, version: int, cursor: str) -> None:
+        """A planned page is on the topic: its deliveries queued and the advisory's planning cursor
+        moved past it, in one transaction."""
+        async with self._begin() as conn:
+            await self._queue_in(conn, ids)
+            await conn.execute(
+                sa.update(advisories)
+                .where(advisories.c.id == advisory_id, advisories.c.version == version)
+                .values(plan_cursor=cursor)
+            )
 
     async def claim_planning(
         self, advisory_id: str, version: int, planner: str, lease_s: float
@@ -1105,9 +1113,13 @@ class Store:
         """Planned deliveries whose chunk is on the topic: one UPDATE, not one per row."""
         if not ids:
             return
-        planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
         async with self._begin() as conn:
+            await self._queue_in(conn, ids)
+
+    async def _queue_in(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
+        if ids:
             await self._lock(conn, ids)
+            planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
             await _transition(conn, planned, Status.QUEUED, None)
 
     async def pending_work(

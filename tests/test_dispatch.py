@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiokafka import TopicPartition
 
-from gateway.dispatch import BULK, URGENT, FairQueue, Job, Offsets
-from gateway.models import Chunk
+from gateway.dispatch import FairQueue, Job, Offsets
+from gateway.models import BULK, URGENT, Chunk
 
 TP = TopicPartition("deliveries", 0)
 

@@ -84,7 +84,7 @@ async def test_a_released_lease_is_taken_at_once_and_a_held_one_is_not(store: St
     await store.accept(adv, adv.model_dump(mode="json"), {})
     assert await store.claim_planning(adv.id, 1, "a", 60) == ""
     assert await store.claim_planning(adv.id, 1, "b", 60) is None
-    await store.save_plan_cursor(adv.id, 1, "r0042")
+    await store.page_published([], adv.id, 1, "r0042")
     assert await store.claim_planning(adv.id, 1, "a", 60) == "r0042"  # renewed by its holder
     await store.release_planning("a")  # a graceful stop
     assert await store.claim_planning(adv.id, 1, "b", 60) == "r0042"

@@ -1,0 +1,134 @@
+"""Benchmark (not a test): the most a SQLite store of this schema can do for a broadcast, with no
+gateway around it — the store's own statements, run straight on the driver in one thread. Reported
+in docs/performance.md ("What bounds each figure").
+
+    .venv/bin/python -m tests.bench_sqlite_ceiling --deliveries 100000 [--no-events] [--no-counters]
+        [--ordered-ids]
+
+A fresh SQLite file with the current migrations and the gateway's pragmas (Store.open), then per page
+of 500 deliveries, each in its own transaction as the gateway writes them: insert (planned), queued,
+sent (with the partner's id), delivered plus the receipt row, and the events outbox read and
+emptied. ``--no-events`` / ``--no-counters`` drop those triggers first; ``--ordered-ids`` uses
+delivery ids that sort in planning order instead of the gateway's hashes (what index locality is
+worth). Prints one JSON line: seconds per step and deliveries per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.models import Status, delivery_id, now
+from gateway.store import _SQLITE_INSERT, _SQLITE_RECEIPT, Store, _sqlite_move, _sqlite_time
+
+PAGE = 500
+
+
+async def _schema(path: Path, events: bool) -> None:
+    store = await Store.open(f"sqlite+aiosqlite:///{path}")
+    await store.deliver_events(events)
+    await store.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in (  # as Store.open sets them
+        "journal_mode=WAL",
+        "synchronous=NORMAL",
+        "cache_size=-16384",
+        "wal_autocheckpoint=20000",
+        "journal_size_limit=67108864",
+    ):
+        db.execute(f"PRAGMA {pragma}")
+    return db
+
+
+def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object]:
+    path = Path(tempfile.mkdtemp()) / "ceiling.db"
+    asyncio.run(_schema(path, events))
+    db = _connect(path)
+    if not counters:
+        for name in ("insert", "update", "delete"):
+            db.execute(f"DROP TRIGGER IF EXISTS deliveries_counted_{name}")
+    queued = (
+        "UPDATE deliveries SET status = 'queued', rank = 1, updated_at = ? "
+        "WHERE id IN ({}) AND status = 'planned'"
+    )
+    steps = dict.fromkeys(("insert", "queued", "sent", "delivered", "events"), 0.0)
+    started = time.perf_counter()
+    for start in range(0, n, PAGE):
+        recipients = [f"r{i:09d}" for i in range(start, min(n, start + PAGE))]
+        ids = [
+            f"{i:032d}" if ordered else delivery_id("big", 1, r, "push")
+            for i, r in zip(range(start, start + PAGE), recipients, strict=False)
+        ]
+        at = _sqlite_time(now())
+        marks = [time.perf_counter()]
+        with db:
+            db.executemany(
+                _SQLITE_INSERT,
+                [
+                    (i, "big", 1, r, "push", "ru", "planned", 0, None, at)
+                    for i, r in zip(ids, recipients, strict=True)
+                ],
+            )
+        marks.append(time.perf_counter())
+        with db:
+            db.execute(queued.format(",".join("?" * len(ids))), [at, *ids])
+        marks.append(time.perf_counter())
+        with db:
+            db.executemany(
+                _sqlite_move(Status.SENT, True),
+                [
+                    {"b_id": i, "b_partner": f"m{start + k}", "b_reason": None, "b_at": at}
+                    for k, i in enumerate(ids)
+                ],
+            )
+        marks.append(time.perf_counter())
+        with db:
+            db.executemany(
+                _sqlite_move(Status.DELIVERED, False),
+                [{"b_id": i, "b_partner": None, "b_reason": None, "b_at": at} for i in ids],
+            )
+            db.executemany(_SQLITE_RECEIPT, [(i, "push", "delivered", None, at) for i in ids])
+        marks.append(time.perf_counter())
+        while events:
+            seqs = [s for (s,) in db.execute("SELECT seq FROM delivery_events ORDER BY seq LIMIT 2000")]
+            if not seqs:
+                break
+            with db:
+                db.execute(f"DELETE FROM delivery_events WHERE seq IN ({','.join('?' * len(seqs))})", seqs)  # noqa: S608
+        marks.append(time.perf_counter())
+        for step, (a, b) in zip(steps, itertools.pairwise(marks), strict=True):
+            steps[step] += b - a
+    seconds = time.perf_counter() - started
+    db.close()
+    return {
+        "deliveries": n,
+        "events": events,
+        "counters": counters,
+        "ordered_ids": ordered,
+        "seconds": round(seconds, 2),
+        "per_s": round(n / seconds),
+        "steps_s": {k: round(v, 2) for k, v in steps.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--deliveries", type=int, default=100_000)
+    p.add_argument("--no-events", action="store_true")
+    p.add_argument("--no-counters", action="store_true")
+    p.add_argument("--ordered-ids", action="store_true")
+    a = p.parse_args()
+    print(json.dumps(run(a.deliveries, not a.no_events, not a.no_counters, a.ordered_ids)))
+
+
+if __name__ == "__main__":
+    main()
