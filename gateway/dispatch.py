@@ -42,7 +42,7 @@ from gateway.models import Advisory, Chunk, Status, instance_name, now
 from gateway.rendering import Renderer
 from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
-from gateway.store import Outcome, Store, WorkItem
+from gateway.store import Outcome, Store, WorkItem, writing_for
 from gateway.training import Training
 from gateway.turns import take_turn
 
@@ -387,13 +387,14 @@ class Dispatcher:
 
     async def _run_job(self, job: Job) -> None:
         """One chunk to the end; an infrastructure failure (store down) is retried, not skipped."""
-        await until_done(
-            lambda: self.handle_chunk(job.chunk),
-            "dispatch.retrying",
-            self.stopping,
-            advisory_id=job.chunk.advisory_id,
-            channel=job.chunk.channel,
-        )
+        with writing_for(job.priority):  # an urgent chunk's writes go ahead of bulk ones
+            await until_done(
+                lambda: self.handle_chunk(job.chunk),
+                "dispatch.retrying",
+                self.stopping,
+                advisory_id=job.chunk.advisory_id,
+                channel=job.chunk.channel,
+            )
 
     def _enqueue(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         self.offsets.fetched(tp, record.offset)

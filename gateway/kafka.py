@@ -115,4 +115,5 @@ def consumer(
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=max(500, settings.session_timeout_ms // 4),
         max_poll_records=64,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )

@@ -35,7 +35,7 @@ from gateway.logging import get_logger
 from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, delivery_id, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
-from gateway.store import Store
+from gateway.store import Store, writing_for
 from gateway.turns import take_turn
 
 log = get_logger(__name__)
@@ -195,9 +195,10 @@ class Planner:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
                     continue
-                await until_done(
-                    partial(self.plan_page, plan), "planner.retrying", stopping, advisory_id=plan.adv.id
-                )
+                with writing_for(plan.adv.priority):
+                    await until_done(
+                        partial(self.plan_page, plan), "planner.retrying", stopping, advisory_id=plan.adv.id
+                    )
         except Stopped:
             return
         finally:

@@ -68,6 +68,10 @@ class KafkaSettings(_Section):
     intake_group: str = "gateway-intake"
     dispatch_group: str = "gateway-dispatch"
     session_timeout_ms: int = Field(6000, ge=1000)
+    # how long a consumer's fetch may wait at the broker when it has nothing new (Kafka's default is
+    # 500 ms): with the embedded broker it showed in each hop of an urgent advisory (advisories →
+    # intake, deliveries.urgent → dispatch): first request p50 0.66 s at 500 ms, 0.43 s at 50 ms
+    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _security(self) -> KafkaSettings:

@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import heapq
+import itertools
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,7 +43,17 @@ from gateway.lifecycle import (
 )
 from gateway.logging import get_logger
 from gateway.migrate import Mode
-from gateway.models import PENDING, SEGMENT_COUNTS, Advisory, Recipient, SegmentReceipt, Status, aware, now
+from gateway.models import (
+    BULK,
+    PENDING,
+    SEGMENT_COUNTS,
+    Advisory,
+    Recipient,
+    SegmentReceipt,
+    Status,
+    aware,
+    now,
+)
 from gateway.schema import (
     advisories,
     deliveries,
@@ -504,14 +517,68 @@ def _recipient_from_row(row: sa.RowMapping) -> Recipient:
     )
 
 
+# the priority of the work the current task writes for (Advisory.priority): see writing_for()
+_WRITING_FOR: ContextVar[int] = ContextVar("writing_for", default=BULK)
+
+
+@contextlib.contextmanager
+def writing_for(priority: int) -> Iterator[None]:
+    """The store's writes made inside are for work of ``priority``: on SQLite an urgent advisory's
+    writes take the next write turn, ahead of bulk ones that were waiting."""
+    token = _WRITING_FOR.set(priority)
+    try:
+        yield
+    finally:
+        _WRITING_FOR.reset(token)
+
+
+class _WriteTurns:
+    """SQLite's single writer, shared by this process's tasks: one transaction at a time, urgent
+    work's first, then in order of arrival. (Writers that collide in SQLite itself sleep in its busy
+    handler, 1 ms to 100 ms: under many concurrent lanes that cost more than the writes; and in
+    plain arrival order an urgent advisory's five writes each waited behind every bulk batch.)"""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self._busy:
+            handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (_WRITING_FOR.get(), next(self._arrivals), handed))
+            try:
+                await handed
+            except BaseException:
+                if handed.done() and not handed.cancelled():  # handed the turn, then cancelled
+                    self._pass_on()
+                else:
+                    handed.cancel()  # passed over when the turn comes round
+                raise
+        else:
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        while self._waiting:
+            _, _, handed = heapq.heappop(self._waiting)
+            if not handed.done():
+                handed.set_result(None)  # the turn goes to it: still busy
+                return
+        self._busy = False
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
-        # SQLite has one writer at a time; writers that collide sleep in its busy handler (1 ms,
-        # 2 ms, … 100 ms), which under many concurrent lanes costs more than the writes. In one
-        # process, writers take turns here instead. PostgreSQL needs no such thing.
-        self._write_turn = asyncio.Lock() if self._dialect == "sqlite" else None
+        # SQLite has one writer at a time: in one process, writers take turns here (_WriteTurns).
+        # PostgreSQL needs no such thing.
+        self._write_turn = _WriteTurns() if self._dialect == "sqlite" else None
         # PostgreSQL: deliveries inserted since this process last had the table analyzed (see _grown)
         self._inserted = 0
         self._analyzed_at = 0
@@ -530,7 +597,7 @@ class Store:
             async with self.engine.begin() as conn:
                 yield conn
             return
-        async with self._write_turn, self.engine.begin() as conn:
+        async with self._write_turn.turn(), self.engine.begin() as conn:
             yield conn
 
     @classmethod

@@ -3,8 +3,11 @@ find their delivery; only receipts that move a delivery count as moved."""
 
 from __future__ import annotations
 
-from gateway.models import Recipient, Status
-from gateway.store import Outcome, Store
+import asyncio
+from pathlib import Path
+
+from gateway.models import BULK, URGENT, Recipient, Status
+from gateway.store import Outcome, Store, writing_for
 
 
 async def _store_with_one_sent(store: Store) -> Store:
@@ -49,3 +52,33 @@ async def test_a_late_write_never_moves_a_delivery_backwards(store: Store) -> No
     assert await store.record([Outcome("d1", Status.SENT)]) == 0
     assert await store.record([Outcome("d1", Status.DELIVERED)]) == 0
     assert (await store.delivery("d1") or {}).get("status") == "read"
+
+
+async def test_an_urgent_writer_takes_the_next_write_turn_ahead_of_bulk_ones_waiting(tmp_path: Path) -> None:
+    """SQLite: writers take turns in this process; an urgent advisory's writes go before bulk
+    writes that were waiting longer, and a writer cancelled while waiting holds nobody up."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'turns.db'}")
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
+        with writing_for(priority):
+            async with store.begin_write():
+                order.append(name)
+                if hold is not None:
+                    await hold.wait()
+
+    try:
+        holder = asyncio.create_task(write("holder", BULK, release))
+        await asyncio.sleep(0)  # a task switch: the holder takes the turn
+        bulk = [asyncio.create_task(write(f"bulk-{i}", BULK)) for i in range(3)]
+        gone = asyncio.create_task(write("cancelled", URGENT))
+        urgent = asyncio.create_task(write("urgent", URGENT))
+        for _ in range(3):
+            await asyncio.sleep(0)  # every writer is waiting for its turn now
+        gone.cancel()
+        release.set()
+        await asyncio.gather(holder, urgent, *bulk)
+    finally:
+        await store.close()
+    assert order == ["holder", "urgent", "bulk-0", "bulk-1", "bulk-2"]
