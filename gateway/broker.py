@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from types import TracebackType
 
@@ -18,8 +19,23 @@ from gateway.logging import get_logger
 log = get_logger(__name__)
 
 
+# ports handed out for a server to bind later come from below Linux's ephemeral range (32768-60999):
+# a port the kernel picked there could be given to some client's outgoing connection before the
+# server binds it (seen: a drill's gateway failing with "address already in use" under the suite)
+_SERVER_PORTS = range(20_000, 32_768)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, outside the range the kernel gives outgoing connections."""
+    for _ in range(100):
+        port = random.choice(_SERVER_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range is full: let the kernel choose
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
