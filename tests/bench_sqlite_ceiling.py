@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.models import Status, delivery_id, now
@@ -49,6 +51,14 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction, as the store's each write is (the connection itself autocommits)."""
+    db.execute("BEGIN")
+    yield
+    db.execute("COMMIT")
+
+
 def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object]:
     path = Path(tempfile.mkdtemp()) / "ceiling.db"
     asyncio.run(_schema(path, events))
@@ -70,7 +80,7 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
         ]
         at = _sqlite_time(now())
         marks = [time.perf_counter()]
-        with db:
+        with _transaction(db):
             db.executemany(
                 _SQLITE_INSERT,
                 [
@@ -79,10 +89,10 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
                 ],
             )
         marks.append(time.perf_counter())
-        with db:
+        with _transaction(db):
             db.execute(queued.format(",".join("?" * len(ids))), [at, *ids])
         marks.append(time.perf_counter())
-        with db:
+        with _transaction(db):
             db.executemany(
                 _sqlite_move(Status.SENT, True),
                 [
@@ -91,7 +101,7 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
                 ],
             )
         marks.append(time.perf_counter())
-        with db:
+        with _transaction(db):
             db.executemany(
                 _sqlite_move(Status.DELIVERED, False),
                 [{"b_id": i, "b_partner": None, "b_reason": None, "b_at": at} for i in ids],
@@ -102,7 +112,7 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
             seqs = [s for (s,) in db.execute("SELECT seq FROM delivery_events ORDER BY seq LIMIT 2000")]
             if not seqs:
                 break
-            with db:
+            with _transaction(db):
                 db.execute(f"DELETE FROM delivery_events WHERE seq IN ({','.join('?' * len(seqs))})", seqs)  # noqa: S608
         marks.append(time.perf_counter())
         for step, (a, b) in zip(steps, itertools.pairwise(marks), strict=True):
