@@ -242,7 +242,7 @@ class RenderingSettings(_Section):
 class PlannerSettings(_Section):
     chunk_size: int = Field(500, ge=1, le=10_000)  # delivery ids per chunk on a deliveries topic
     # recipients read and planned at a time (advisories of equal priority take turns per page; each
-    # page costs four writes and a wait for the broker, whatever its size)
+    # page costs three writes and a wait for the broker, whatever its size)
     page_size: int = Field(2_000, ge=1, le=50_000)
     # how often the store is asked for advisories stored by another intake process
     poll_s: float = Field(1.0, gt=0)
