@@ -162,7 +162,8 @@ class Count:
     n: int
 
 
-_PG_INSERT_COLUMNS = (
+# the columns a planned delivery is inserted with (and their PostgreSQL types), besides updated_at
+_INSERT_COLUMNS = (
     ("id", "varchar"),
     ("advisory_id", "varchar"),
     ("version", "int"),
@@ -174,28 +175,55 @@ _PG_INSERT_COLUMNS = (
     ("reason", "varchar"),
 )
 _INSERT_DEFAULTS = {"language": ""}  # what the column's server default would give a row without it
+
+
+def _insert_values(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A planned delivery's values in the order of _INSERT_COLUMNS (its rank from its status)."""
+    rank = Status(row["status"]).rank
+    return tuple(
+        rank if name == "rank" else row.get(name, _INSERT_DEFAULTS.get(name)) for name, _ in _INSERT_COLUMNS
+    )
+
+
 _PG_INSERT = sa.text(
     "INSERT INTO deliveries ("  # noqa: S608 -- constant column names only
-    + ", ".join(n for n, _ in _PG_INSERT_COLUMNS)
+    + ", ".join(n for n, _ in _INSERT_COLUMNS)
     + ", updated_at) SELECT *, CAST(:at AS timestamptz) FROM unnest("
-    + ", ".join(f"CAST(:{n} AS {t}[])" for n, t in _PG_INSERT_COLUMNS)
+    + ", ".join(f"CAST(:{n} AS {t}[])" for n, t in _INSERT_COLUMNS)
     + ") ON CONFLICT DO NOTHING"
 )
 # SQLite's hot statements go to the driver as written, with the time formatted once per statement:
 # through SQLAlchemy's types every row's time was formatted again (DATETIME's bind processor was 8 %
 # of a profile of the store's broadcast path). The text is what SQLAlchemy would send.
-_SQLITE_INSERT_COLUMNS = ("id", "advisory_id", "version", "recipient_id", "channel", "language", "status")
 _SQLITE_INSERT = (
     "INSERT INTO deliveries ("  # noqa: S608 -- constant column names only
-    + ", ".join(_SQLITE_INSERT_COLUMNS)
-    + ", rank, reason, updated_at) VALUES ("
-    + ", ".join("?" * (len(_SQLITE_INSERT_COLUMNS) + 3))
+    + ", ".join(n for n, _ in _INSERT_COLUMNS)
+    + ", updated_at) VALUES ("
+    + ", ".join("?" * (len(_INSERT_COLUMNS) + 1))
     + ") ON CONFLICT DO NOTHING"
 )
 
 _RECEIPT_COLUMNS = ("delivery_id", "channel", "status", "partner_id", "received_at")
 _SQLITE_RECEIPT = (
     f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) VALUES ({', '.join('?' * len(_RECEIPT_COLUMNS))})"  # noqa: S608
+)
+
+
+# every SQLite connection's settings (Store.open)
+SQLITE_PRAGMAS = (
+    "journal_mode=WAL",
+    "synchronous=NORMAL",
+    "busy_timeout=30000",
+    # 16 MiB of pages per connection (the default is 2 MiB): the hot indexes of a broadcast's
+    # deliveries stay in memory instead of being read again from the OS
+    "cache_size=-16384",
+    # checkpoint the WAL into the database every 20,000 pages (80 MB) instead of 1,000: a broadcast
+    # rewrites the same index pages transaction after transaction, and each checkpoint copied them
+    # again (18 % of the store's time at 100,000 deliveries); after a checkpoint the WAL file is cut
+    # back to 64 MB
+    "wal_autocheckpoint=20000",
+    "journal_size_limit=67108864",
+    "temp_store=MEMORY",
 )
 
 
@@ -609,19 +637,8 @@ class Store:
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _: Any) -> None:
                 cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-                cur.execute("PRAGMA busy_timeout=30000")
-                # 16 MiB of pages per connection (the default is 2 MiB): the hot indexes of a
-                # broadcast's deliveries stay in memory instead of being read again from the OS
-                cur.execute("PRAGMA cache_size=-16384")
-                # checkpoint the WAL into the database every 20,000 pages (80 MB) instead of 1,000: a
-                # broadcast rewrites the same index pages transaction after transaction, and each
-                # checkpoint copied them again (18 % of the store's time at 100,000 deliveries);
-                # after a checkpoint the WAL file is cut back to 64 MB
-                cur.execute("PRAGMA wal_autocheckpoint=20000")
-                cur.execute("PRAGMA journal_size_limit=67108864")
-                cur.execute("PRAGMA temp_store=MEMORY")
+                for pragma in SQLITE_PRAGMAS:
+                    cur.execute(f"PRAGMA {pragma}")
                 cur.close()
 
         else:
@@ -1127,30 +1144,16 @@ class Store:
         if not rows:
             return
         at = now()
-        full = [{**r, "rank": Status(r["status"]).rank, "updated_at": at} for r in rows]
+        values = [_insert_values(r) for r in rows]  # before the write turn: the turn is the bottleneck
         async with self._begin() as conn:
             if self._dialect == "postgresql":
                 # one INSERT … SELECT FROM unnest(arrays) (executemany is a statement per row there):
                 # the statement triggers run once per page, and nothing large is compiled
-                columns = {
-                    name: [r.get(name, _INSERT_DEFAULTS.get(name)) for r in full]
-                    for name, _ in _PG_INSERT_COLUMNS
-                }
+                columns = {name: [v[i] for v in values] for i, (name, _) in enumerate(_INSERT_COLUMNS)}
                 await conn.execute(_PG_INSERT, {**columns, "at": at})
             else:
                 stamp = _sqlite_time(at)
-                await conn.exec_driver_sql(
-                    _SQLITE_INSERT,
-                    [
-                        (
-                            *(r.get(c, _INSERT_DEFAULTS.get(c)) for c in _SQLITE_INSERT_COLUMNS),
-                            r["rank"],
-                            r.get("reason"),
-                            stamp,
-                        )
-                        for r in full
-                    ],
-                )
+                await conn.exec_driver_sql(_SQLITE_INSERT, [(*v, stamp) for v in values])
         if self._dialect == "postgresql":
             await self._analyze_when_grown(len(rows))
 

@@ -27,7 +27,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.models import Status, delivery_id, now
-from gateway.store import _SQLITE_INSERT, _SQLITE_RECEIPT, Store, _sqlite_move, _sqlite_time
+from gateway.store import (
+    _SQLITE_INSERT,
+    _SQLITE_RECEIPT,
+    SQLITE_PRAGMAS,
+    Store,
+    _insert_values,
+    _sqlite_move,
+    _sqlite_time,
+)
 
 PAGE = 500
 
@@ -40,15 +48,21 @@ async def _schema(path: Path, events: bool) -> None:
 
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
-    for pragma in (  # as Store.open sets them
-        "journal_mode=WAL",
-        "synchronous=NORMAL",
-        "cache_size=-16384",
-        "wal_autocheckpoint=20000",
-        "journal_size_limit=67108864",
-    ):
+    for pragma in SQLITE_PRAGMAS:  # as the store's connections have them
         db.execute(f"PRAGMA {pragma}")
     return db
+
+
+def _planned(delivery: str, recipient: str) -> dict[str, object]:
+    return {
+        "id": delivery,
+        "advisory_id": "big",
+        "version": 1,
+        "recipient_id": recipient,
+        "channel": "push",
+        "language": "ru",
+        "status": Status.PLANNED.value,
+    }
 
 
 @contextlib.contextmanager
@@ -83,10 +97,7 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
         with _transaction(db):
             db.executemany(
                 _SQLITE_INSERT,
-                [
-                    (i, "big", 1, r, "push", "ru", "planned", 0, None, at)
-                    for i, r in zip(ids, recipients, strict=True)
-                ],
+                [(*_insert_values(_planned(i, r)), at) for i, r in zip(ids, recipients, strict=True)],
             )
         marks.append(time.perf_counter())
         with _transaction(db):
