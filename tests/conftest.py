@@ -264,8 +264,20 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0,
         await asyncio.sleep(0.05)
 
 
-async def read_topic(bootstrap: str, topic: str, count: int, within: float = 20.0) -> list[Any]:
-    """Read ``count`` records from the start of ``topic``."""
+def events_in(records: Sequence[Any]) -> list[dict[str, Any]]:
+    """The delivery events that ``delivery-events`` records carry (each record: ``{"events": [...]}``)."""
+    return [e for r in records for e in json.loads(r.value)["events"]]
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    count: int,
+    within: float = 20.0,
+    items: Callable[[list[Any]], list[Any]] = list,
+) -> list[Any]:
+    """Read from the start of ``topic`` until there are ``count`` items: records, or what ``items``
+    makes of each fetched batch of records (``events_in``: the delivery events in them)."""
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -280,29 +292,7 @@ async def read_topic(bootstrap: str, topic: str, count: int, within: float = 20.
             while len(out) < count:
                 batch = await consumer.getmany(timeout_ms=500)
                 for msgs in batch.values():
-                    out.extend(msgs)
-    finally:
-        await consumer.stop()
-    return out
-
-
-def events_in(records: Sequence[Any]) -> list[dict[str, Any]]:
-    """The delivery events that ``delivery-events`` records carry (each record: ``{"events": [...]}``)."""
-    return [e for r in records for e in json.loads(r.value)["events"]]
-
-
-async def read_events(bootstrap: str, topic: str, count: int, within: float = 20.0) -> list[dict[str, Any]]:
-    """At least ``count`` delivery events from the start of ``topic``."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        async with asyncio.timeout(within):
-            while len(out) < count:
-                for msgs in (await consumer.getmany(timeout_ms=500)).values():
-                    out += events_in(msgs)
+                    out.extend(items(msgs))
     finally:
         await consumer.stop()
     return out
