@@ -38,7 +38,7 @@ from gateway import lifecycle, metrics
 from gateway.errors import ContentError, RetryableError, Withdrawn
 from gateway.lifecycle import AdvisoryState, why_not_sent
 from gateway.logging import get_logger
-from gateway.models import Advisory, Chunk, Status, instance_name, now
+from gateway.models import URGENT, Advisory, Chunk, Status, instance_name, now
 from gateway.rendering import Renderer
 from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
@@ -84,6 +84,7 @@ class FairQueue:
         self._lanes: dict[int, OrderedDict[str, deque[Job]]] = {}
         self._size = 0
         self._ready = asyncio.Event()
+        self._urgent_ready = asyncio.Event()
         self.closed = False
 
     def __len__(self) -> int:
@@ -94,19 +95,24 @@ class FairQueue:
         self._lanes.setdefault(job.priority, OrderedDict()).setdefault(key, deque()).append(job)
         self._size += 1
         self._ready.set()
+        if job.priority == URGENT:
+            self._urgent_ready.set()
 
     def close(self) -> None:
         """Workers take no more jobs (what is queued stays uncommitted)."""
         self.closed = True
         self._ready.set()
+        self._urgent_ready.set()
 
-    async def get(self) -> Job | None:
-        """The next job, or None once closed."""
+    async def get(self, urgent_only: bool = False) -> Job | None:
+        """The next job (with ``urgent_only``, the next urgent one), or None once closed."""
+        ready = self._urgent_ready if urgent_only else self._ready
         while not self.closed:
-            turn = take_turn(self._lanes)
+            lanes = {URGENT: self._lanes.get(URGENT, OrderedDict())} if urgent_only else self._lanes
+            turn = take_turn(lanes)
             if turn is None:
-                self._ready.clear()
-                await self._ready.wait()
+                ready.clear()
+                await ready.wait()
                 continue
             key, jobs = turn
             job = jobs.popleft()
@@ -374,8 +380,8 @@ class Dispatcher:
 
     # -- lanes ----------------------------------------------------------------------------------
 
-    async def _worker(self, lane: FairQueue) -> None:
-        while (job := await lane.get()) is not None:
+    async def _worker(self, lane: FairQueue, urgent_only: bool = False) -> None:
+        while (job := await lane.get(urgent_only)) is not None:
             try:
                 await self._run_job(job)
             except Stopped:
@@ -445,11 +451,16 @@ class Dispatcher:
 
     async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
         """Fetch chunks into the lanes until ``stopping``; then drain within ``drain_timeout_s``."""
-        self._workers = [
-            asyncio.create_task(self._worker(lane), name=f"lane-{channel}-{i}")
-            for channel, lane in self.lanes.items()
-            for i in range(self.adapters[channel].settings.max_in_flight)
-        ]
+        # per lane, max_in_flight workers take any chunk (urgent first) and one more takes only urgent
+        # chunks: an urgent chunk never waits for a bulk chunk in hand (the partner's limit of open
+        # requests, the adapter's, still holds)
+        self._workers = []
+        for channel, lane in self.lanes.items():
+            n = self.adapters[channel].settings.max_in_flight
+            self._workers += [
+                asyncio.create_task(self._worker(lane, urgent_only=i == n), name=f"lane-{channel}-{i}")
+                for i in range(n + 1)
+            ]
         try:
             while not stopping.is_set():
                 room = self._backpressure(consumer)

@@ -1,5 +1,5 @@
 """Planner: an advisory's audience → one delivery per recipient on the first channel that reaches
-them → chunks of delivery ids on the deliveries topics.
+them (created ``queued``) → chunks of delivery ids on the deliveries topics.
 
 Planning runs a page at a time (keyset paging), so a million recipients never sit in one list, and
 it is **scheduled**: urgent advisories (urgency ``immediate`` or severity ``extreme``) are planned
@@ -106,7 +106,9 @@ def plan_recipients(
             lang = language(adv, r, passed_over)
             rows.append(delivery_row(adv, r.id, passed_over, Status.SKIPPED, reason, lang))
         if channel is not None:
-            row = delivery_row(adv, r.id, channel, Status.PLANNED, language=language(adv, r, channel))
+            # created queued: its chunk is published before the planner moves past the page (a crash in
+            # between plans the page again), so no second write moves it from planned to queued
+            row = delivery_row(adv, r.id, channel, Status.QUEUED, language=language(adv, r, channel))
             by_channel[channel].append(row["id"])
             rows.append(row)
         elif not unusable and after is None:
@@ -156,14 +158,14 @@ class Planner:
         self.chunk_size = chunk_size
         self.kinds = kinds
         self._plans: dict[int, OrderedDict[str, _Plan]] = {}
-        self._wakeup = asyncio.Event()
+        self._wakeup = {True: asyncio.Event(), False: asyncio.Event()}  # urgent loop, the other
 
     # -- scheduling -----------------------------------------------------------------------------
 
     def submit(self, adv: Advisory, cursor: str = "") -> None:
         """Plan ``adv`` (from ``cursor`` on) in its turn."""
         self._plans.setdefault(adv.priority, OrderedDict()).setdefault(adv.key, _Plan(adv, cursor))
-        self._wakeup.set()
+        self._wakeup[adv.priority == URGENT].set()
 
     def drop(self, advisory_id: str, below_version: int | None = None) -> None:
         """Stop planning an advisory (every version, or those below ``below_version``): it was
@@ -176,35 +178,49 @@ class Planner:
             ]:
                 del plans[key]
 
-    def _next(self) -> _Plan | None:
-        """The plan whose turn it is to plan a page (see gateway/turns.py)."""
-        turn = take_turn(self._plans)
+    def _next(self, urgent: bool) -> _Plan | None:
+        """The urgent plan, or the other plan, whose turn it is to plan a page (gateway/turns.py)."""
+        turn = take_turn({p: plans for p, plans in self._plans.items() if (p == URGENT) == urgent})
         return None if turn is None else turn[1]
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Plan page by page until ``stopping``. The store is the schedule: unfinished plans are
-        resumed at start-up, and advisories stored by any intake (this process or another) are
-        picked up within ``poll_s``."""
+        """Plan page by page until ``stopping``: urgent advisories in a loop of their own, so an
+        urgent advisory's first page never waits for a bulk page in hand (its writes take SQLite's
+        next write turn: gateway/store.py ``writing_for``). The store is the schedule: unfinished
+        plans are resumed at start-up, and advisories stored by any intake (this process or another)
+        are picked up within ``poll_s``."""
         watcher = asyncio.create_task(self._wake_when(stopping))
+        loops = [
+            asyncio.create_task(
+                self._plan(stopping, urgent), name=f"planner-{'urgent' if urgent else 'bulk'}"
+            )
+            for urgent in (True, False)
+        ]
         try:
+            await asyncio.gather(*loops)
+        finally:
+            watcher.cancel()
+            for loop in loops:
+                loop.cancel()
+            with contextlib.suppress(Exception):  # the store is down: the leases run out by themselves
+                await self.store.release_planning(self.me)
+
+    async def _plan(self, stopping: asyncio.Event, urgent: bool) -> None:
+        wakeup = self._wakeup[urgent]
+        with contextlib.suppress(Stopped):
             while not stopping.is_set():
-                await until_done(self._poll_store, "planner.retrying", stopping)
-                plan = self._next()
+                if not urgent:  # one loop looks at the store; it submits to both
+                    await until_done(self._poll_store, "planner.retrying", stopping)
+                plan = self._next(urgent)
                 if plan is None:
-                    self._wakeup.clear()
+                    wakeup.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
+                        await asyncio.wait_for(wakeup.wait(), self.poll_s)
                     continue
                 with writing_for(plan.adv.priority):
                     await until_done(
                         partial(self.plan_page, plan), "planner.retrying", stopping, advisory_id=plan.adv.id
                     )
-        except Stopped:
-            return
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(Exception):  # the store is down: the leases run out by themselves
-                await self.store.release_planning(self.me)
 
     async def _poll_store(self) -> None:
         """Submit stored advisories that are active and not fully planned, unless known already."""
@@ -222,7 +238,8 @@ class Planner:
 
     async def _wake_when(self, stopping: asyncio.Event) -> None:
         await stopping.wait()
-        self._wakeup.set()
+        for wakeup in self._wakeup.values():
+            wakeup.set()
 
     def _done(self, plan: _Plan) -> None:
         self._plans.get(plan.adv.priority, OrderedDict()).pop(plan.adv.key, None)
@@ -235,7 +252,7 @@ class Planner:
         if state is None or not may_plan(state):
             self._done(plan)
             return
-        stored = await self.store.claim_planning(adv.id, adv.version, self.me, self.lease_s)
+        stored = await self.store.planning_cursor(adv.id, adv.version, self.me)
         if stored is None:  # another instance plans it: this one looks again when its lease runs out
             self._done(plan)
             return
@@ -257,20 +274,16 @@ class Planner:
             log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=plan.planned)
             return
         rows, by_channel = plan_recipients(adv, page, self.kinds, language=self.language)
-        await self.store.insert_deliveries(rows)
-        await self._send_chunks(adv, by_channel, page[0].id)
-        ids = [i for channel_ids in by_channel.values() for i in channel_ids]
-        await self.store.page_published(ids, adv.id, adv.version, page[-1].id)
+        # the lease is taken with the page's rows: one write, and none if another instance took over
+        if not await self.store.insert_planned(rows, adv.id, adv.version, self.me, self.lease_s, stored):
+            return  # its turn comes again: the cursor or the lease is read afresh
+        await self.publish(adv, by_channel, page[0].id)
+        await self.store.page_published(adv.id, adv.version, page[-1].id)
         plan.cursor = page[-1].id
         plan.planned += len(rows)
 
     async def publish(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
-        """Chunks of planned deliveries onto the advisory's lane, then mark them queued."""
-        await self._send_chunks(adv, by_channel, key)
-        await self.store.mark_queued([i for ids in by_channel.values() for i in ids])
-
-    async def _send_chunks(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
-        """Chunks of planned deliveries onto the advisory's lane, each acknowledged by the broker."""
+        """Chunks of queued deliveries onto the advisory's lane, each acknowledged by the broker."""
         sends = []
         for channel, ids in by_channel.items():
             topic = kafka.deliveries_topic(self.topics, channel, urgent=adv.priority == URGENT)

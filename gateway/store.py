@@ -3,6 +3,10 @@
 SQLite (aiosqlite, WAL) by default; PostgreSQL (asyncpg) with the same queries. Status changes are
 guarded by rank (``Status.rank``) in the WHERE clause, so a late or repeated write never moves a
 delivery backwards and concurrent writers cannot undo each other.
+
+On SQLite the broadcast's hot transactions (a planner page, a batch's results, a batch of receipts,
+the outbox emptied) are written by ``_SqliteWriter``: the stdlib driver in a thread of its own, a
+whole transaction per hand-over and a whole batch per statement; the rest goes through SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ import dataclasses
 import functools
 import heapq
 import itertools
+import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -192,21 +199,43 @@ _PG_INSERT = sa.text(
     + ", ".join(f"CAST(:{n} AS {t}[])" for n, t in _INSERT_COLUMNS)
     + ") ON CONFLICT DO NOTHING"
 )
-# SQLite's hot statements go to the driver as written, with the time formatted once per statement:
-# through SQLAlchemy's types every row's time was formatted again (DATETIME's bind processor was 8 %
-# of a profile of the store's broadcast path). The text is what SQLAlchemy would send.
+# SQLite's hot statements go to the driver as written, a batch in one statement (its rows as one
+# multi-row VALUES), with the time formatted once. A statement per row (executemany) gives up Python's
+# GIL and takes it back for every row, and with the event loop busy in the other thread each taking
+# back waited: one batch of 500 took up to 70 times as long as on an idle process.
+_SQLITE_ROWS = 1000  # rows in one statement at most
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_values(head: str, width: int, n: int, tail: str = "") -> str:
+    """``head`` VALUES (?, …) × ``n`` ``tail``."""
+    row = "(" + ", ".join("?" * width) + ")"
+    return f"{head} VALUES {', '.join([row] * n)}{tail}"
+
+
+def _sqlite_insert(
+    db: sqlite3.Connection, statement: tuple[str, str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """``rows`` by ``statement`` (the INSERT before and after its VALUES), ``_SQLITE_ROWS`` at a time."""
+    head, tail = statement
+    for start in range(0, len(rows), _SQLITE_ROWS):
+        part = rows[start : start + _SQLITE_ROWS]
+        db.execute(_sqlite_values(head, len(part[0]), len(part), tail), [v for row in part for v in row])
+
+
 _SQLITE_INSERT = (
-    "INSERT INTO deliveries ("  # noqa: S608 -- constant column names only
-    + ", ".join(n for n, _ in _INSERT_COLUMNS)
-    + ", updated_at) VALUES ("
-    + ", ".join("?" * (len(_INSERT_COLUMNS) + 1))
-    + ") ON CONFLICT DO NOTHING"
+    "INSERT INTO deliveries (" + ", ".join(n for n, _ in _INSERT_COLUMNS) + ", updated_at)",
+    " ON CONFLICT DO NOTHING",
+)
+
+# Store.insert_planned on SQLite: take or renew the planning lease, if the cursor is where it was read
+_SQLITE_CLAIM = (
+    "UPDATE advisories SET planner = ?, plan_lease_until = ? WHERE id = ? AND version = ? "
+    "AND plan_cursor = ? AND (planner IS NULL OR planner = ? OR plan_lease_until < ?)"
 )
 
 _RECEIPT_COLUMNS = ("delivery_id", "channel", "status", "partner_id", "received_at")
-_SQLITE_RECEIPT = (
-    f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) VALUES ({', '.join('?' * len(_RECEIPT_COLUMNS))})"  # noqa: S608
-)
+_SQLITE_RECEIPT = (f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)})", "")
 
 
 # every SQLite connection's settings (Store.open)
@@ -265,15 +294,51 @@ def _moved(
     return sa.update(deliveries).where(t.id == id_, forward).values(**values)
 
 
+_AT = "'__at__'"  # where a move's time goes in _sqlite_move's text
+
+
 @functools.cache
-def _sqlite_move(status: Status, attempted: bool) -> str:
-    """``_moved`` for SQLite's executemany, as text once: named parameters per row (b_id, b_partner,
-    b_reason, b_at) and the constants written in."""
-    named: list[sa.ColumnElement[Any]] = [
-        sa.literal_column(f":{n}") for n in ("b_id", "b_partner", "b_reason", "b_at")
-    ]
-    statement = _moved(status, attempted, *named)
-    return str(statement.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
+def _sqlite_move(status: Status, attempted: bool) -> tuple[str, str]:
+    """``_moved`` for a batch on SQLite, as text once, in two parts: ``FROM (VALUES …) AS moved``
+    goes between them (its columns: id, partner id, reason); the constants are written in, the time
+    replaces ``_AT``."""
+    column = sa.literal_column
+    statement = _moved(
+        status,
+        attempted,
+        column("moved.column1"),
+        column("moved.column2"),
+        column("moved.column3"),
+        column(_AT),
+    )
+    text = str(statement.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
+    head, where = text.split(" WHERE ", 1)
+    return head, where
+
+
+Moves = dict[Status, list[tuple[str, str | None, str | None]]]  # (delivery id, partner id, reason)
+
+
+def _by_status(outcomes: Iterable[Outcome]) -> Moves:
+    by_status: Moves = defaultdict(list)
+    for o in outcomes:
+        by_status[o.status].append((o.delivery_id, o.partner_id, o.reason))
+    return by_status
+
+
+def _sqlite_record(db: sqlite3.Connection, by_status: Moves, at: datetime, attempted: bool) -> int:
+    """Store.record's moves on SQLite's writer connection, a statement per status and up to
+    ``_SQLITE_ROWS`` deliveries; returns rows moved."""
+    stamp = f"'{_sqlite_time(at)}'"  # digits and separators only
+    moved = 0
+    for status, params in by_status.items():
+        head, where = _sqlite_move(status, attempted)
+        head = head.replace(_AT, stamp)
+        for start in range(0, len(params), _SQLITE_ROWS):
+            part = params[start : start + _SQLITE_ROWS]
+            update = _sqlite_values(f"{head} FROM (", 3, len(part), f") AS moved WHERE {where}")
+            moved += db.execute(update, [v for row in part for v in row]).rowcount
+    return moved
 
 
 _COLS = ", ".join(COUNT_KEY)
@@ -456,6 +521,84 @@ def _last_per_delivery(outcomes: Sequence[Outcome]) -> list[Outcome]:
 
 
 @dataclass(frozen=True, slots=True)
+class _Receipted:
+    """What a batch of receipts did, decided from the ranks their deliveries had."""
+
+    known: list[Outcome]  # receipts naming a delivery of ours, in arrival order
+    unknown: list[Outcome]
+    moved: list[Outcome]  # the known ones that moved their delivery forward
+    before: dict[str, int]  # each named delivery's rank before the batch
+    sent_at: dict[str, datetime]
+
+    @classmethod
+    def of(cls, items: Sequence[Outcome], found: Iterable[tuple[str, int, datetime | None]]) -> _Receipted:
+        """``found``: (delivery id, rank, sent_at) of the deliveries the receipts name."""
+        ranks: dict[str, int] = {}
+        sent_at: dict[str, datetime] = {}
+        for i, rank, at in found:
+            ranks[i] = rank
+            if at is not None:
+                sent_at[i] = at
+        before = dict(ranks)
+        known = [o for o in items if o.delivery_id in ranks]
+        moved: list[Outcome] = []
+        for o in known:  # in arrival order: "read" after "delivered" moves twice
+            if ranks[o.delivery_id] < o.status.rank:
+                ranks[o.delivery_id] = o.status.rank
+                moved.append(o)
+        return cls(known, [o for o in items if o.delivery_id not in ranks], moved, before, sent_at)
+
+    def result(self, at: datetime) -> AppliedReceipts:
+        reached = Status.DELIVERED.rank
+        first_reached = {
+            o.delivery_id
+            for o in self.moved
+            if o.status in (Status.DELIVERED, Status.READ)
+            and self.before[o.delivery_id] < reached
+            and o.delivery_id in self.sent_at
+        }
+        latencies = [(at - self.sent_at[i]).total_seconds() for i in first_reached]
+        return AppliedReceipts(self.moved, self.unknown, len(self.known) - len(self.moved), latencies)
+
+
+def _matched(items: Sequence[Outcome], by_partner: Mapping[str, str]) -> list[Outcome]:
+    """Receipts without a delivery id given the one their partner id names (or "": none)."""
+    return [
+        o
+        if o.delivery_id
+        else Outcome(by_partner.get(o.partner_id or "", ""), o.status, o.partner_id, o.reason)
+        for o in items
+    ]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _sqlite_receipts(
+    db: sqlite3.Connection, channel: str, items: Sequence[Outcome], at: datetime
+) -> _Receipted:
+    """Store.apply_receipts on SQLite's writer connection, as one transaction."""
+    unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
+    if unmatched:
+        marks = _marks(len(unmatched))
+        q = f"SELECT partner_id, id FROM deliveries WHERE channel = ? AND partner_id IN ({marks})"  # noqa: S608
+        items = _matched(items, dict(db.execute(q, [channel, *unmatched]).fetchall()))
+    ids = sorted({o.delivery_id for o in items if o.delivery_id})
+    q = f"SELECT id, rank, sent_at FROM deliveries WHERE id IN ({_marks(len(ids))})"  # noqa: S608
+    found = [
+        (i, r, datetime.fromisoformat(t).replace(tzinfo=UTC) if t else None) for i, r, t in db.execute(q, ids)
+    ]
+    applied = _Receipted.of(items, found)
+    _sqlite_record(db, _by_status(_last_per_delivery(applied.moved)), at, attempted=False)
+    if applied.known:
+        stamp = _sqlite_time(at)
+        rows = [(o.delivery_id, channel, o.status.value, o.partner_id, stamp) for o in applied.known]
+        _sqlite_insert(db, _SQLITE_RECEIPT, rows)
+    return applied
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     delivery_id: str
     status: Status
@@ -600,13 +743,69 @@ class _WriteTurns:
         self._busy = False
 
 
+T = TypeVar("T")
+
+
+class _SqliteWriter:
+    """SQLite's hot write transactions (a planner page, a batch's results, a batch of receipts, the
+    outbox emptied), each run whole in one thread on one connection of its own: BEGIN, the statements,
+    COMMIT in one hand-over from the event loop. Through SQLAlchemy each statement was a hand-over of
+    its own, and between them the transaction — SQLite's only write lock — waited for a busy event
+    loop to come round (at 100,000 deliveries half of the time the lock was held). Callers hold the
+    write turn (``_WriteTurns``), so this connection and the engine's never write at once."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._db: sqlite3.Connection | None = None
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        done = asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, work)
+        try:
+            return await asyncio.shield(done)
+        finally:
+            if not done.done():  # cancelled: the transaction ends in its thread, the turn held till then
+                await asyncio.wait([done])
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+            for pragma in SQLITE_PRAGMAS:
+                self._db.execute(f"PRAGMA {pragma}")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    async def close(self) -> None:
+        def closing() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, closing)
+        self._thread.shutdown()
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
         # SQLite has one writer at a time: in one process, writers take turns here (_WriteTurns).
         # PostgreSQL needs no such thing.
-        self._write_turn = _WriteTurns() if self._dialect == "sqlite" else None
+        # Its hot transactions run on a connection of their own (_SqliteWriter), in the same turns.
+        self._write_turn: _WriteTurns | None = None
+        self._writer: _SqliteWriter | None = None
+        if self._dialect == "sqlite":
+            path = engine.url.database
+            if not path or path == ":memory:":
+                raise ValueError("store.url: SQLite needs a database file (every connection shares it)")
+            self._write_turn, self._writer = _WriteTurns(), _SqliteWriter(path)
         # PostgreSQL: deliveries inserted since this process last had the table analyzed (see _grown)
         self._inserted = 0
         self._analyzed_at = 0
@@ -651,7 +850,16 @@ class Store:
         return cls(engine)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
         await self.engine.dispose()
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` as one SQLite transaction in the writer's thread, in this process's write turn."""
+        assert self._writer is not None
+        assert self._write_turn is not None
+        async with self._write_turn.turn():
+            return await self._writer.run(work)
 
     async def ping(self) -> None:
         """One round trip to the database (readiness)."""
@@ -1087,37 +1295,72 @@ class Store:
     async def mark_planned(self, advisory_id: str, version: int) -> None:
         await self._set_advisory(advisory_id, version, planned=True)
 
-    async def page_published(self, ids: Sequence[str], advisory_id: str, version: int, cursor: str) -> None:
-        """A planned page is on the topic: its deliveries queued and the advisory's planning cursor
-        moved past it, in one transaction."""
-        async with self._begin() as conn:
-            await self._queue_in(conn, ids)
-            await conn.execute(
-                sa.update(advisories)
-                .where(advisories.c.id == advisory_id, advisories.c.version == version)
-                .values(plan_cursor=cursor)
-            )
+    async def page_published(self, advisory_id: str, version: int, cursor: str) -> None:
+        """A planned page is on the topic: the advisory's planning cursor moves past it."""
+        await self._set_advisory(advisory_id, version, plan_cursor=cursor)
 
-    async def claim_planning(
-        self, advisory_id: str, version: int, planner: str, lease_s: float
-    ) -> str | None:
-        """Take or renew the lease to plan an advisory version; the stored cursor if ``planner``
-        holds it now, None if another instance does (its lease not run out)."""
+    async def planning_cursor(self, advisory_id: str, version: int, planner: str) -> str | None:
+        """The stored planning cursor of an advisory version, if ``planner`` may plan it (nobody holds
+        the lease, ``planner`` does, or the holder's has run out); None if another instance holds it."""
+        t = advisories.c
+        q = sa.select(t.plan_cursor).where(
+            t.id == advisory_id, t.version == version, self._lease_free(planner, now())
+        )
+        async with self.engine.connect() as conn:
+            cursor = (await conn.execute(q)).scalar_one_or_none()
+        return None if cursor is None else str(cursor)
+
+    @staticmethod
+    def _lease_free(planner: str, at: datetime) -> sa.ColumnElement[bool]:
+        t = advisories.c
+        return sa.or_(t.planner.is_(None), t.planner == planner, t.plan_lease_until < at)
+
+    async def insert_planned(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        advisory_id: str,
+        version: int,
+        planner: str,
+        lease_s: float,
+        after: str,
+    ) -> bool:
+        """A page of planned deliveries, in one transaction with taking (or renewing) the lease to
+        plan the advisory version: only if ``planner`` may plan it and its cursor is still ``after``
+        (no other instance planned further meanwhile). False, and nothing written, if not."""
         at = now()
+        until = at + timedelta(seconds=lease_s)
+        values = [_insert_values(r) for r in rows]  # before the write turn: the turn is the bottleneck
+        if self._writer is not None:
+            stamp = _sqlite_time(at)
+            claim = (planner, _sqlite_time(until), advisory_id, version, after, planner, stamp)
+            inserts = [(*v, stamp) for v in values]
+
+            def page(db: sqlite3.Connection) -> bool:
+                if not db.execute(_SQLITE_CLAIM, claim).rowcount:
+                    return False
+                if inserts:
+                    _sqlite_insert(db, _SQLITE_INSERT, inserts)
+                return True
+
+            return await self._write(page)
         t = advisories.c
         async with self._begin() as conn:
-            result = await conn.execute(
+            claimed = await conn.execute(
                 sa.update(advisories)
                 .where(
                     t.id == advisory_id,
                     t.version == version,
-                    sa.or_(t.planner.is_(None), t.planner == planner, t.plan_lease_until < at),
+                    t.plan_cursor == after,
+                    self._lease_free(planner, at),
                 )
-                .values(planner=planner, plan_lease_until=at + timedelta(seconds=lease_s))
+                .values(planner=planner, plan_lease_until=until)
             )
-            if not result.rowcount:
-                return None
-            return str(await self._value(conn, t.plan_cursor, advisory_id, version) or "")
+            if not claimed.rowcount:
+                return False
+            await self._insert_in(conn, values, at)
+        if self._dialect == "postgresql" and rows:
+            await self._analyze_when_grown(len(rows))
+        return True
 
     async def release_planning(self, planner: str) -> None:
         """Give up every lease ``planner`` holds (a graceful stop): another instance goes on at once."""
@@ -1143,19 +1386,25 @@ class Store:
         """Insert planned deliveries; rows that exist already (a replay) are left as they are."""
         if not rows:
             return
-        at = now()
         values = [_insert_values(r) for r in rows]  # before the write turn: the turn is the bottleneck
+        if self._writer is not None:
+            stamp = _sqlite_time(now())
+            inserts = [(*v, stamp) for v in values]
+            await self._write(lambda db: _sqlite_insert(db, _SQLITE_INSERT, inserts))
+            return
         async with self._begin() as conn:
-            if self._dialect == "postgresql":
-                # one INSERT … SELECT FROM unnest(arrays) (executemany is a statement per row there):
-                # the statement triggers run once per page, and nothing large is compiled
-                columns = {name: [v[i] for v in values] for i, (name, _) in enumerate(_INSERT_COLUMNS)}
-                await conn.execute(_PG_INSERT, {**columns, "at": at})
-            else:
-                stamp = _sqlite_time(at)
-                await conn.exec_driver_sql(_SQLITE_INSERT, [(*v, stamp) for v in values])
+            await self._insert_in(conn, values, now())
         if self._dialect == "postgresql":
             await self._analyze_when_grown(len(rows))
+
+    async def _insert_in(
+        self, conn: AsyncConnection, values: Sequence[tuple[Any, ...]], at: datetime
+    ) -> None:
+        """PostgreSQL: one INSERT … SELECT FROM unnest(arrays) (executemany is a statement per row
+        there): the statement triggers run once per page, and nothing large is compiled."""
+        if values:
+            columns = {name: [v[i] for v in values] for i, (name, _) in enumerate(_INSERT_COLUMNS)}
+            await conn.execute(_PG_INSERT, {**columns, "at": at})
 
     async def _analyze_when_grown(self, inserted: int) -> None:
         """PostgreSQL: ANALYZE deliveries (and the outbox) each time this process has doubled what it
@@ -1184,10 +1433,6 @@ class Store:
         if not ids:
             return
         async with self._begin() as conn:
-            await self._queue_in(conn, ids)
-
-    async def _queue_in(self, conn: AsyncConnection, ids: Sequence[str]) -> None:
-        if ids:
             await self._lock(conn, ids)
             planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
             await _transition(conn, planned, Status.QUEUED, None)
@@ -1238,22 +1483,25 @@ class Store:
 
     async def record(self, outcomes: Iterable[Outcome], attempted: bool = False) -> int:
         """Move deliveries forward; a write that would move one backwards is ignored. Returns rows moved."""
+        at = now()
+        by_status = _by_status(outcomes)
+        if self._writer is not None:
+            return await self._write(lambda db: _sqlite_record(db, by_status, at, attempted))
         async with self._begin() as conn:
-            return await self._record_in(conn, outcomes, attempted)
+            return await self._record_in(conn, by_status, at, attempted)
 
     async def _record_in(
-        self, conn: AsyncConnection, outcomes: Iterable[Outcome], attempted: bool, locked: bool = False
+        self,
+        conn: AsyncConnection,
+        by_status: Moves,
+        at: datetime,
+        attempted: bool,
+        locked: bool = False,
     ) -> int:
-        """``locked``: the caller holds these rows already (locked in id order)."""
-        by_status: dict[Status, list[dict[str, Any]]] = defaultdict(list)
-        for o in outcomes:
-            by_status[o.status].append(
-                {"b_id": o.delivery_id, "b_partner": o.partner_id, "b_reason": o.reason}
-            )
-        at = now()
+        """PostgreSQL. ``locked``: the caller holds these rows already (locked in id order)."""
         moved = 0
         if not locked:  # PostgreSQL's UPDATE … FROM VALUES locks in join order: id order first
-            await self._lock(conn, [p["b_id"] for params in by_status.values() for p in params])
+            await self._lock(conn, [p[0] for params in by_status.values() for p in params])
         for status, params in by_status.items():
             moved += await self._move(conn, status, params, at, attempted)
         return moved
@@ -1262,31 +1510,27 @@ class Store:
         self,
         conn: AsyncConnection,
         status: Status,
-        params: list[dict[str, Any]],
+        params: list[tuple[str, str | None, str | None]],
         at: datetime,
         attempted: bool,
     ) -> int:
-        if self._dialect == "postgresql":
-            # one statement for the batch (not one per row, as executemany is on PostgreSQL): its
-            # statement triggers (the counters, the events) run once per batch
-            rows = sa.values(
-                sa.column("b_id", sa.String),
-                sa.column("b_partner", sa.String),
-                sa.column("b_reason", sa.String),
-                name="moved",
-            ).data([(p["b_id"], p["b_partner"], p["b_reason"]) for p in params])
-            batch = _moved(
-                status,
-                attempted,
-                rows.c.b_id,
-                rows.c.b_partner,
-                rows.c.b_reason,
-                sa.literal(at, deliveries.c.updated_at.type),
-            )
-            return int((await conn.execute(batch)).rowcount)
-        text = _sqlite_time(at)
-        args = [{**p, "b_at": text} for p in params]
-        return int((await conn.exec_driver_sql(_sqlite_move(status, attempted), args)).rowcount)
+        """PostgreSQL: one statement for the batch (not one per row, as executemany is there): its
+        statement triggers (the counters, the events) run once per batch."""
+        rows = sa.values(
+            sa.column("b_id", sa.String),
+            sa.column("b_partner", sa.String),
+            sa.column("b_reason", sa.String),
+            name="moved",
+        ).data(params)
+        batch = _moved(
+            status,
+            attempted,
+            rows.c.b_id,
+            rows.c.b_partner,
+            rows.c.b_reason,
+            sa.literal(at, deliveries.c.updated_at.type),
+        )
+        return int((await conn.execute(batch)).rowcount)
 
     async def note_retry(self, ids: Sequence[str], reason: str) -> None:
         """Count an attempt that will be retried; the status stays pending."""
@@ -1394,57 +1638,40 @@ class Store:
         if not items:
             return AppliedReceipts([], [], 0)
         at = now()
-        async with self._begin() as conn:
-            unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
-            if unmatched:
-                q = sa.select(deliveries.c.partner_id, deliveries.c.id).where(
-                    deliveries.c.channel == channel, deliveries.c.partner_id.in_(unmatched)
-                )
-                by_partner = {p: i for p, i in (await conn.execute(q)).all()}
-                items = [
-                    Outcome(by_partner.get(o.partner_id or "", ""), o.status, o.partner_id, o.reason)
-                    if not o.delivery_id
-                    else o
-                    for o in items
-                ]
-            ranks_q = (
-                sa.select(deliveries.c.id, deliveries.c.rank, deliveries.c.sent_at)
-                .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
-                .order_by(deliveries.c.id)
-                .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
+        if self._writer is not None:
+            applied = await self._write(partial(_sqlite_receipts, channel=channel, items=items, at=at))
+        else:
+            async with self._begin() as conn:
+                applied = await self._receipts_in(conn, channel, items, at)
+        return applied.result(at)
+
+    async def _receipts_in(
+        self, conn: AsyncConnection, channel: str, items: Sequence[Outcome], at: datetime
+    ) -> _Receipted:
+        unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
+        if unmatched:
+            q = sa.select(deliveries.c.partner_id, deliveries.c.id).where(
+                deliveries.c.channel == channel, deliveries.c.partner_id.in_(unmatched)
             )
-            found = (await conn.execute(ranks_q)).all()
-            ranks = {str(i): int(r) for i, r, _ in found}
-            sent_at = {str(i): aware(t) for i, _, t in found if t is not None}
-            before = dict(ranks)
-            known = [o for o in items if o.delivery_id in ranks]
-            unknown = [o for o in items if o.delivery_id not in ranks]
-            moved: list[Outcome] = []
-            for o in known:  # in arrival order: "read" after "delivered" moves twice
-                if ranks[o.delivery_id] < o.status.rank:
-                    ranks[o.delivery_id] = o.status.rank
-                    moved.append(o)
-            await self._record_in(conn, _last_per_delivery(moved), attempted=False, locked=True)
-            if known:
-                rows = [(o.delivery_id, channel, o.status.value, o.partner_id) for o in known]
-                if self._dialect == "sqlite":
-                    stamp = _sqlite_time(at)
-                    await conn.exec_driver_sql(_SQLITE_RECEIPT, [(*r, stamp) for r in rows])
-                else:
-                    await conn.execute(
-                        sa.insert(receipts),
-                        [dict(zip(_RECEIPT_COLUMNS, (*r, at), strict=True)) for r in rows],
-                    )
-        reached_rank = Status.DELIVERED.rank
-        first_reached = {
-            o.delivery_id
-            for o in moved
-            if o.status in (Status.DELIVERED, Status.READ)
-            and before[o.delivery_id] < reached_rank
-            and o.delivery_id in sent_at
-        }
-        latencies = [(at - sent_at[i]).total_seconds() for i in first_reached]
-        return AppliedReceipts(moved, unknown, len(known) - len(moved), latencies)
+            items = _matched(items, {str(p): str(i) for p, i in (await conn.execute(q)).all()})
+        ranks_q = (
+            sa.select(deliveries.c.id, deliveries.c.rank, deliveries.c.sent_at)
+            .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
+            .order_by(deliveries.c.id)
+            .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
+        )
+        found = [
+            (str(i), int(r), aware(t) if t is not None else None) for i, r, t in (await conn.execute(ranks_q))
+        ]
+        applied = _Receipted.of(items, found)
+        by_status = _by_status(_last_per_delivery(applied.moved))
+        await self._record_in(conn, by_status, at, attempted=False, locked=True)
+        if applied.known:
+            rows = [(o.delivery_id, channel, o.status.value, o.partner_id, at) for o in applied.known]
+            await conn.execute(
+                sa.insert(receipts), [dict(zip(_RECEIPT_COLUMNS, r, strict=True)) for r in rows]
+            )
+        return applied
 
     async def delivery(self, delivery_id: str) -> sa.RowMapping | None:
         """One delivery's row (status, reason, attempts, partner_id, …), or None."""
@@ -1753,8 +1980,13 @@ class Store:
             events = [_event(r) for r in (await conn.execute(q)).all()]
         if events:
             await publish(events)
-            async with self._begin() as conn:
-                await conn.execute(published(events))
+            if self._writer is not None:
+                seqs = [e.seq for e in events]
+                delete = f"DELETE FROM delivery_events WHERE seq IN ({_marks(len(seqs))})"  # noqa: S608
+                await self._write(lambda db: db.execute(delete, seqs))
+            else:
+                async with self._begin() as conn:
+                    await conn.execute(published(events))
         return len(events)
 
     async def fold_counts(self) -> int:

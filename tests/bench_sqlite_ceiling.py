@@ -6,9 +6,9 @@ in docs/performance.md ("What bounds each figure").
         [--ordered-ids]
 
 A fresh SQLite file with the current migrations and the gateway's pragmas (Store.open), then per page
-of 500 deliveries, each in its own transaction as the gateway writes them: insert (planned), queued,
-sent (with the partner's id), delivered plus the receipt row, and the events outbox read and
-emptied. ``--no-events`` / ``--no-counters`` drop those triggers first; ``--ordered-ids`` uses
+of 500 deliveries, each in its own transaction and with the statements the gateway's SQLite writer
+runs: insert (queued), sent (with the partner's id), delivered plus the receipt row, and the events
+outbox read and emptied. ``--no-events`` / ``--no-counters`` drop those triggers first; ``--ordered-ids`` uses
 delivery ids that sort in planning order instead of the gateway's hashes (what index locality is
 worth). Prints one JSON line: seconds per step and deliveries per second.
 """
@@ -31,9 +31,12 @@ from gateway.store import (
     _SQLITE_INSERT,
     _SQLITE_RECEIPT,
     SQLITE_PRAGMAS,
+    Outcome,
     Store,
+    _by_status,
     _insert_values,
-    _sqlite_move,
+    _sqlite_insert,
+    _sqlite_record,
     _sqlite_time,
 )
 
@@ -61,7 +64,7 @@ def _planned(delivery: str, recipient: str) -> dict[str, object]:
         "recipient_id": recipient,
         "channel": "push",
         "language": "ru",
-        "status": Status.PLANNED.value,
+        "status": Status.QUEUED.value,
     }
 
 
@@ -80,11 +83,7 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
     if not counters:
         for name in ("insert", "update", "delete"):
             db.execute(f"DROP TRIGGER IF EXISTS deliveries_counted_{name}")
-    queued = (
-        "UPDATE deliveries SET status = 'queued', rank = 1, updated_at = ? "
-        "WHERE id IN ({}) AND status = 'planned'"
-    )
-    steps = dict.fromkeys(("insert", "queued", "sent", "delivered", "events"), 0.0)
+    steps = dict.fromkeys(("insert", "sent", "delivered", "events"), 0.0)
     started = time.perf_counter()
     for start in range(0, n, PAGE):
         recipients = [f"r{i:09d}" for i in range(start, min(n, start + PAGE))]
@@ -92,32 +91,20 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
             f"{i:032d}" if ordered else delivery_id("big", 1, r, "push")
             for i, r in zip(range(start, start + PAGE), recipients, strict=False)
         ]
-        at = _sqlite_time(now())
+        at = now()
+        stamp = _sqlite_time(at)
         marks = [time.perf_counter()]
         with _transaction(db):
-            db.executemany(
-                _SQLITE_INSERT,
-                [(*_insert_values(_planned(i, r)), at) for i, r in zip(ids, recipients, strict=True)],
-            )
+            rows = [(*_insert_values(_planned(i, r)), stamp) for i, r in zip(ids, recipients, strict=True)]
+            _sqlite_insert(db, _SQLITE_INSERT, rows)
         marks.append(time.perf_counter())
         with _transaction(db):
-            db.execute(queued.format(",".join("?" * len(ids))), [at, *ids])
+            sent = (Outcome(i, Status.SENT, partner_id=f"m{start + k}") for k, i in enumerate(ids))
+            _sqlite_record(db, _by_status(sent), at, attempted=True)
         marks.append(time.perf_counter())
         with _transaction(db):
-            db.executemany(
-                _sqlite_move(Status.SENT, True),
-                [
-                    {"b_id": i, "b_partner": f"m{start + k}", "b_reason": None, "b_at": at}
-                    for k, i in enumerate(ids)
-                ],
-            )
-        marks.append(time.perf_counter())
-        with _transaction(db):
-            db.executemany(
-                _sqlite_move(Status.DELIVERED, False),
-                [{"b_id": i, "b_partner": None, "b_reason": None, "b_at": at} for i in ids],
-            )
-            db.executemany(_SQLITE_RECEIPT, [(i, "push", "delivered", None, at) for i in ids])
+            _sqlite_record(db, _by_status(Outcome(i, Status.DELIVERED) for i in ids), at, attempted=False)
+            _sqlite_insert(db, _SQLITE_RECEIPT, [(i, "push", "delivered", None, stamp) for i in ids])
         marks.append(time.perf_counter())
         while events:
             seqs = [s for (s,) in db.execute("SELECT seq FROM delivery_events ORDER BY seq LIMIT 2000")]

@@ -113,7 +113,7 @@ async def test_every_status_change_reaches_the_webhook_signed_and_in_order_per_d
     assert receiver.calls > 2
     for i in ids:
         statuses = receiver.statuses(i)
-        assert statuses[0] == "planned", statuses
+        assert statuses[0] == "queued", statuses  # created queued (the planner)
         assert statuses == sorted(statuses, key=CHAIN.index), statuses  # in order per delivery
         assert len(statuses) == len(set(statuses)), statuses  # each change once
     sample = next(e for e in receiver.events if e["status"] == "delivered")

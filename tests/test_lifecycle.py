@@ -139,7 +139,7 @@ async def test_another_senders_cancel_or_update_is_refused_and_changes_nothing(s
         await _accept(store, same_id, {})
     assert await store.advisory_state(alert.id, 1) is A.ACTIVE
     assert await store.advisory_state(cancel.id, 1) is None  # the refused cancel was not stored
-    assert await _statuses(store, ids) == ["planned"] * 3
+    assert await _statuses(store, ids) == ["queued"] * 3  # still to be sent
     # the same cancel from a configured authority is applied
     done = await _accept(store, cancel, {"embassy.rogue": (alert.sender,)})
     assert done.withdrawn_pending == 3
@@ -170,7 +170,7 @@ async def test_a_failure_inside_accept_leaves_nothing_half_done(store: Store) ->
         await store.accept(v2, bad_body, {})
     assert await store.advisory_state(v1.id, 1) is A.ACTIVE
     assert await store.advisory_state(v2.id, 2) is None
-    assert await _statuses(store, ids) == ["planned"] * 3
+    assert await _statuses(store, ids) == ["queued"] * 3  # still to be sent
     done = await _accept(store, v2, {})  # the replay does all of it
     assert (done.state, done.withdrawn_pending) == (A.ACTIVE, 3)
 

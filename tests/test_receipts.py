@@ -142,7 +142,7 @@ async def test_only_receipts_that_change_a_delivery_become_events(
     chain = [s.value for s in sorted(Status, key=lambda s: s.rank)]
     for i in ids:  # every applied change of each delivery, once, in order; the repeated receipts none
         statuses = [status for d, status in events if d == i]
-        assert statuses[0] == "planned"
+        assert statuses[0] == "queued"  # created queued (the planner)
         assert statuses[-2:] == ["delivered", "read"]
         assert statuses == sorted(statuses, key=chain.index), statuses
         assert len(set(statuses)) == len(statuses), statuses
