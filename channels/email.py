@@ -124,15 +124,24 @@ class EmailAdapter(SignedHttpAdapter):
         return msg
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
-        return list(await asyncio.gather(*(self._send_one(m) for m in batch)))
+        # the batch's MIME built and flattened in a worker thread: the event loop goes on meanwhile
+        flats = await asyncio.to_thread(lambda: [self._flat(m) for m in batch])
+        return list(
+            await asyncio.gather(*(self._send_one(m, flat) for m, flat in zip(batch, flats, strict=True)))
+        )
 
-    async def _send_one(self, m: Message) -> Result:
+    def _flat(self, m: Message) -> bytes | Result:
+        """The message built and flattened (headers folded and checked) before a connection is
+        taken, or why it cannot be."""
         try:
-            # built and flattened (headers folded and checked) before a connection is taken
-            flat = flatten_message(self.build(m))
+            return flatten_message(self.build(m))
         except Exception as e:  # a header with a line break, a non-ASCII address: this message only
             reason = f"cannot build the e-mail: {type(e).__name__}: {e}"[:300]
             return Result(m.delivery_id, "rejected", reason=reason)
+
+    async def _send_one(self, m: Message, flat: bytes | Result) -> Result:
+        if isinstance(flat, Result):
+            return flat
         client = await self._pool.get()
         try:
             if not client.is_connected:
