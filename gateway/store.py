@@ -844,10 +844,10 @@ class Store:
             engine = create_async_engine(url, pool_size=10)
         try:
             await migrations.ensure(engine, migrate)
+            return cls(engine)
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine)
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiokafka import TopicPartition
 
 from gateway.dispatch import FairQueue, Job, Offsets
@@ -48,3 +50,20 @@ def test_offsets_are_committed_only_up_to_the_first_unfinished_chunk() -> None:
     offsets.finished(TP, 2)
     assert offsets.take_committable() == {TP: 4}
     assert offsets.take_committable() == {}
+
+
+async def test_an_urgent_only_taker_gets_the_urgent_job_and_leaves_the_bulk_ones() -> None:
+    """Each lane's extra worker: it waits through bulk jobs and takes an urgent one as it comes."""
+    q = FairQueue()
+    for n in range(3):
+        q.put(_job("bulk", BULK, n))
+    taking = asyncio.create_task(q.get(urgent_only=True))
+    await asyncio.sleep(0)  # it looked, found no urgent job, and waits
+    assert not taking.done()
+    q.put(_job("urgent", URGENT, 0))
+    job = await taking
+    assert job is not None
+    assert job.chunk.ids == ("urgent-0",)
+    assert len(q) == 3  # the bulk jobs are still there for the other workers
+    q.close()
+    assert await q.get(urgent_only=True) is None

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from gateway.models import BULK, URGENT, Recipient, Status
-from gateway.store import Outcome, Store, writing_for
+from gateway.store import _SQLITE_ROWS, Outcome, Store, writing_for
 
 
 async def _store_with_one_sent(store: Store) -> Store:
@@ -52,6 +54,36 @@ async def test_a_late_write_never_moves_a_delivery_backwards(store: Store) -> No
     assert await store.record([Outcome("d1", Status.SENT)]) == 0
     assert await store.record([Outcome("d1", Status.DELIVERED)]) == 0
     assert (await store.delivery("d1") or {}).get("status") == "read"
+
+
+async def test_a_batch_larger_than_one_statement_moves_every_delivery_once(store: Store) -> None:
+    """On SQLite a batch is written as statements of _SQLITE_ROWS rows (on PostgreSQL as one): each
+    row moves once, and the counters (kept by triggers) agree with a recount."""
+    n = 2 * _SQLITE_ROWS + 7
+    await store.upsert_recipients(
+        [Recipient(id=f"r{i:05d}", app_user=f"u{i}", country="XA") for i in range(n)]
+    )
+    rows = [
+        {"id": f"d{i:05d}", "advisory_id": "a", "version": 1, "recipient_id": f"r{i:05d}", "channel": "push",
+         "status": Status.QUEUED.value}
+        for i in range(n)
+    ]  # fmt: skip
+    await store.insert_deliveries(rows)
+    await store.insert_deliveries(rows[:10])  # a replayed page: nothing new
+    sent = [Outcome(f"d{i:05d}", Status.SENT, partner_id=f"m{i}") for i in range(n)]
+    assert await store.record(sent, attempted=True) == n
+    assert await store.record(sent, attempted=True) == 0  # the same answer again moves nothing
+    applied = await store.apply_receipts("push", [Outcome(f"d{i:05d}", Status.DELIVERED) for i in range(n)])
+    assert (len(applied.moved), applied.unchanged) == (n, 0)
+    assert (await store.delivery(f"d{n - 1:05d}") or {}).get("partner_id") == f"m{n - 1}"
+    assert await store.recount() == await store.progress()
+    assert {c.status: c.n for c in await store.progress() if c.n} == {"delivered": n}
+
+
+async def test_a_sqlite_store_without_a_file_is_refused() -> None:
+    """The SQLite writer's connection must see the same database as the others: not ``:memory:``."""
+    with pytest.raises(ValueError, match=r"store\.url: SQLite needs a database file"):
+        await Store.open("sqlite+aiosqlite:///:memory:")
 
 
 async def test_an_urgent_writer_takes_the_next_write_turn_ahead_of_bulk_ones_waiting(tmp_path: Path) -> None:
