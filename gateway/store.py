@@ -206,10 +206,14 @@ _PG_INSERT = sa.text(
 _SQLITE_ROWS = 1000  # rows in one statement at most
 
 
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
 @functools.lru_cache(maxsize=64)
 def _sqlite_values(head: str, width: int, n: int, tail: str = "") -> str:
     """``head`` VALUES (?, …) × ``n`` ``tail``."""
-    row = "(" + ", ".join("?" * width) + ")"
+    row = f"({_marks(width)})"
     return f"{head} VALUES {', '.join([row] * n)}{tail}"
 
 
@@ -228,10 +232,29 @@ _SQLITE_INSERT = (
     " ON CONFLICT DO NOTHING",
 )
 
-# Store.insert_planned on SQLite: take or renew the planning lease, if the cursor is where it was read
-_SQLITE_CLAIM = (
-    "UPDATE advisories SET planner = ?, plan_lease_until = ? WHERE id = ? AND version = ? "
-    "AND plan_cursor = ? AND (planner IS NULL OR planner = ? OR plan_lease_until < ?)"
+
+def _lease_free(planner: Any, at: Any) -> sa.ColumnElement[bool]:
+    """``planner`` may plan the advisory version at ``at``: nobody holds the lease, ``planner`` does,
+    or the holder's has run out."""
+    t = advisories.c
+    return sa.or_(t.planner.is_(None), t.planner == planner, t.plan_lease_until < at)
+
+
+def _claimed(advisory_id: Any, version: Any, after: Any, planner: Any, at: Any, until: Any) -> sa.Update:
+    """Take or renew the lease to plan an advisory version, if its cursor is still ``after``."""
+    t = advisories.c
+    return (
+        sa.update(advisories)
+        .where(t.id == advisory_id, t.version == version, t.plan_cursor == after, _lease_free(planner, at))
+        .values(planner=planner, plan_lease_until=until)
+    )
+
+
+# _claimed for SQLite's writer, as text once, with named parameters
+_SQLITE_CLAIM = str(
+    _claimed(
+        *(sa.literal_column(f":{n}") for n in ("id", "version", "after", "planner", "at", "until"))
+    ).compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True})
 )
 
 _RECEIPT_COLUMNS = ("delivery_id", "channel", "status", "partner_id", "received_at")
@@ -569,10 +592,6 @@ def _matched(items: Sequence[Outcome], by_partner: Mapping[str, str]) -> list[Ou
         else Outcome(by_partner.get(o.partner_id or "", ""), o.status, o.partner_id, o.reason)
         for o in items
     ]
-
-
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
 
 
 def _sqlite_receipts(
@@ -1304,16 +1323,11 @@ class Store:
         the lease, ``planner`` does, or the holder's has run out); None if another instance holds it."""
         t = advisories.c
         q = sa.select(t.plan_cursor).where(
-            t.id == advisory_id, t.version == version, self._lease_free(planner, now())
+            t.id == advisory_id, t.version == version, _lease_free(planner, now())
         )
         async with self.engine.connect() as conn:
             cursor = (await conn.execute(q)).scalar_one_or_none()
         return None if cursor is None else str(cursor)
-
-    @staticmethod
-    def _lease_free(planner: str, at: datetime) -> sa.ColumnElement[bool]:
-        t = advisories.c
-        return sa.or_(t.planner.is_(None), t.planner == planner, t.plan_lease_until < at)
 
     async def insert_planned(
         self,
@@ -1332,7 +1346,14 @@ class Store:
         values = [_insert_values(r) for r in rows]  # before the write turn: the turn is the bottleneck
         if self._writer is not None:
             stamp = _sqlite_time(at)
-            claim = (planner, _sqlite_time(until), advisory_id, version, after, planner, stamp)
+            claim = {
+                "id": advisory_id,
+                "version": version,
+                "after": after,
+                "planner": planner,
+                "at": stamp,
+                "until": _sqlite_time(until),
+            }
             inserts = [(*v, stamp) for v in values]
 
             def page(db: sqlite3.Connection) -> bool:
@@ -1343,22 +1364,12 @@ class Store:
                 return True
 
             return await self._write(page)
-        t = advisories.c
         async with self._begin() as conn:
-            claimed = await conn.execute(
-                sa.update(advisories)
-                .where(
-                    t.id == advisory_id,
-                    t.version == version,
-                    t.plan_cursor == after,
-                    self._lease_free(planner, at),
-                )
-                .values(planner=planner, plan_lease_until=until)
-            )
+            claimed = await conn.execute(_claimed(advisory_id, version, after, planner, at, until))
             if not claimed.rowcount:
                 return False
             await self._insert_in(conn, values, at)
-        if self._dialect == "postgresql" and rows:
+        if rows:
             await self._analyze_when_grown(len(rows))
         return True
 
@@ -1394,8 +1405,7 @@ class Store:
             return
         async with self._begin() as conn:
             await self._insert_in(conn, values, now())
-        if self._dialect == "postgresql":
-            await self._analyze_when_grown(len(rows))
+        await self._analyze_when_grown(len(rows))
 
     async def _insert_in(
         self, conn: AsyncConnection, values: Sequence[tuple[Any, ...]], at: datetime
@@ -1980,13 +1990,9 @@ class Store:
             events = [_event(r) for r in (await conn.execute(q)).all()]
         if events:
             await publish(events)
-            if self._writer is not None:
-                seqs = [e.seq for e in events]
-                delete = f"DELETE FROM delivery_events WHERE seq IN ({_marks(len(seqs))})"  # noqa: S608
-                await self._write(lambda db: db.execute(delete, seqs))
-            else:
-                async with self._begin() as conn:
-                    await conn.execute(published(events))
+            seqs = [e.seq for e in events]
+            delete = f"DELETE FROM delivery_events WHERE seq IN ({_marks(len(seqs))})"  # noqa: S608
+            await self._write(lambda db: db.execute(delete, seqs))
         return len(events)
 
     async def fold_counts(self) -> int:
