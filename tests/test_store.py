@@ -114,3 +114,59 @@ async def test_an_urgent_writer_takes_the_next_write_turn_ahead_of_bulk_ones_wai
     finally:
         await store.close()
     assert order == ["holder", "urgent", "bulk-0", "bulk-1", "bulk-2"]
+
+
+async def test_receipts_are_written_after_urgent_work_and_before_bulk_work_waiting_longer(
+    tmp_path: Path,
+) -> None:
+    """SQLite: a partner's receipt call waits for urgent writes only; bulk writes that were waiting
+    longer come after it (a partner posting its receipts one call at a time waited a whole round of
+    bulk writes for every call)."""
+    store = await _store_with_one_sent(await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'turns.db'}"))
+    seen: list[tuple[str, str]] = []  # (writer, the delivery's status when its turn came)
+    release = asyncio.Event()
+
+    async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
+        with writing_for(priority):
+            async with store.begin_write():
+                seen.append((name, str((await store.delivery("d1") or {}).get("status"))))
+                if hold is not None:
+                    await hold.wait()
+
+    try:
+        holder = asyncio.create_task(write("holder", BULK, release))
+        await asyncio.sleep(0)  # a task switch: the holder takes the turn
+        bulk = asyncio.create_task(write("bulk", BULK))
+        await asyncio.sleep(0)
+        receipts = asyncio.create_task(store.apply_receipts("smpp", [Outcome("d1", Status.DELIVERED)]))
+        await asyncio.sleep(0)
+        urgent = asyncio.create_task(write("urgent", URGENT))
+        for _ in range(3):
+            await asyncio.sleep(0)  # every writer is waiting for its turn now
+        release.set()
+        await asyncio.gather(holder, bulk, receipts, urgent)
+    finally:
+        await store.close()
+    assert seen == [("holder", "sent"), ("urgent", "sent"), ("bulk", "delivered")]
+
+
+async def test_recipients_read_back_as_stored_in_the_order_asked(store: Store) -> None:
+    """Pages of an audience come back whole and in id order (on SQLite they are read as one row of
+    JSON: nothing may be lost or reordered on the way)."""
+    people = [
+        Recipient(
+            id=f"r{i:03d}", languages=("kk", "ru"), phone=f"+7701123{i:04d}", email=f"p{i}@example.org",
+            app_user=f"u{i}", country="XA", region="north" if i % 2 else None,
+            tags=("staff",) if i % 3 else (), opt_outs=("sms",) if i % 5 == 0 else (),
+        )
+        for i in range(250, 0, -1)
+    ]  # fmt: skip
+    await store.upsert_recipients(people)
+    by_id = sorted(people, key=lambda r: r.id)
+    first = await store.audience_page(["XA"], [], [], after="", limit=100)
+    rest = await store.audience_page(["XA"], [], [], after=first[-1].id, limit=1000)
+    assert first + rest == by_id
+    assert sorted(await store.recipients_by_id(["r007", "r100", "nobody"]), key=lambda r: r.id) == [
+        by_id[6],
+        by_id[99],
+    ]
