@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -40,11 +41,28 @@ def stop_on_signals(stop: asyncio.Event) -> None:
 # -- run ------------------------------------------------------------------------------------------
 
 
+# Python's cycle collector, for a process that makes a few hundred short-lived objects a delivery:
+# the default (700, 10, 10) collects the youngest generation every 700 allocations net, thousands of
+# times a second under load, and the oldest every 70,000, walking every object the service holds.
+# Started objects are frozen (never walked again); the youngest is collected every 50,000. 100,000
+# push: all sent 15.7-17.6 s -> 12.4-15.1 s, urgent first request p99 0.38-0.43 s -> 0.27-0.32 s,
+# peak RSS +5 MB (three interleaved runs each; docs/performance.md, fourth pass).
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Freeze what exists now and collect less often: for a service, once it has started."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _run(settings: Settings) -> None:
     from gateway.app import Gateway
 
     gateway = Gateway(settings)
     await gateway.start()
+    tune_gc()
     stop_on_signals(gateway.stopping)
     try:
         await gateway.wait()
