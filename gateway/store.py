@@ -426,12 +426,11 @@ _EVENT_COLUMNS = (
     "seq, delivery_id, advisory_id, version, channel, language, status, previous_status, reason, "
     "partner_id, at"
 )
-# read without SQLAlchemy's types: a million deliveries make four million events, and each one's time
-# was parsed only to be printed again
-_TAKE_EVENTS = sa.text(f"SELECT {_EVENT_COLUMNS} FROM delivery_events ORDER BY seq LIMIT :limit")  # noqa: S608
-_TAKE_EVENTS_Q = sa.select(*(delivery_events.c[c] for c in _EVENT_COLUMNS.split(", "))).order_by(
+# read through _all: on SQLite without SQLAlchemy's types (a million deliveries make millions of
+# events, and each one's time was parsed only to be printed again)
+_TAKE_EVENTS = sa.select(*(delivery_events.c[c] for c in _EVENT_COLUMNS.split(", "))).order_by(
     delivery_events.c.seq
-)  # the same, for _all (SQLite)
+)
 
 
 def _rfc3339(at: Any) -> str:
@@ -755,7 +754,7 @@ _RECEIPTS = (URGENT + BULK) / 2
 
 
 @contextlib.contextmanager
-def writing_for(priority: int) -> Iterator[None]:
+def writing_for(priority: float) -> Iterator[None]:
     """The store's writes made inside are for work of ``priority``: on SQLite an urgent advisory's
     writes take the next write turn, ahead of bulk ones that were waiting."""
     token = _WRITING_FOR.set(priority)
@@ -1697,11 +1696,8 @@ class Store:
             return AppliedReceipts([], [], 0)
         at = now()
         if self._writer is not None:
-            token = _WRITING_FOR.set(_RECEIPTS)
-            try:
+            with writing_for(_RECEIPTS):
                 applied = await self._write(partial(_sqlite_receipts, channel=channel, items=items, at=at))
-            finally:
-                _WRITING_FOR.reset(token)
         else:
             async with self._begin() as conn:
                 applied = await self._receipts_in(conn, channel, items, at)
@@ -2024,7 +2020,7 @@ class Store:
         """The oldest ``limit`` events to ``publish``, then removed from the outbox (only once
         ``publish`` returned: at least once). One taker at a time across instances on PostgreSQL
         (an advisory lock: events of one delivery stay in order); returns how many were taken."""
-        q = _TAKE_EVENTS.bindparams(limit=limit)
+        q = _TAKE_EVENTS.limit(limit)
 
         def published(events: list[Event]) -> sa.Delete:
             return sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
@@ -2033,13 +2029,13 @@ class Store:
             async with self.engine.begin() as conn:
                 if not (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(4711006)"))).scalar():
                     return 0  # another instance is publishing
-                events = [_event(r) for r in (await conn.execute(q)).all()]
+                events = [_event(list(r.values())) for r in await _all(conn, q)]
                 if events:
                     await publish(events)
                     await conn.execute(published(events))
             return len(events)
         async with self.engine.connect() as conn:  # SQLite: the write lock is not held while publishing
-            events = [_event(list(r.values())) for r in await _all(conn, _TAKE_EVENTS_Q.limit(limit))]
+            events = [_event(list(r.values())) for r in await _all(conn, q)]
         if events:
             await publish(events)
             seqs = [e.seq for e in events]
