@@ -430,8 +430,13 @@ MAX_SKEW_S = 300
 def hmac_headers(secret: str, body: bytes, at: float | None = None) -> dict[str, str]:
     """Headers that sign ``body``: v1=HMAC-SHA256(secret, "<timestamp>." + body)."""
     ts = str(int(time.time() if at is None else at))
-    mac = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: f"v1={mac}"}
+    return {TIMESTAMP_HEADER: ts, SIGNATURE_HEADER: f"v1={_mac(secret, ts, body)}"}
+
+
+def _mac(secret: str, ts: str, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), ts.encode() + b".", hashlib.sha256)
+    mac.update(body)  # not concatenated: a batch body is not copied to be signed or checked
+    return mac.hexdigest()
 
 
 def verify_hmac(secret: str, body: bytes, headers: Mapping[str, str], at: float | None = None) -> None:
@@ -442,6 +447,5 @@ def verify_hmac(secret: str, body: bytes, headers: Mapping[str, str], at: float 
         raise AuthError("missing or malformed signature headers")
     if abs((time.time() if at is None else at) - int(ts)) > MAX_SKEW_S:
         raise AuthError("signature timestamp outside the allowed window")
-    expected = hmac.new(secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, given[3:]):
+    if not hmac.compare_digest(_mac(secret, ts, body), given[3:]):
         raise AuthError("signature does not match")

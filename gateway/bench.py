@@ -46,15 +46,16 @@ from typing import Any
 
 import aiohttp
 import aiosmtplib
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from channels.base import hmac_headers
 from gateway import logging as gw_logging
 from gateway.auth import Tokens
-from gateway.broker import EmbeddedBroker
+from gateway.broker import EmbeddedBroker, free_port
 from gateway.demo import write_recipients
 from gateway.directory import import_file
-from gateway.drill import DrillError, Rig
+from gateway.drill import DrillError, GatewayProcess, Rig
 from gateway.models import FINAL, PENDING
 from gateway.sandbox.process import SandboxProcess
 from gateway.trends import quantile
@@ -210,11 +211,11 @@ async def _floor_http(sandbox: SandboxProcess, channel: str, advisory: str, n: i
     async def client(http: aiohttp.ClientSession) -> None:
         for start in starts:
             messages = [_message(channel, advisory, i) for i in range(start, min(start + batch, n))]
-            body = json.dumps({"messages": messages}, ensure_ascii=False).encode()
+            body = orjson.dumps({"messages": messages})  # as the adapters encode (channels/base.py)
             headers = {"Content-Type": "application/json", **hmac_headers(sandbox.secret, body)}
             async with http.post(url, data=body, headers=headers) as resp:
                 resp.raise_for_status()
-                results = (await resp.json())["results"]
+                results = orjson.loads(await resp.read())["results"]
                 if len(results) != len(messages):
                     raise DrillError(f"floor: {len(results)} results for {len(messages)} messages")
 
@@ -426,6 +427,7 @@ async def run_bench(
     profile: Path | None,
     skip_floor: bool = False,
     floor_only: bool = False,
+    planner_process: bool = False,
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     report: dict[str, Any] = {"channel": channel, "recipients": n, "workdir": str(workdir)}
@@ -455,7 +457,12 @@ async def run_bench(
                     else {"seconds": None, "per_s": None, "why": "--apprise 0"}
                 )
                 await sandbox.configure(channel, receipts=True)
-                await _measure_gateway(rig, report, deadline_s, urgent, chart, profile)
+                planner = _planner(rig) if planner_process else None
+                try:
+                    await _measure_gateway(rig, report, deadline_s, urgent, chart, profile, planner)
+                finally:
+                    if planner is not None and planner.proc is not None and planner.proc.returncode is None:
+                        await planner.kill()
         except DrillError as e:
             report["error"] = str(e)
         finally:
@@ -469,16 +476,34 @@ async def run_bench(
     return report
 
 
+def _planner(rig: Rig) -> GatewayProcess:
+    """A second gateway process that only plans (roles: intake): the measured one then dispatches and
+    takes the receipts, each process with its own interpreter lock, both on the one SQLite file."""
+    rig.env["GATEWAY__GATEWAY__ROLES"] = "[dispatch,receipts]"
+    env = {**rig.env, "GATEWAY__GATEWAY__ROLES": "[intake]"}
+    return GatewayProcess(env, rig.workdir, free_port(), name="planner")
+
+
 async def _measure_gateway(
-    rig: Rig, report: dict[str, Any], deadline_s: float, urgent: int, chart: Path | None, profile: Path | None
+    rig: Rig,
+    report: dict[str, Any],
+    deadline_s: float,
+    urgent: int,
+    chart: Path | None,
+    profile: Path | None,
+    planner: GatewayProcess | None = None,
 ) -> None:
     await rig.start_gateway()
+    pids = {"gateway": rig.proc.pid if rig.proc else 0}
+    if planner is not None:
+        await planner.start()
+        await rig.until(planner.healthy, 60, "the planning gateway answering /healthz")
+        assert planner.proc is not None
+        pids["planner"] = planner.proc.pid
     assert rig.proc is not None
     assert rig.sandbox.pid is not None
     assert rig.broker.pid is not None
-    watch = Watch(
-        {"gateway": rig.proc.pid, "sandbox": rig.sandbox.pid, "broker": rig.broker.pid, "bench": os.getpid()}
-    )
+    watch = Watch({**pids, "sandbox": rig.sandbox.pid, "broker": rig.broker.pid, "bench": os.getpid()})
     profiler = Profiler(profile) if profile else None
     if profiler is not None:
         await profiler.start(rig.proc.pid)
@@ -608,6 +633,7 @@ def main(
     profile: str | None,
     skip_floor: bool = False,
     floor_only: bool = False,
+    planner_process: bool = False,
 ) -> int:
     gw_logging.configure("warning", "auto")
     report = asyncio.run(
@@ -621,6 +647,7 @@ def main(
             Path(profile) if profile else None,
             skip_floor,
             floor_only,
+            planner_process,
         )
     )
     if as_json:

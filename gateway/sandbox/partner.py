@@ -1,17 +1,18 @@
 """What every sandbox partner does, whatever its protocol.
 
 It honours idempotency keys (a replayed key is answered with the first answer and not counted
-again), counts what it accepted per recipient and advisory (with the wall-clock time of each, so a
-drill can ask what arrived after a moment), can be told to fail (status codes, Retry-After,
-latency, hangs, connection resets), and sends signed receipts to the gateway's webhook after a delay —
-retrying while the gateway is down, as a real partner does. A protocol subclass adds its routes
-(or its server) and says how its receipts look on the wire.
+again), counts what it accepted per recipient and advisory (with the wall-clock time of each take —
+a batch request is one — so a drill can ask what arrived after a moment), can be told to fail (status
+codes, Retry-After, latency, hangs, connection resets), and sends signed receipts to the gateway's
+webhook after a delay — retrying while the gateway is down, as a real partner does. A protocol
+subclass adds its routes (or its server) and says how its receipts look on the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import contextlib
 import itertools
 import json
@@ -56,22 +57,26 @@ class Faults:
 
 @dataclass
 class Counter:
-    accepted: int = 0
-    duplicates: int = 0
-    recipients: set[str] = field(default_factory=set)
-    seen: set[tuple[str, str]] = field(default_factory=set)
-    languages: dict[str, int] = field(default_factory=dict)
-    times: list[float] = field(default_factory=list)  # wall clock of each accepted message, in order
+    """What a partner took for one advisory: a second message to a recipient is a duplicate. Messages
+    are counted a take at a time (a batch request is one take, at one wall-clock moment)."""
 
-    def add(self, recipient: str, advisory: str, language: str, at: float) -> None:
-        self.accepted += 1
+    accepted: int = 0
+    recipients: set[str] = field(default_factory=set)
+    languages: dict[str, int] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # wall clock of each take, in order
+    upto: list[int] = field(default_factory=list)  # messages accepted up to and including each take
+
+    @property
+    def duplicates(self) -> int:
+        return self.accepted - len(self.recipients)
+
+    def add(self, recipients: list[str], languages: list[str], at: float) -> None:
+        self.accepted += len(recipients)
+        self.recipients.update(recipients)
+        for language, n in collections.Counter(languages).items():
+            self.languages[language] = self.languages.get(language, 0) + n
         self.times.append(at)
-        self.languages[language] = self.languages.get(language, 0) + 1
-        key = (advisory, recipient)
-        if key in self.seen:
-            self.duplicates += 1
-        self.seen.add(key)
-        self.recipients.add(recipient)
+        self.upto.append(self.accepted)
 
     def as_dict(self, since: float | None = None) -> dict[str, Any]:
         out = {
@@ -83,7 +88,8 @@ class Counter:
             "last_at": self.times[-1] if self.times else None,
         }
         if since is not None:
-            out["accepted_since"] = len(self.times) - bisect.bisect_right(self.times, since)
+            before = bisect.bisect_right(self.times, since)
+            out["accepted_since"] = self.accepted - (self.upto[before - 1] if before else 0)
         return out
 
 
@@ -99,8 +105,8 @@ class SandboxPartner:
         self.receipt_delay_s = receipt_delay_s
         self.send_receipts = True  # false: accepted messages get no receipt (the bench's floor)
         self.faults = Faults()
-        self.total = Counter()
         self.by_advisory: dict[str, Counter] = {}
+        self.everyone: set[str] = set()  # recipients of any advisory
         self.answers: dict[str, str] = {}  # idempotency key -> the partner's message id, first answer
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(4)  # message ids unique across partners and restarts
@@ -136,8 +142,19 @@ class SandboxPartner:
 
     def stats(self, since: float | None = None) -> dict[str, Any]:
         """Counts; with ``since`` (epoch seconds), also what was accepted after that moment."""
+        counters = self.by_advisory.values()
+        languages: collections.Counter[str] = collections.Counter()
+        for c in counters:
+            languages.update(c.languages)
+        firsts = [c.times[0] for c in counters if c.times]
+        lasts = [c.times[-1] for c in counters if c.times]
         return {
-            **self.total.as_dict(),
+            "accepted": sum(c.accepted for c in counters),
+            "unique_recipients": len(self.everyone),
+            "duplicates": sum(c.duplicates for c in counters),
+            "languages": dict(sorted(languages.items())),
+            "first_at": min(firsts, default=None),
+            "last_at": max(lasts, default=None),
             "requests": self.requests,
             "idempotent_replays": self.replays,
             "rejected": self.rejected,
@@ -207,10 +224,11 @@ class SandboxPartner:
             self.open_requests -= 1
 
     def batch_route(
-        self, path: str, max_batch: int, take: Callable[[dict[str, Any]], dict[str, Any]]
+        self, path: str, max_batch: int, take: Callable[[list[Any]], list[dict[str, Any]]]
     ) -> web.RouteDef:
-        """POST ``path`` with ``{"messages": [...]}`` (signed): faults first, then ``take`` per message,
-        answered ``{"results": [...]}`` — the shape of every HTTP partner here."""
+        """POST ``path`` with ``{"messages": [...]}`` (signed): faults first, then ``take`` of the whole
+        list (one result per message, in order), answered ``{"results": [...]}`` — the shape of every
+        HTTP partner here."""
 
         async def handle(request: web.Request) -> web.Response:
             with self.open_request():
@@ -223,7 +241,7 @@ class SandboxPartner:
                     return web.json_response({"error": 'body must be {"messages": [...]}'}, status=400)
                 if not isinstance(messages, list) or not 1 <= len(messages) <= max_batch:
                     return web.json_response({"error": f"messages: 1 to {max_batch} items"}, status=413)
-                results = [take(m) for m in messages]
+                results = take(messages)
                 return web.Response(body=orjson.dumps({"results": results}), content_type="application/json")
 
         return web.post(path, handle)
@@ -255,26 +273,40 @@ class SandboxPartner:
     ) -> tuple[str, bool]:
         """Take one message; returns (partner message id, first time). A seen key is a replay, not
         counted. Its receipt will say ``status`` (default: the partner's ``receipt_status``)."""
+        message_id, first = self.answer(key, status)
+        if first:
+            self.count(recipient, advisory, language)
+        return message_id, first
+
+    def answer(self, key: str, status: str | None = None) -> tuple[str, bool]:
+        """The message id for ``key`` and whether it is new: a seen key is a replay, answered with the
+        first id; a new one gets its receipt queued (saying ``status``). The caller counts new ones."""
         if (first := self.answers.get(key)) is not None:
             self.replays += 1
             return first, False
         message_id = f"{self._id_prefix}{next(self._ids):x}"
         self.answers[key] = message_id
-        self.count(recipient, advisory, language)
         if self.send_receipts:
-            due = asyncio.get_running_loop().time() + self.receipt_delay_s
-            self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
-            self._wakeup.set()
+            self.queue_receipt(key, message_id, status)
         return message_id, True
+
+    def queue_receipt(self, key: str, message_id: str, status: str | None = None) -> None:
+        """A receipt for a message taken now, sent after the partner's delay."""
+        due = asyncio.get_running_loop().time() + self.receipt_delay_s
+        self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
+        self._wakeup.set()
 
     def count(self, recipient: str, advisory: str, language: str) -> None:
         """Count one message taken for a recipient (a second one for the same advisory is a duplicate)."""
-        at = time.time()
-        self.total.add(recipient, advisory, language, at)
+        self.count_many(advisory, [recipient], [language])
+
+    def count_many(self, advisory: str, recipients: list[str], languages: list[str]) -> None:
+        """Count messages of one advisory taken together (one batch request), one per recipient listed."""
         counter = self.by_advisory.get(advisory)
         if counter is None:
             counter = self.by_advisory[advisory] = Counter()
-        counter.add(recipient, advisory, language, at)
+        counter.add(recipients, languages, time.time())
+        self.everyone.update(recipients)
 
     def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
         """One receipt as this partner's webhook carries it."""

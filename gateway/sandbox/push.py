@@ -102,14 +102,43 @@ class PushPartner(SandboxPartner):
             },
         }
 
-    def _take(self, m: dict[str, Any]) -> dict[str, Any]:
-        key = str(m.get("idempotency_key") or "")
-        if not key or not m.get("user_ref") or not m.get("title") or not m.get("body"):
-            self.rejected += 1
-            return {"idempotency_key": key, "status": "rejected", "reason": "missing field"}
-        advisory = f"{m.get('advisory_id')}@v{m.get('advisory_version')}"
-        message_id, _ = self.accept(key, str(m["user_ref"]), advisory, str(m.get("language")))
-        return {"idempotency_key": key, "status": "accepted", "message_id": message_id}
+    def _take(self, messages: list[Any]) -> list[dict[str, Any]]:
+        """A batch: each message answered in order, the new ones counted per advisory at once. The
+        partner's hottest loop (the bench's floor is bounded by it), so ``answer`` is inlined."""
+        results: list[dict[str, Any]] = []
+        taken: dict[str, tuple[list[str], list[str]]] = {}  # advisory -> (recipients, languages)
+        named: tuple[Any, Any] | None = None
+        group: tuple[list[str], list[str]] = ([], [])
+        answers, ids, prefix, queue = self.answers, self._ids, self._id_prefix, self.send_receipts
+        for m in messages:
+            try:
+                key, user = m["idempotency_key"], m["user_ref"]
+                if not (key and user and m["title"] and m["body"]):
+                    raise ValueError("empty field")
+            except (KeyError, TypeError, ValueError):
+                self.rejected += 1
+                key = m.get("idempotency_key") if isinstance(m, dict) else None
+                results.append(
+                    {"idempotency_key": str(key or ""), "status": "rejected", "reason": "missing field"}
+                )
+                continue
+            key = key if type(key) is str else str(key)
+            fresh = f"{prefix}{next(ids):x}"
+            message_id = answers.setdefault(key, fresh)  # one look-up in a table of millions
+            results.append({"idempotency_key": key, "status": "accepted", "message_id": message_id})
+            if message_id is not fresh:
+                self.replays += 1
+                continue
+            if queue:
+                self.queue_receipt(key, message_id)
+            if named != (advisory := (m.get("advisory_id"), m.get("advisory_version"))):
+                named = advisory
+                group = taken.setdefault(f"{advisory[0]}@v{advisory[1]}", ([], []))
+            group[0].append(user if type(user) is str else str(user))
+            group[1].append(m.get("language"))
+        for advisory_key, (recipients, languages) in taken.items():
+            self.count_many(advisory_key, recipients, [str(x) for x in languages])
+        return results
 
     # -- segments ---------------------------------------------------------------------------------
 

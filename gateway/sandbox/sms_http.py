@@ -23,7 +23,7 @@ class SmsAggregator(SandboxPartner):
         self.encodings: dict[str, int] = {}
 
     def routes(self) -> list[web.RouteDef]:
-        return [self.batch_route("/sms/v1/messages", MAX_BATCH, self._take), *super().routes()]
+        return [self.batch_route("/sms/v1/messages", MAX_BATCH, self._take_all), *super().routes()]
 
     def stats(self, since: float | None = None) -> dict[str, Any]:
         return {
@@ -37,6 +37,9 @@ class SmsAggregator(SandboxPartner):
 
     def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return {"dlrs": batch}
+
+    def _take_all(self, messages: list[Any]) -> list[dict[str, Any]]:
+        return [self._take(m) for m in messages]
 
     def _take(self, m: dict[str, Any]) -> dict[str, Any]:
         ref = str(m.get("reference") or "")
