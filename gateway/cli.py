@@ -486,6 +486,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.profile,
         args.no_floor,
         args.floor_only,
+        args.planner_process,
     )
 
 
@@ -631,6 +632,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--urgent", type=int, default=0, help="urgent advisories published during the bulk")
     b.add_argument("--no-floor", action="store_true", help="leave out the floor client")
     b.add_argument("--floor-only", action="store_true", help="only the floor: how much the sandbox absorbs")
+    b.add_argument(
+        "--planner-process",
+        action="store_true",
+        help="plan in a second gateway process (roles: intake); the measured one dispatches",
+    )
     b.add_argument("--timeout", type=float, default=1800.0, help="seconds the broadcast may take")
     b.set_defaults(func=cmd_bench)
     return p
