@@ -32,3 +32,26 @@ async def test_bench_reports_the_gateway_beside_the_floor_and_apprise(tmp_path: 
     assert report["gateway_over_floor"] > 0
     assert report["apprise_over_floor"] > 0
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_bench_with_planning_in_a_second_process_reaches_everyone_once(tmp_path: Path) -> None:
+    """``--planner-process``: one gateway plans (roles: intake), the measured one dispatches and takes
+    receipts, both on the one store; every recipient reached once, both processes measured."""
+    report = await run_bench(
+        1000,
+        "push",
+        deadline_s=120,
+        apprise_limit=0,
+        urgent=0,
+        chart=None,
+        profile=None,
+        skip_floor=True,
+        planner_process=True,
+    )
+    assert "error" not in report, report.get("error")
+    gateway = report["gateway"]
+    assert (gateway["partner_unique"], gateway["lost"], gateway["duplicates"]) == (1000, 0, 0)
+    assert gateway["store"] == {"delivered": 1000}
+    assert report["counters_agree"] is True
+    assert report["processes"]["planner"]["cpu_s"] > 0
+    assert report["processes"]["gateway"]["cpu_s"] > 0
