@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
-from email.message import EmailMessage
+from email.header import Header
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import formataddr, formatdate
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -40,6 +43,27 @@ EVENT_STATUS: dict[str, Status | None] = {
     "deferred": None,  # the relay keeps trying: not final
     "complained": None,  # a spam report after delivery: stays delivered
 }
+
+
+def mime(headers: Mapping[str, str], text: str, html: str | None = None) -> MIMEBase:
+    """A text e-mail (``multipart/alternative`` with ``html``), UTF-8, built with the ``compat32``
+    classes: 1.1 ms a message instead of 3.5 ms with ``EmailMessage`` (its header objects), nearly
+    half of the gateway's CPU for e-mail. ``compat32`` does not refuse a header value with a line
+    break as ``EmailMessage`` does, so it is refused here: an advisory's subject cannot add headers.
+    A non-ASCII value is sent as an RFC 2047 encoded word."""
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name}: a line break in a header value")
+    body = MIMEText(text, "plain", "utf-8")
+    msg: MIMEBase = body
+    if html is not None:
+        msg = MIMEMultipart("alternative")
+        msg.attach(body)
+        msg.attach(MIMEText(html, "html", "utf-8"))
+    for name, value in headers.items():
+        # a Header object, encoded and folded by the generator (typeshed types the value as str only)
+        msg[name] = value if value.isascii() else cast(str, Header(value, "utf-8", header_name=name))
+    return msg
 
 
 class EmailSettings(SignedChannelSettings):
@@ -103,25 +127,23 @@ class EmailAdapter(SignedHttpAdapter):
     def message_id(self, delivery_id: str) -> str:
         return f"<{delivery_id}@{self.email_settings.message_id_domain}>"
 
-    def build(self, m: Message) -> EmailMessage:
+    def build(self, m: Message) -> MIMEBase:
         s = self.email_settings
         if not m.address.isascii():
             raise ValueError("address: not ASCII; internationalised addresses (SMTPUTF8) are not sent")
-        msg = EmailMessage()
-        msg["From"] = formataddr((s.from_name, s.from_address))
-        msg["To"] = m.address
-        msg["Subject"] = m.parts["subject"]
-        msg["Date"] = formatdate(usegmt=True)
-        msg["Message-ID"] = self.message_id(m.delivery_id)
-        msg["X-Advisory"] = key(m.advisory_id, m.version)
-        msg["Auto-Submitted"] = "auto-generated"
+        headers = {
+            "From": formataddr((s.from_name, s.from_address), charset="utf-8"),
+            "To": m.address,
+            "Subject": m.parts["subject"],
+            "Date": formatdate(usegmt=True),
+            "Message-ID": self.message_id(m.delivery_id),
+            "X-Advisory": key(m.advisory_id, m.version),
+            "Auto-Submitted": "auto-generated",
+        }
         if m.priority == 0:
-            msg["Importance"] = "high"
-        msg.set_content(m.parts["text"])
-        if "html" in m.parts:
-            msg.add_alternative(m.parts["html"], subtype="html")
-        msg["Content-Language"] = m.language  # after the body: set_content() clears Content-* headers
-        return msg
+            headers["Importance"] = "high"
+        headers["Content-Language"] = m.language
+        return mime(headers, m.parts["text"], m.parts.get("html"))
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
         # the batch's MIME built and flattened in a worker thread: the event loop goes on meanwhile

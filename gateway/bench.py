@@ -39,7 +39,6 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from channels.base import hmac_headers
+from channels.email import mime
 from gateway import logging as gw_logging
 from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker, free_port
@@ -231,16 +231,16 @@ async def _floor_smtp(sandbox: SandboxProcess, advisory: str, n: int) -> None:
         await smtp.connect()
         try:
             for i in numbers:
-                msg = EmailMessage()
-                msg["From"] = "alerts@mfa.example"
-                msg["To"] = _user("email", i)["email"]
-                msg["Subject"] = TITLE
-                msg["X-Advisory"] = f"{advisory}@v1"
-                msg["X-Idempotency-Key"] = f"{advisory}/{i}"
-                msg["Content-Language"] = "en"
-                msg["Message-ID"] = f"<{advisory}.{i}@bench.invalid>"
-                msg.set_content(BODY)
-                await smtp.send_message(msg)
+                headers = {
+                    "From": "alerts@mfa.example",
+                    "To": _user("email", i)["email"],
+                    "Subject": TITLE,
+                    "X-Advisory": f"{advisory}@v1",
+                    "X-Idempotency-Key": f"{advisory}/{i}",
+                    "Content-Language": "en",
+                    "Message-ID": f"<{advisory}.{i}@bench.invalid>",
+                }
+                await smtp.send_message(mime(headers, BODY))  # built as the adapter builds it
         finally:
             with contextlib.suppress(aiosmtplib.SMTPException):
                 await smtp.quit()

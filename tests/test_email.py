@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtplib.email import flatten_message
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from channels.base import Message, Result, hmac_headers
-from channels.email import EmailAdapter, EmailSettings
+from channels.email import EmailAdapter, EmailSettings, mime
 from gateway.app import Gateway
 from gateway.broker import free_port
 from gateway.cli import publish
@@ -288,3 +290,22 @@ async def test_two_instances_with_the_same_chunk_send_each_email_once_and_take_o
         per = (await sandbox.stats())["channels"]["email"]["by_advisory"][f"{record['id']}@v1"]
         assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (40, 40, 0)
         assert (await store.counts(record["id"]))["email"].get("queued") is None
+
+
+def test_no_header_value_takes_a_line_break_and_a_long_kazakh_subject_comes_back_whole() -> None:
+    """The MIME is built with the compat32 classes, which fold what they are given: a value with a
+    line break would add headers of an advisory's choosing, so it is refused before building."""
+    for bad in ("Leave\nnow", "Leave\rnow", "Leave\r\nBcc: everyone@example.kz"):
+        with pytest.raises(ValueError, match="Subject: a line break"):
+            mime({"Subject": bad}, "text")
+    subject = "Арвенияда соғыс: шекара бекеттері ашық, консулдық жедел желіге хабарласыңыз — " * 3
+    flat = flatten_message(mime({"Subject": subject, "Content-Language": "kk"}, "Мәтін.", "<p>Мәтін.</p>"))
+    assert all(len(line) <= 998 for line in flat.splitlines())  # aiosmtplib sends them as CRLF
+    msg = message_from_bytes(flat, policy=policy.default)
+    assert isinstance(msg, EmailMessage)
+    assert str(msg["Subject"]) == subject
+    assert msg["Content-Language"] == "kk"
+    text, html = msg.get_body(("plain",)), msg.get_body(("html",))
+    assert text is not None
+    assert html is not None
+    assert (text.get_content().strip(), html.get_content().strip()) == ("Мәтін.", "<p>Мәтін.</p>")
