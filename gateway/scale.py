@@ -9,9 +9,10 @@ accepted by the partner: its partitions move to the others, which replay what it
 (``--no-kill``: none is, to measure what N instances do together).
 
 Reported: each instance's share (messages the partner accepted from it, from its own /metrics,
-sampled until it died), ``lost`` and ``duplicates`` from the partner's own counts, time to all-sent
-and all-delivered, and whether the store's counters agree with a recount. Passes with 0 lost and 0
-duplicates.
+sampled until it died: for the killed one a lower bound — a batch answered between its last sample
+and the kill, and recorded, is in nobody's share), ``lost`` and ``duplicates`` from the partner's
+own counts, time to all-sent and all-delivered, and whether the store's counters agree with a
+recount. Passes with 0 lost and 0 duplicates.
 """
 
 from __future__ import annotations

@@ -119,6 +119,8 @@ async def test_three_instances_on_postgresql_share_a_broadcast_and_survive_one_k
     assert (report["delivered"], report["lost"], report["duplicates"]) == (4000, 0, 0)
     assert report["killed_instance"] == 2
     assert report["counters_agree"] is True
-    shares = report["share"]  # what the partner accepted from each (a replayed chunk counts again)
-    assert sum(shares.values()) >= 4000, shares
+    # what the partner accepted from each, from their /metrics; the killed one's is what its last
+    # sample said, a lower bound (a batch answered and recorded after it is in nobody's share: seen
+    # once in CI as 2500 + 1000 + 0), so the shares are not summed against the 4,000
+    shares = report["share"]
     assert sum(1 for n in shares.values() if n > 0) >= 2, shares  # the work was split, not repeated
