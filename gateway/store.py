@@ -96,6 +96,8 @@ log = get_logger(__name__)
 
 _IS_PENDING = deliveries.c.status.in_(sorted(s.value for s in PENDING))
 WITHDRAWN = (Status.CANCELLED, Status.EXPIRED)
+# what a receipt says of a message that reached the partner: it may move a withdrawn delivery (_moved)
+WENT_OUT = frozenset({Status.DELIVERED, Status.READ, Status.FAILED})
 
 
 async def _transition(
@@ -294,9 +296,11 @@ def _moved(
     partner_id: sa.ColumnElement[Any],
     reason: sa.ColumnElement[Any],
     at: sa.ColumnElement[Any],
+    receipt: bool = False,
 ) -> sa.Update:
     """The UPDATE of the delivery ``id_`` to ``status``, only forward: a write that would move one
-    backwards changes nothing."""
+    backwards changes nothing. ``attempted``: the partner's answer to a request; ``receipt``: the
+    partner's receipt — both say the message went out, so both may move a withdrawn delivery."""
     t = deliveries.c
     values: dict[str, Any] = {
         "status": status.value,
@@ -313,9 +317,10 @@ def _moved(
     if status in WITHDRAWN:
         # cancel and expiry take only what has not gone out: never a sent or delivered message
         forward = sa.or_(*(t.status == s.value for s in PENDING))
-    elif attempted:
+    elif attempted or (receipt and status in WENT_OUT):
         # the partner's answer to a request that was already on its way when a cancel, an update
-        # or expiry withdrew the delivery: the message went out, and the store says so
+        # or expiry withdrew the delivery — or its receipt, which can be written first (receipts
+        # take their write turn ahead of bulk results): the message went out, and the store says so
         forward = sa.or_(forward, *(t.status == s.value for s in WITHDRAWN))
     return sa.update(deliveries).where(t.id == id_, forward).values(**values)
 
@@ -324,7 +329,7 @@ _AT = "'__at__'"  # where a move's time goes in _sqlite_move's text
 
 
 @functools.cache
-def _sqlite_move(status: Status, attempted: bool) -> tuple[str, str]:
+def _sqlite_move(status: Status, attempted: bool, receipt: bool = False) -> tuple[str, str]:
     """``_moved`` for a batch on SQLite, as text once, in two parts: ``FROM (VALUES …) AS moved``
     goes between them (its columns: id, partner id, reason); the constants are written in, the time
     replaces ``_AT``."""
@@ -336,6 +341,7 @@ def _sqlite_move(status: Status, attempted: bool) -> tuple[str, str]:
         column("moved.column2"),
         column("moved.column3"),
         column(_AT),
+        receipt,
     )
     text = str(statement.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
     head, where = text.split(" WHERE ", 1)
@@ -352,13 +358,15 @@ def _by_status(outcomes: Iterable[Outcome]) -> Moves:
     return by_status
 
 
-def _sqlite_record(db: sqlite3.Connection, by_status: Moves, at: datetime, attempted: bool) -> int:
+def _sqlite_record(
+    db: sqlite3.Connection, by_status: Moves, at: datetime, attempted: bool, receipt: bool = False
+) -> int:
     """Store.record's moves on SQLite's writer connection, a statement per status and up to
     ``_SQLITE_ROWS`` deliveries; returns rows moved."""
     stamp = f"'{_sqlite_time(at)}'"  # digits and separators only
     moved = 0
     for status, params in by_status.items():
-        head, where = _sqlite_move(status, attempted)
+        head, where = _sqlite_move(status, attempted, receipt)
         head = head.replace(_AT, stamp)
         for start in range(0, len(params), _SQLITE_ROWS):
             part = params[start : start + _SQLITE_ROWS]
@@ -559,20 +567,27 @@ class _Receipted:
     sent_at: dict[str, datetime]
 
     @classmethod
-    def of(cls, items: Sequence[Outcome], found: Iterable[tuple[str, int, datetime | None]]) -> _Receipted:
-        """``found``: (delivery id, rank, sent_at) of the deliveries the receipts name."""
+    def of(
+        cls, items: Sequence[Outcome], found: Iterable[tuple[str, int, datetime | None, str]]
+    ) -> _Receipted:
+        """``found``: (delivery id, rank, sent_at, status) of the deliveries the receipts name."""
         ranks: dict[str, int] = {}
         sent_at: dict[str, datetime] = {}
-        for i, rank, at in found:
+        withdrawn: set[str] = set()
+        for i, rank, at, status in found:
             ranks[i] = rank
             if at is not None:
                 sent_at[i] = at
+            if status in WITHDRAWN:
+                withdrawn.add(i)
         before = dict(ranks)
         known = [o for o in items if o.delivery_id in ranks]
         moved: list[Outcome] = []
         for o in known:  # in arrival order: "read" after "delivered" moves twice
-            if ranks[o.delivery_id] < o.status.rank:
+            went_out = o.delivery_id in withdrawn and o.status in WENT_OUT  # see _moved
+            if ranks[o.delivery_id] < o.status.rank or went_out:
                 ranks[o.delivery_id] = o.status.rank
+                withdrawn.discard(o.delivery_id)
                 moved.append(o)
         return cls(known, [o for o in items if o.delivery_id not in ranks], moved, before, sent_at)
 
@@ -611,11 +626,11 @@ def _sqlite_receipts(
     ids = sorted({o.delivery_id for o in items if o.delivery_id})
     rest = f"FROM deliveries WHERE id IN ({_marks(len(ids))})"
     found = [
-        (i, r, datetime.fromisoformat(t).replace(tzinfo=UTC) if t else None)
-        for i, r, t in _sqlite_all(db, "id, rank, sent_at", rest, ids)
+        (i, r, datetime.fromisoformat(t).replace(tzinfo=UTC) if t else None, st)
+        for i, r, t, st in _sqlite_all(db, "id, rank, sent_at, status", rest, ids)
     ]
     applied = _Receipted.of(items, found)
-    _sqlite_record(db, _by_status(_last_per_delivery(applied.moved)), at, attempted=False)
+    _sqlite_record(db, _by_status(_last_per_delivery(applied.moved)), at, attempted=False, receipt=True)
     if applied.known:
         stamp = _sqlite_time(at)
         rows = [(o.delivery_id, channel, o.status.value, o.partner_id, stamp) for o in applied.known]
@@ -1558,13 +1573,14 @@ class Store:
         at: datetime,
         attempted: bool,
         locked: bool = False,
+        receipt: bool = False,
     ) -> int:
         """PostgreSQL. ``locked``: the caller holds these rows already (locked in id order)."""
         moved = 0
         if not locked:  # PostgreSQL's UPDATE … FROM VALUES locks in join order: id order first
             await self._lock(conn, [p[0] for params in by_status.values() for p in params])
         for status, params in by_status.items():
-            moved += await self._move(conn, status, params, at, attempted)
+            moved += await self._move(conn, status, params, at, attempted, receipt)
         return moved
 
     async def _move(
@@ -1574,6 +1590,7 @@ class Store:
         params: list[tuple[str, str | None, str | None]],
         at: datetime,
         attempted: bool,
+        receipt: bool = False,
     ) -> int:
         """PostgreSQL: one statement for the batch (not one per row, as executemany is there): its
         statement triggers (the counters, the events) run once per batch."""
@@ -1590,6 +1607,7 @@ class Store:
             rows.c.b_partner,
             rows.c.b_reason,
             sa.literal(at, deliveries.c.updated_at.type),
+            receipt,
         )
         return int((await conn.execute(batch)).rowcount)
 
@@ -1713,17 +1731,18 @@ class Store:
             )
             items = _matched(items, {str(p): str(i) for p, i in (await conn.execute(q)).all()})
         ranks_q = (
-            sa.select(deliveries.c.id, deliveries.c.rank, deliveries.c.sent_at)
+            sa.select(deliveries.c.id, deliveries.c.rank, deliveries.c.sent_at, deliveries.c.status)
             .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
             .order_by(deliveries.c.id)
             .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
         )
         found = [
-            (str(i), int(r), aware(t) if t is not None else None) for i, r, t in (await conn.execute(ranks_q))
+            (str(i), int(r), aware(t) if t is not None else None, str(st))
+            for i, r, t, st in (await conn.execute(ranks_q))
         ]
         applied = _Receipted.of(items, found)
         by_status = _by_status(_last_per_delivery(applied.moved))
-        await self._record_in(conn, by_status, at, attempted=False, locked=True)
+        await self._record_in(conn, by_status, at, attempted=False, locked=True, receipt=True)
         if applied.known:
             rows = [(o.delivery_id, channel, o.status.value, o.partner_id, at) for o in applied.known]
             await conn.execute(

@@ -56,6 +56,26 @@ async def test_a_late_write_never_moves_a_delivery_backwards(store: Store) -> No
     assert (await store.delivery("d1") or {}).get("status") == "read"
 
 
+async def test_a_receipt_that_overtakes_its_send_result_after_a_withdrawal_is_not_lost(store: Store) -> None:
+    """A message on its way when an update withdrew its delivery, whose receipt is written before its
+    send result (receipts take their write turn ahead of bulk results): the delivery ends delivered,
+    as it does when the result comes first. It once stayed ``sent`` for ever (seen under load in
+    tests/test_delivery_guarantees.py's update test)."""
+    await store.upsert_recipients([Recipient(id=r, phone="+77011234567", country="XA") for r in ("r1", "r2")])
+    row = {"advisory_id": "a", "version": 1, "channel": "smpp", "status": Status.QUEUED.value}
+    await store.insert_deliveries(
+        [{**row, "id": d, "recipient_id": r} for d, r in (("d1", "r1"), ("d2", "r2"))]
+    )
+    await store.record([Outcome(d, Status.CANCELLED, reason="superseded") for d in ("d1", "d2")])
+    receipt = await store.apply_receipts("smpp", [Outcome("d1", Status.DELIVERED, partner_id="p1")])
+    assert [o.delivery_id for o in receipt.moved] == ["d1"]
+    await store.record([Outcome("d1", Status.SENT, partner_id="p1")], attempted=True)
+    assert (await store.delivery("d1") or {}).get("status") == "delivered"
+    # a withdrawn delivery that never went out stays withdrawn: only the partner's word moves it
+    assert await store.record([Outcome("d2", Status.FAILED, reason="attempts exhausted")]) == 0
+    assert (await store.delivery("d2") or {}).get("status") == "cancelled"
+
+
 async def test_a_batch_larger_than_one_statement_moves_every_delivery_once(store: Store) -> None:
     """On SQLite a batch is written as statements of _SQLITE_ROWS rows (on PostgreSQL as one): each
     row moves once, and the counters (kept by triggers) agree with a recount."""
