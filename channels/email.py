@@ -51,9 +51,6 @@ def mime(headers: Mapping[str, str], text: str, html: str | None = None) -> MIME
     half of the gateway's CPU for e-mail. ``compat32`` does not refuse a header value with a line
     break as ``EmailMessage`` does, so it is refused here: an advisory's subject cannot add headers.
     A non-ASCII value is sent as an RFC 2047 encoded word."""
-    for name, value in headers.items():
-        if "\r" in value or "\n" in value:
-            raise ValueError(f"header {name}: a line break in a header value")
     body = MIMEText(text, "plain", "utf-8")
     msg: MIMEBase = body
     if html is not None:
@@ -61,6 +58,8 @@ def mime(headers: Mapping[str, str], text: str, html: str | None = None) -> MIME
         msg.attach(body)
         msg.attach(MIMEText(html, "html", "utf-8"))
     for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"header {name}: a line break in a header value")
         # a Header object, encoded and folded by the generator (typeshed types the value as str only)
         msg[name] = value if value.isascii() else cast(str, Header(value, "utf-8", header_name=name))
     return msg

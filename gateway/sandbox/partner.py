@@ -62,7 +62,7 @@ class Counter:
 
     accepted: int = 0
     recipients: set[str] = field(default_factory=set)
-    languages: dict[str, int] = field(default_factory=dict)
+    languages: collections.Counter[str] = field(default_factory=collections.Counter)
     times: list[float] = field(default_factory=list)  # wall clock of each take, in order
     upto: list[int] = field(default_factory=list)  # messages accepted up to and including each take
 
@@ -73,8 +73,7 @@ class Counter:
     def add(self, recipients: list[str], languages: list[str], at: float) -> None:
         self.accepted += len(recipients)
         self.recipients.update(recipients)
-        for language, n in collections.Counter(languages).items():
-            self.languages[language] = self.languages.get(language, 0) + n
+        self.languages.update(languages)
         self.times.append(at)
         self.upto.append(self.accepted)
 
@@ -281,20 +280,16 @@ class SandboxPartner:
     def answer(self, key: str, status: str | None = None) -> tuple[str, bool]:
         """The message id for ``key`` and whether it is new: a seen key is a replay, answered with the
         first id; a new one gets its receipt queued (saying ``status``). The caller counts new ones."""
-        if (first := self.answers.get(key)) is not None:
+        fresh = f"{self._id_prefix}{next(self._ids):x}"  # a replay leaves its number unused
+        message_id = self.answers.setdefault(key, fresh)  # one look-up in a table of millions
+        if message_id is not fresh:
             self.replays += 1
-            return first, False
-        message_id = f"{self._id_prefix}{next(self._ids):x}"
-        self.answers[key] = message_id
+            return message_id, False
         if self.send_receipts:
-            self.queue_receipt(key, message_id, status)
+            due = asyncio.get_running_loop().time() + self.receipt_delay_s
+            self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
+            self._wakeup.set()
         return message_id, True
-
-    def queue_receipt(self, key: str, message_id: str, status: str | None = None) -> None:
-        """A receipt for a message taken now, sent after the partner's delay."""
-        due = asyncio.get_running_loop().time() + self.receipt_delay_s
-        self._pending.append((due, self.receipt(key, message_id, status or self.receipt_status)))
-        self._wakeup.set()
 
     def count(self, recipient: str, advisory: str, language: str) -> None:
         """Count one message taken for a recipient (a second one for the same advisory is a duplicate)."""
