@@ -193,7 +193,7 @@ class Gateway:
             )
             routes += self.training.routes()
             dispatcher = self.dispatcher = Dispatcher(
-                self.store, renderer, self.adapters, s.dispatch, lanes, self.training
+                self.store, renderer, self.adapters, s.dispatch, lanes, self.training, planner.urgent_first
             )
             sweeper = Sweeper(self.store, s.sweeper, approval_timeout_s=s.approval.timeout_s)
             cascade = Cascade(self.store, planner, self.adapters, s.cascade)

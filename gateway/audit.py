@@ -19,18 +19,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.models import now
 from gateway.schema import audit
 
 
-async def append(
-    conn: AsyncConnection, actor: str, action: str, subject: str, detail: Mapping[str, Any] | None = None
+def append(
+    conn: sa.Connection, actor: str, action: str, subject: str, detail: Mapping[str, Any] | None = None
 ) -> None:
-    """One entry, inside the caller's transaction."""
+    """One entry, inside the caller's transaction (from async code: ``await conn.run_sync(append, …)``)."""
     row = {"at": now(), "actor": actor, "action": action, "subject": subject, "detail": dict(detail or {})}
-    await conn.execute(sa.insert(audit).values(**row))
+    conn.execute(sa.insert(audit).values(**row))
 
 
 async def read(

@@ -96,8 +96,8 @@ class Tokens:
                     id=token_id, name=name, roles=",".join(roles), hash=hashed, created_at=now()
                 )
             )
-            await audit.append(
-                conn, actor, "token.created", f"token:{token_id}", {"name": name, "roles": roles}
+            await conn.run_sync(
+                audit.append, actor, "token.created", f"token:{token_id}", {"name": name, "roles": roles}
             )
         return token_id, f"gw_{token_id}_{secret}"
 
@@ -110,7 +110,7 @@ class Tokens:
                 .values(revoked_at=now())
             )
             if result.rowcount:
-                await audit.append(conn, actor, "token.revoked", f"token:{token_id}")
+                await conn.run_sync(audit.append, actor, "token.revoked", f"token:{token_id}")
         return bool(result.rowcount)
 
     async def list(self) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
 from gateway.store import Outcome, Store, WorkItem, writing_for
 from gateway.training import Training
-from gateway.turns import take_turn
+from gateway.turns import UrgentFirst, take_turn
 
 log = get_logger(__name__)
 
@@ -163,9 +163,13 @@ class Dispatcher:
         settings: DispatchSettings,
         lanes: Mapping[str, tuple[int, str]],
         training: Training | None = None,
+        urgent_first: UrgentFirst | None = None,
     ) -> None:
         self.store = store
         self.training = training
+        # an urgent chunk is held from its fetch to its end; bulk steps wait meanwhile (gateway/turns.py)
+        self.urgent_first = urgent_first or UrgentFirst()
+        self._holds: dict[tuple[TopicPartition, int], int] = {}
         self.renderer = renderer
         self.adapters = adapters
         self.settings = settings
@@ -181,6 +185,10 @@ class Dispatcher:
         self._stored: dict[str, float | None] = {}  # advisory key -> when stored (dispatch latency)
 
     # -- one chunk ----------------------------------------------------------------------------
+
+    async def _bulk_steps_aside(self, adv: Advisory) -> None:
+        if adv.priority != URGENT:
+            await self.urgent_first.bulk_turn()
 
     async def _still_wanted(self, adv: Advisory) -> None:
         """Raise Withdrawn if the advisory may no longer be sent (read from the store, not a cache)."""
@@ -232,6 +240,7 @@ class Dispatcher:
         # a delivery already in the hands of another worker is left to it: the same ids can come in
         # two chunks (a page planned again after a crash) and SMTP or SMPP would send both copies.
         # Claimed before the store is read, so the other worker has either claimed it or recorded it.
+        await self._bulk_steps_aside(adv)
         ids = [i for i in chunk.ids if i not in self.in_hand]
         self.in_hand.update(ids)
         try:
@@ -277,6 +286,7 @@ class Dispatcher:
             )
 
     async def _send_items(self, adv: Advisory, adapter: Adapter, items: Sequence[WorkItem]) -> None:
+        await self._bulk_steps_aside(adv)
         messages: list[Message] = []
         failed: list[Outcome] = []
         for item in items:
@@ -307,6 +317,7 @@ class Dispatcher:
         )
         recorded: set[str] = set()  # results the adapter reported (and we stored) as they came
 
+        await self._bulk_steps_aside(adv)
         stored_at = await self._stored_at(adv)
 
         async def record_now(results: Sequence[Result]) -> None:
@@ -387,6 +398,9 @@ class Dispatcher:
             except Stopped:
                 return
             finally:
+                hold = self._holds.pop((job.tp, job.offset), None)
+                if hold is not None:
+                    self.urgent_first.release(hold)
                 self.buffered[job.tp.topic] -= 1
                 metrics.dispatch_buffered_chunks.labels(job.tp.topic).dec()
             self.offsets.finished(job.tp, job.offset)
@@ -416,6 +430,8 @@ class Dispatcher:
         self.buffered[tp.topic] = self.buffered.get(tp.topic, 0) + 1
         self.most_buffered = max(self.most_buffered, self.buffered[tp.topic])
         metrics.dispatch_buffered_chunks.labels(tp.topic).inc()
+        if priority == URGENT:
+            self._holds[(tp, record.offset)] = self.urgent_first.hold()
         lane.put(Job(chunk, tp, record.offset, priority))
 
     def _backpressure(self, consumer: AIOKafkaConsumer) -> int:

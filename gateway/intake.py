@@ -42,7 +42,7 @@ from gateway.errors import ContentError, DecodeError, ExpiredError, InputError, 
 from gateway.lifecycle import Reference, may_plan, withdrawal_by
 from gateway.limits import load_json
 from gateway.logging import get_logger
-from gateway.models import Advisory, now
+from gateway.models import URGENT, Advisory, now
 from gateway.planner import Planner
 from gateway.rendering import Renderer, Target
 from gateway.retry import Stopped, until_done
@@ -201,6 +201,12 @@ class Intake:
         """Process one record; returns the outcome for the log. Input problems raise InputError;
         anything else (the store, the broker) is an infrastructure failure and is retried."""
         adv, record = self.validate(raw, headers)
+        if adv.priority == URGENT:  # bulk work steps aside from here (gateway/turns.py UrgentFirst)
+            with self.planner.urgent_first.holding():
+                return await self._store(adv, record, headers)
+        return await self._store(adv, record, headers)
+
+    async def _store(self, adv: Advisory, record: dict[str, Any], headers: Mapping[str, bytes] | None) -> str:
         why = await approval.required(adv, self.approval.rules, self.audience_size)
         submitter = (headers or {}).get(SUBMITTED_BY_HEADER, b"").decode("utf-8", "replace")[:200] or None
         with writing_for(adv.priority):
@@ -238,7 +244,7 @@ class Intake:
         source = f"{msg.topic}/{msg.partition}/{msg.offset}"
         async with self.store.begin_write() as conn:  # the console's dead-letter list, any instance
             detail = {"error": error.kind, "reason": reason[:300]}
-            await audit.append(conn, "intake", "record.dead_lettered", f"dlq:{source}", detail)
+            await conn.run_sync(audit.append, "intake", "record.dead_lettered", f"dlq:{source}", detail)
         metrics.advisories_total.labels("dead_letter").inc()
         metrics.dead_letters_total.labels(error.kind).inc()
         log.warning(

@@ -36,7 +36,7 @@ from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, delivery_
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
 from gateway.store import Store, writing_for
-from gateway.turns import take_turn
+from gateway.turns import UrgentFirst, take_turn
 
 log = get_logger(__name__)
 
@@ -142,8 +142,12 @@ class Planner:
         segments: SegmentRows | None = None,
         lease_s: float = 15.0,
         page_size: int | None = None,
+        urgent_first: UrgentFirst | None = None,
     ) -> None:
         self.store = store
+        # bulk pages wait while urgent work is in hand in this process (intake and dispatch hold it too)
+        self.urgent_first = urgent_first or UrgentFirst()
+        self._holds: dict[str, int] = {}  # urgent plans in hand → their hold
         self.page_size = page_size or chunk_size
         self.lease_s = lease_s
         # this instance, as named on the advisories it plans (planning is leased: one at a time)
@@ -164,7 +168,11 @@ class Planner:
 
     def submit(self, adv: Advisory, cursor: str = "") -> None:
         """Plan ``adv`` (from ``cursor`` on) in its turn."""
-        self._plans.setdefault(adv.priority, OrderedDict()).setdefault(adv.key, _Plan(adv, cursor))
+        plans = self._plans.setdefault(adv.priority, OrderedDict())
+        if adv.key not in plans:
+            plans[adv.key] = _Plan(adv, cursor)
+            if adv.priority == URGENT:
+                self._holds[adv.key] = self.urgent_first.hold()
         self._wakeup[adv.priority == URGENT].set()
 
     def drop(self, advisory_id: str, below_version: int | None = None) -> None:
@@ -177,6 +185,7 @@ class Planner:
                 if p.adv.id == advisory_id and (below_version is None or p.adv.version < below_version)
             ]:
                 del plans[key]
+                self._release(key)
 
     def _next(self, urgent: bool) -> _Plan | None:
         """The urgent plan, or the other plan, whose turn it is to plan a page (gateway/turns.py)."""
@@ -243,11 +252,22 @@ class Planner:
 
     def _done(self, plan: _Plan) -> None:
         self._plans.get(plan.adv.priority, OrderedDict()).pop(plan.adv.key, None)
+        self._release(plan.adv.key)
+
+    def _release(self, key: str) -> None:
+        hold = self._holds.pop(key, None)
+        if hold is not None:
+            self.urgent_first.release(hold)
+
+    async def _bulk_steps_aside(self, adv: Advisory) -> None:
+        if adv.priority != URGENT:
+            await self.urgent_first.bulk_turn()
 
     # -- one page -------------------------------------------------------------------------------
 
     async def plan_page(self, plan: _Plan) -> None:
         adv = plan.adv
+        await self._bulk_steps_aside(adv)
         state = await self.store.advisory_state(adv.id, adv.version)
         if state is None or not may_plan(state):
             self._done(plan)
@@ -273,6 +293,7 @@ class Planner:
             self._done(plan)
             log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=plan.planned)
             return
+        await self._bulk_steps_aside(adv)
         rows, by_channel = plan_recipients(adv, page, self.kinds, language=self.language)
         # the lease is taken with the page's rows: one write, and none if another instance took over
         if not await self.store.insert_planned(rows, adv.id, adv.version, self.me, self.lease_s, stored):

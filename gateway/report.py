@@ -93,7 +93,7 @@ async def write_csv(store: Store, advisory_id: str, out: IO[str], unmasked: bool
     """Write the report to ``out`` (off the event loop, a page at a time); returns the rows written."""
     if unmasked:
         async with store.begin_write() as conn:
-            await audit.append(conn, actor, "report.unmasked", advisory_id)
+            await conn.run_sync(audit.append, actor, "report.unmasked", advisory_id)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(COLUMNS)

@@ -18,9 +18,10 @@ import functools
 import heapq
 import itertools
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -100,11 +101,11 @@ WITHDRAWN = (Status.CANCELLED, Status.EXPIRED)
 WENT_OUT = frozenset({Status.DELIVERED, Status.READ, Status.FAILED})
 
 
-async def _transition(
-    conn: AsyncConnection, where: tuple[sa.ColumnElement[bool], ...], status: Status, reason: str | None
+def _transition(
+    conn: sa.Connection, where: tuple[sa.ColumnElement[bool], ...], status: Status, reason: str | None
 ) -> int:
     """Move every delivery matching ``where`` to ``status`` with ``reason``; returns how many moved."""
-    result = await conn.execute(
+    result = conn.execute(
         sa.update(deliveries)
         .where(*where)
         .values(status=status.value, rank=status.rank, reason=reason, updated_at=now())
@@ -282,6 +283,12 @@ SQLITE_PRAGMAS = (
     "journal_size_limit=67108864",
     "temp_store=MEMORY",
 )
+# the writer's own connection never checkpoints at its commits: a checkpoint of 20,000 pages made
+# that COMMIT take 300-400 ms under load, the write turn held all the while (an urgent advisory's
+# `accept` waited 400 ms behind one). A thread of its own checkpoints instead (PASSIVE: it takes no
+# write lock), at most every CHECKPOINT_EVERY_S while the writer writes.
+_WRITER_PRAGMAS = (*SQLITE_PRAGMAS, "wal_autocheckpoint=0")
+CHECKPOINT_EVERY_S = 1.0
 
 
 def _sqlite_time(at: datetime) -> str:
@@ -822,6 +829,30 @@ class _WriteTurns:
 T = TypeVar("T")
 
 
+class _Held:
+    """The writer's connection as SQLAlchemy sees it (``_SqliteWriter.run_core``): the transaction is
+    the writer's own (BEGIN IMMEDIATE … COMMIT or ROLLBACK), so SQLAlchemy's commit, rollback and
+    close leave it alone."""
+
+    def __init__(self, db: sqlite3.Connection | None) -> None:
+        object.__setattr__(self, "_db", db)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._db, name, value)
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _SqliteWriter:
     """SQLite's hot write transactions (a planner page, a batch's results, a batch of receipts, the
     outbox emptied), each run whole in one thread on one connection of its own: BEGIN, the statements,
@@ -834,6 +865,14 @@ class _SqliteWriter:
         self._path = path
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._db: sqlite3.Connection | None = None
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        self._checkpoint_db: sqlite3.Connection | None = None
+        self._checkpointing: Future[None] | None = None
+        self._next_checkpoint = 0.0
+        # SQLAlchemy over this same connection, for transactions kept as Core statements (run_core)
+        self._core = sa.create_engine(
+            "sqlite://", creator=lambda: _Held(self._db), poolclass=sa.pool.StaticPool
+        )
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         done = asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, work)
@@ -845,9 +884,7 @@ class _SqliteWriter:
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
-            self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
-            for pragma in SQLITE_PRAGMAS:
-                self._db.execute(f"PRAGMA {pragma}")
+            self._db = self._connect(_WRITER_PRAGMAS)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -856,10 +893,45 @@ class _SqliteWriter:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+        self._checkpoint_soon()
         return result
+
+    def _connect(self, pragmas: Sequence[str]) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+        for pragma in pragmas:
+            db.execute(f"PRAGMA {pragma}")
+        return db
+
+    def _checkpoint_soon(self) -> None:
+        """(In the writer's thread, after a commit.) Start a checkpoint in its own thread unless one
+        runs or one started less than CHECKPOINT_EVERY_S ago."""
+        at = time.monotonic()
+        if at < self._next_checkpoint or (self._checkpointing is not None and not self._checkpointing.done()):
+            return
+        self._next_checkpoint = at + CHECKPOINT_EVERY_S
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        if self._checkpoint_db is None:
+            self._checkpoint_db = self._connect(SQLITE_PRAGMAS)
+        self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    async def run_core(self, work: Callable[[sa.Connection], T]) -> T:
+        """``work`` with a SQLAlchemy connection over this one, as one transaction in its thread."""
+
+        def core(_: sqlite3.Connection) -> T:
+            with self._core.connect() as conn:
+                return work(conn)
+
+        return await self.run(core)
 
     async def close(self) -> None:
         def closing() -> None:
+            self._core.dispose()
+            self._checkpointer.shutdown()  # a checkpoint under way ends first
+            if self._checkpoint_db is not None:
+                self._checkpoint_db.close()
+                self._checkpoint_db = None
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -937,6 +1009,24 @@ class Store:
         async with self._write_turn.turn():
             return await self._writer.run(work)
 
+    async def _transact(self, work: Callable[[sa.Connection], T]) -> T:
+        """``work`` (Core statements on a synchronous connection) as one write transaction. On
+        SQLite whole in the writer's thread, in this process's write turn: one hand-over from the
+        event loop, where through aiosqlite each statement was one (an advisory's ``accept``, a
+        dozen statements, held the write lock ~110 ms under load). Elsewhere through the async
+        driver (``run_sync``)."""
+        if self._writer is not None:
+            assert self._write_turn is not None
+            async with self._write_turn.turn():
+                return await self._writer.run_core(work)
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(work)
+
+    async def _read(self, work: Callable[[sa.Connection], T]) -> T:
+        """``work`` (Core statements on a synchronous connection) on a reading connection."""
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(work)
+
     async def ping(self) -> None:
         """One round trip to the database (readiness)."""
         async with self.engine.connect() as conn:
@@ -976,15 +1066,14 @@ class Store:
     # -- advisories ---------------------------------------------------------------------------
 
     @staticmethod
-    async def _value(conn: AsyncConnection, column: sa.Column[Any], advisory_id: str, version: int) -> Any:
+    def _value(conn: sa.Connection, column: sa.Column[Any], advisory_id: str, version: int) -> Any:
         """One column of a stored advisory version, or None if it is not stored."""
         q = sa.select(column).where(advisories.c.id == advisory_id, advisories.c.version == version)
-        return (await conn.execute(q)).scalar()
+        return (conn.execute(q)).scalar()
 
     async def advisory_state(self, advisory_id: str, version: int) -> AdvisoryState | None:
         """The state of a stored advisory version, or None if it is not stored."""
-        async with self.engine.connect() as conn:
-            return await self._state_in(conn, advisory_id, version)
+        return await self._read(lambda conn: self._state_in(conn, advisory_id, version))
 
     async def accept(
         self,
@@ -1003,17 +1092,18 @@ class Store:
         advisory waits in ``pending_approval`` instead of becoming ``active``. ``submitted_by``:
         the API token that submitted it (else its sender), the one who may not approve it."""
         submitted_by = submitted_by or f"sender:{adv.sender}"
-        async with self._begin() as conn:
-            await self._check_authority(conn, adv, authorities)  # before all: a forged replay too
-            if await self._state_in(conn, adv.id, adv.version) is not None:
+
+        def work(conn: sa.Connection) -> Accepted:
+            self._check_authority(conn, adv, authorities)  # before all: a forged replay too
+            if self._state_in(conn, adv.id, adv.version) is not None:
                 return Accepted("duplicate", None, 0)
             withdraws = withdrawal_by(adv.msg_type)
             if withdraws is A.CANCELLED:
                 state = A.COMPLETED  # a cancel's work is done once it is applied, below
             else:
-                remembered = await self._remembered(conn, adv, authorities)
+                remembered = self._remembered(conn, adv, authorities)
                 newer = (
-                    await conn.execute(
+                    conn.execute(
                         sa.select(sa.func.count())
                         .select_from(advisories)
                         .where(advisories.c.id == adv.id, advisories.c.version > adv.version)
@@ -1022,7 +1112,7 @@ class Store:
                 state = arrival_state(remembered, bool(newer))
                 if state is A.ACTIVE and approval is not None:
                     state = A.PENDING_APPROVAL
-            await conn.execute(
+            conn.execute(
                 self._insert(advisories).values(
                     id=adv.id,
                     version=adv.version,
@@ -1042,18 +1132,20 @@ class Store:
                 detail["approval"] = approval
             if adv.training:
                 detail["training"] = True
-            await audit_log.append(conn, submitted_by, f"advisory.{state.value}", adv.key, detail)
+            audit_log.append(conn, submitted_by, f"advisory.{state.value}", adv.key, detail)
             by = By(adv.key, adv.sender, submitted_by)
             moved = 0
             if withdraws is not A.CANCELLED:
                 older = (advisories.c.id == adv.id, advisories.c.version < adv.version)
-                moved += await self._withdraw_in(conn, older, A.SUPERSEDED, by)
+                moved += self._withdraw_in(conn, older, A.SUPERSEDED, by)
             if withdraws is not None:
                 for ref in map(Reference.parse, adv.references):
                     if ref.advisory_id == adv.id and withdraws is A.SUPERSEDED:
                         continue  # an update's own earlier versions: superseded just above
-                    moved += await self._withdraw_ref(conn, ref.advisory_id, withdraws, by)
-        return Accepted(state.value if state is not A.ACTIVE else "accepted", state, moved)
+                    moved += self._withdraw_ref(conn, ref.advisory_id, withdraws, by)
+            return Accepted(state.value if state is not A.ACTIVE else "accepted", state, moved)
+
+        return await self._transact(work)
 
     async def decide(
         self, advisory_id: str, version: int | None, decision: AdvisoryState, actor: str, reason: str | None
@@ -1064,8 +1156,9 @@ class Store:
         with its audit entry; the planner picks an approved advisory up from the store."""
         if decision not in DECISIONS:
             raise DecisionError(f"decision: {decision.value} is not an approver's decision")
-        async with self._begin() as conn:
-            rows = await self._versions_in(conn, advisory_id)
+
+        def work(conn: sa.Connection) -> Version:
+            rows = self._versions_in(conn, advisory_id)
             if not rows:
                 raise NotFoundError(f"advisory_id: no advisory {advisory_id!r} is stored")
             if version is None:
@@ -1093,7 +1186,7 @@ class Store:
                     status=403,
                 )
             check_move(target.state, decision)
-            result = await conn.execute(
+            result = conn.execute(
                 sa.update(advisories)
                 .where(
                     advisories.c.id == advisory_id,
@@ -1105,17 +1198,20 @@ class Store:
             if not result.rowcount:  # another decision got there first
                 raise DecisionError(f"{key(advisory_id, target.version)} was decided meanwhile")
             detail = {"from": A.PENDING_APPROVAL.value, "reason": reason, "submitted_by": target.submitted_by}
-            await audit_log.append(
+            audit_log.append(
                 conn, actor, f"advisory.{decision.value}", key(advisory_id, target.version), detail
             )
-        return dataclasses.replace(target, state=decision)
+            return dataclasses.replace(target, state=decision)
+
+        return await self._transact(work)
 
     async def cancel(self, advisory_id: str, actor: str, reason: str) -> int:
         """An operator's cancel of every version of an advisory, at once (no approval: stopping a
         wrong message never waits). Its pending deliveries are cancelled; returns how many.
         A later version arriving with this id is stored cancelled too, as after a cancel record."""
-        async with self._begin() as conn:
-            rows = await self._versions_in(conn, advisory_id)
+
+        def work(conn: sa.Connection) -> int:
+            rows = self._versions_in(conn, advisory_id)
             if not rows:
                 raise NotFoundError(f"advisory_id: no advisory {advisory_id!r} is stored")
             live = [v for v in rows if can_move(v.state, A.CANCELLED)]
@@ -1125,8 +1221,9 @@ class Store:
                     + ", ".join(sorted({v.state.value for v in rows}))
                 )
             by = By(f"cancel:{actor}"[:128], rows[-1].sender, actor)
-            moved = await self._withdraw_ref(conn, advisory_id, A.CANCELLED, by, reason)
-        return moved
+            return self._withdraw_ref(conn, advisory_id, A.CANCELLED, by, reason)
+
+        return await self._transact(work)
 
     async def expire_unapproved(self, waiting_since: datetime) -> list[str]:
         """Versions in ``pending_approval`` since before ``waiting_since`` become ``expired`` (the
@@ -1134,10 +1231,11 @@ class Store:
         q = sa.select(advisories.c.id, advisories.c.version).where(
             advisories.c.state == A.PENDING_APPROVAL.value, advisories.c.received_at <= waiting_since
         )
-        out = []
-        async with self._begin() as conn:
-            for advisory_id, version in (await conn.execute(q)).all():
-                result = await conn.execute(
+
+        def work(conn: sa.Connection) -> list[str]:
+            out = []
+            for advisory_id, version in (conn.execute(q)).all():
+                result = conn.execute(
                     sa.update(advisories)
                     .where(
                         advisories.c.id == advisory_id,
@@ -1149,19 +1247,20 @@ class Store:
                 if result.rowcount:
                     subject = key(str(advisory_id), int(version))
                     detail = {"from": A.PENDING_APPROVAL.value, "reason": "no approval in time"}
-                    await audit_log.append(conn, "gateway", f"advisory.{A.EXPIRED.value}", subject, detail)
+                    audit_log.append(conn, "gateway", f"advisory.{A.EXPIRED.value}", subject, detail)
                     out.append(subject)
-        return out
+            return out
+
+        return await self._transact(work)
 
     async def versions(self, advisory_id: str) -> list[Version]:
         """Every stored version of an advisory, oldest first."""
-        async with self.engine.connect() as conn:
-            return await self._versions_in(conn, advisory_id)
+        return await self._read(lambda conn: self._versions_in(conn, advisory_id))
 
     @staticmethod
-    async def _versions_in(conn: AsyncConnection, advisory_id: str) -> list[Version]:
+    def _versions_in(conn: sa.Connection, advisory_id: str) -> list[Version]:
         q = sa.select(*_VERSION_COLUMNS).where(advisories.c.id == advisory_id).order_by(advisories.c.version)
-        return [_version(r) for r in (await conn.execute(q)).mappings().all()]
+        return [_version(r) for r in (conn.execute(q)).mappings().all()]
 
     async def newest_versions(
         self,
@@ -1197,17 +1296,16 @@ class Store:
         async with self.engine.connect() as conn:
             return int((await conn.execute(q)).scalar_one())
 
-    async def _state_in(self, conn: AsyncConnection, advisory_id: str, version: int) -> AdvisoryState | None:
-        state = await self._value(conn, advisories.c.state, advisory_id, version)
+    def _state_in(self, conn: sa.Connection, advisory_id: str, version: int) -> AdvisoryState | None:
+        state = self._value(conn, advisories.c.state, advisory_id, version)
         return None if state is None else AdvisoryState(state)
 
     async def check_authority(self, adv: Advisory, authorities: Mapping[str, Sequence[str]]) -> None:
         """AuthorityError if ``adv`` would be refused for authority by ``accept`` (the API asks first)."""
-        async with self.engine.connect() as conn:
-            await self._check_authority(conn, adv, authorities)
+        await self._read(lambda conn: self._check_authority(conn, adv, authorities))
 
-    async def _check_authority(
-        self, conn: AsyncConnection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
+    def _check_authority(
+        self, conn: sa.Connection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
     ) -> None:
         """Another version of this id, or an advisory it cancels or updates, sent by someone over
         whom ``adv.sender`` has no authority → AuthorityError naming both."""
@@ -1219,19 +1317,19 @@ class Store:
             .where(advisories.c.id.in_(sorted(named)))
             .distinct()
         )
-        for advisory_id, owner in (await conn.execute(q)).all():
+        for advisory_id, owner in (conn.execute(q)).all():
             if not has_authority(adv.sender, str(owner), authorities):
                 raise AuthorityError(
                     f"sender: {adv.sender!r} may not {'cancel' if adv.msg_type == 'cancel' else 'update'} "
                     f"{advisory_id!r}, sent by {owner!r} (intake.authorities names who may)"
                 )
 
-    async def _remembered(
-        self, conn: AsyncConnection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
+    def _remembered(
+        self, conn: sa.Connection, adv: Advisory, authorities: Mapping[str, Sequence[str]]
     ) -> AdvisoryState | None:
         """A withdrawal that named ``adv`` before it arrived, if its sender had authority."""
         row = (
-            await conn.execute(
+            conn.execute(
                 sa.select(withdrawals.c.state, withdrawals.c.by_sender, withdrawals.c.by_id).where(
                     withdrawals.c.advisory_id == adv.id
                 )
@@ -1252,8 +1350,8 @@ class Store:
             return None
         return AdvisoryState(row.state)
 
-    async def _withdraw_ref(
-        self, conn: AsyncConnection, advisory_id: str, state: AdvisoryState, by: By, reason: str | None = None
+    def _withdraw_ref(
+        self, conn: sa.Connection, advisory_id: str, state: AdvisoryState, by: By, reason: str | None = None
     ) -> int:
         """Remember that ``by`` withdrew ``advisory_id`` (every version, even one not received yet)
         and withdraw what is stored of it. A cancel outranks a supersede."""
@@ -1267,12 +1365,12 @@ class Store:
             )
         else:
             stmt = stmt.on_conflict_do_nothing()
-        await conn.execute(stmt)
-        return await self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by, reason)
+        conn.execute(stmt)
+        return self._withdraw_in(conn, (advisories.c.id == advisory_id,), state, by, reason)
 
-    async def _withdraw_in(
+    def _withdraw_in(
         self,
-        conn: AsyncConnection,
+        conn: sa.Connection,
         where: tuple[sa.ColumnElement[bool], ...],
         state: AdvisoryState,
         by: By,
@@ -1281,25 +1379,21 @@ class Store:
         """Versions matching ``where`` move to ``state`` where the lifecycle allows it (each move an
         audit entry); their pending deliveries are cancelled. Returns how many were cancelled."""
         versions = (
-            await conn.execute(
-                sa.select(advisories.c.id, advisories.c.version, advisories.c.state).where(*where)
-            )
+            conn.execute(sa.select(advisories.c.id, advisories.c.version, advisories.c.state).where(*where))
         ).all()
         movable = set(sources_of(state))
         for advisory_id, version, current in versions:
             if current in movable:
                 detail = {"from": current, "by": by.key, **({"reason": reason} if reason else {})}
-                await audit_log.append(
-                    conn, by.actor, f"advisory.{state.value}", key(advisory_id, version), detail
-                )
-        await conn.execute(
+                audit_log.append(conn, by.actor, f"advisory.{state.value}", key(advisory_id, version), detail)
+        conn.execute(
             sa.update(advisories)
             .where(*where, advisories.c.state.in_(sources_of(state)))
             .values(state=state.value)
         )
         moved = 0
         for advisory_id, version, _ in versions:
-            moved += await _transition(
+            moved += _transition(
                 conn,
                 (deliveries.c.advisory_id == advisory_id, deliveries.c.version == version, _IS_PENDING),
                 Status.CANCELLED,
@@ -1341,8 +1435,7 @@ class Store:
 
     async def received_at(self, advisory_id: str, version: int) -> float | None:
         """When an advisory version was stored (epoch seconds), or None."""
-        async with self.engine.connect() as conn:
-            at = await self._value(conn, advisories.c.received_at, advisory_id, version)
+        at = await self._read(lambda conn: self._value(conn, advisories.c.received_at, advisory_id, version))
         return None if at is None else aware(at).timestamp()
 
     async def published(
@@ -1374,8 +1467,9 @@ class Store:
         return out
 
     async def plan_finished(self, advisory_id: str, version: int) -> bool:
-        async with self.engine.connect() as conn:
-            return bool(await self._value(conn, advisories.c.planned, advisory_id, version))
+        return bool(
+            await self._read(lambda conn: self._value(conn, advisories.c.planned, advisory_id, version))
+        )
 
     async def mark_planned(self, advisory_id: str, version: int) -> None:
         await self._set_advisory(advisory_id, version, planned=True)
@@ -1508,10 +1602,10 @@ class Store:
         """Planned deliveries whose chunk is on the topic: one UPDATE, not one per row."""
         if not ids:
             return
+        planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
         async with self._begin() as conn:
             await self._lock(conn, ids)
-            planned = (deliveries.c.id.in_(list(ids)), deliveries.c.status == Status.PLANNED.value)
-            await _transition(conn, planned, Status.QUEUED, None)
+            await conn.run_sync(_transition, planned, Status.QUEUED, None)
 
     async def pending_work(
         self, ids: Sequence[str], claim: str | None = None, lease_s: float = 60.0
@@ -1628,14 +1722,16 @@ class Store:
             advisories.c.version == deliveries.c.version,
             advisories.c.expires_at <= at,
         )
-        async with self._begin() as conn:
-            return await _transition(conn, (_IS_PENDING, expired), Status.EXPIRED, "advisory expired")
+        return await self._transact(
+            lambda conn: _transition(conn, (_IS_PENDING, expired), Status.EXPIRED, "advisory expired")
+        )
 
     async def mark_unknown(self, sent_before: datetime) -> int:
         """Deliveries ``sent`` before ``sent_before`` with no receipt since become ``unknown``."""
         silent = (deliveries.c.status == Status.SENT.value, deliveries.c.updated_at <= sent_before)
-        async with self._begin() as conn:
-            return await _transition(conn, silent, Status.UNKNOWN, "no receipt in time")
+        return await self._transact(
+            lambda conn: _transition(conn, silent, Status.UNKNOWN, "no receipt in time")
+        )
 
     async def requeue_failed(
         self, advisory_id: str, channel: str | None, limit: int

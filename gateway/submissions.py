@@ -177,7 +177,7 @@ class Submissions:
         # logged before the send (so it precedes what intake logs); a send that fails is logged too
         async with self.store.begin_write() as conn:
             detail = {"msg_type": adv.msg_type, "format": "cap" if is_cap(raw) else "json"}
-            await audit.append(conn, who.actor, "advisory.submitted", adv.key, detail)
+            await conn.run_sync(audit.append, who.actor, "advisory.submitted", adv.key, detail)
         kafka_headers = [(SUBMITTED_BY_HEADER, who.actor.encode()), *headers.items()]
         record_key = partition_key(adv.id, adv.msg_type, adv.references)
         try:
@@ -185,7 +185,7 @@ class Submissions:
         except Exception as e:
             async with self.store.begin_write() as conn:
                 failed = {"error": f"{type(e).__name__}: {e}"[:300]}
-                await audit.append(conn, who.actor, "advisory.submission_failed", adv.key, failed)
+                await conn.run_sync(audit.append, who.actor, "advisory.submission_failed", adv.key, failed)
             what = "the advisories topic did not take it; nothing was sent; submit it again"
             return problem(503, "Not submitted", what, field="body")
         status_url = f"/advisories/{adv.id}"
