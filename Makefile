@@ -24,8 +24,9 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-# two workers: CI machines have two cores; each worker starts its own broker (PYTEST_ARGS="-n 0": one)
-PYTEST_ARGS ?= -n 2
+# two workers: CI machines have two cores; each worker starts its own broker (PYTEST_ARGS="-n 0": one).
+# loadgroup: a module marked xdist_group (one gateway for the module, tests in order) stays on one worker
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 unit: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -35,7 +35,9 @@ from tests.conftest import (
 )
 from tests.conftest import load_recipients as load
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# one gateway for the module, and later tests read what earlier ones did: one worker runs them all
+# (make test: --dist loadgroup)
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("console")]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUTPUT = Path(os.environ.get("GATEWAY_TEST_OUTPUT", PROJECT_ROOT / "test-output")) / "console"
@@ -347,7 +349,13 @@ async def test_the_operations_room_draws_latency_over_time_and_channel_rates(roo
     health table shows push's sent-per-minute and error share (from this process's metrics)."""
     page = await room.page("duty-operator", viewport={"width": 390, "height": 844})
     line = page.locator("figure[data-chart=dispatch_p50] polyline")
-    await line.first.wait_for(timeout=30_000)  # samples every 5 s: a line once two have messages
+    # samples every 5 s; a line needs two intervals with messages. The broadcasts above may all have
+    # gone within one: once that interval's point is drawn (a line of one point, hidden), one more
+    # broadcast lands in a later interval.
+    await line.first.wait_for(state="attached", timeout=30_000)
+    await load(room.gw, room.tmp, 20, country="XT", prefix="later")
+    await room.submit("press-officer", _record(audience={"countries": ["XT"]}, channels=["push"]))
+    await line.first.wait_for(timeout=30_000)
     assert "push" in await page.locator("figure[data-chart=dispatch_p50] .legend").inner_text()
     row = page.locator("table.health tr[data-channel=push] td")
     cells = await row.all_inner_texts()

@@ -40,7 +40,9 @@ from tests.conftest import (
     self_signed,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# one gateway for the module, and later tests read what earlier ones did: one worker runs them all
+# (make test: --dist loadgroup)
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("press_api")]
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cap"
 AGGREGATOR = "aggregator.test"  # relays CAP signed with XML-DSig (policy: required)
