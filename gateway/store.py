@@ -18,6 +18,7 @@ import functools
 import heapq
 import itertools
 import sqlite3
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -735,16 +736,16 @@ def _recipient_from_row(row: Mapping[str, Any]) -> Recipient:
     )
 
 
-async def _all(conn: AsyncConnection, q: sa.Select[Any]) -> list[dict[str, Any]]:
+def _all(conn: sa.Connection, q: sa.Select[Any]) -> list[dict[str, Any]]:
     """The rows of ``q`` as mappings. On SQLite as one row, a JSON array of them: its driver runs in
     a thread of its own and takes Python's lock back for every row it steps to, and each time waits
     for the event loop to give it up (up to ``sys.getswitchinterval()``, 5 ms): 500 rows read while
     the loop was busy took 1.9 s instead of 3 ms (docs/performance.md, fourth pass). Times come back
     as SQLite holds them (text), booleans as 0/1; the order is the query's."""
     if conn.dialect.name != "sqlite":
-        return [dict(r) for r in (await conn.execute(q)).mappings().all()]
+        return [dict(r) for r in conn.execute(q).mappings().all()]
     sub = q.subquery()
-    (doc,) = (await conn.execute(sa.select(sa.func.json_group_array(sa.func.json_array(*sub.c))))).one()
+    (doc,) = (conn.execute(sa.select(sa.func.json_group_array(sa.func.json_array(*sub.c))))).one()
     names = list(sub.c.keys())
     return [dict(zip(names, r, strict=True)) for r in orjson.loads(doc)]
 
@@ -940,6 +941,44 @@ class _SqliteWriter:
         self._thread.shutdown()
 
 
+class _SqliteReaders:
+    """SQLite's reads, each whole in one of a few threads of their own, each thread with its own
+    connection and SQLAlchemy over it: one hand-over from the event loop per read, where through
+    aiosqlite a read was several (the connection taken from the pool, the statement, its rows, the
+    connection given back), each waiting for a busy loop to come round."""
+
+    def __init__(self, path: str, threads: int = 4) -> None:
+        self._path = path
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sqlite-reader")
+        self._local = threading.local()
+        self._engines: list[sa.Engine] = []
+        self._lock = threading.Lock()
+
+    async def run(self, work: Callable[[sa.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._read, work)
+
+    def _read(self, work: Callable[[sa.Connection], T]) -> T:
+        engine: sa.Engine | None = getattr(self._local, "engine", None)
+        if engine is None:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
+            for pragma in SQLITE_PRAGMAS:
+                db.execute(f"PRAGMA {pragma}")
+            engine = self._local.engine = sa.create_engine(
+                "sqlite://", creator=lambda: db, poolclass=sa.pool.StaticPool
+            )
+            with self._lock:
+                self._engines.append(engine)
+        with engine.connect() as conn:
+            return work(conn)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
+        with self._lock:
+            for engine in self._engines:
+                engine.dispose()
+            self._engines.clear()
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -949,11 +988,13 @@ class Store:
         # Its hot transactions run on a connection of their own (_SqliteWriter), in the same turns.
         self._write_turn: _WriteTurns | None = None
         self._writer: _SqliteWriter | None = None
+        self._readers: _SqliteReaders | None = None
         if self._dialect == "sqlite":
             path = engine.url.database
             if not path or path == ":memory:":
                 raise ValueError("store.url: SQLite needs a database file (every connection shares it)")
             self._write_turn, self._writer = _WriteTurns(), _SqliteWriter(path)
+            self._readers = _SqliteReaders(path)
         # PostgreSQL: deliveries inserted since this process last had the table analyzed (see _grown)
         self._inserted = 0
         self._analyzed_at = 0
@@ -1000,6 +1041,8 @@ class Store:
     async def close(self) -> None:
         if self._writer is not None:
             await self._writer.close()
+        if self._readers is not None:
+            await self._readers.close()
         await self.engine.dispose()
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -1023,7 +1066,10 @@ class Store:
             return await conn.run_sync(work)
 
     async def _read(self, work: Callable[[sa.Connection], T]) -> T:
-        """``work`` (Core statements on a synchronous connection) on a reading connection."""
+        """``work`` (Core statements on a synchronous connection) on a reading connection: on SQLite
+        whole in a reader's thread (one hand-over), elsewhere through the async driver."""
+        if self._readers is not None:
+            return await self._readers.run(work)
         async with self.engine.connect() as conn:
             return await conn.run_sync(work)
 
@@ -1059,8 +1105,7 @@ class Store:
         """One page of the audience, in id order after ``after`` (keyset paging: nothing held open)."""
         q = sa.select(recipients).where(recipients.c.id > after).order_by(recipients.c.id).limit(limit)
         q = _in_audience(q, countries, regions, tags)
-        async with self.engine.connect() as conn:
-            rows = await _all(conn, q)
+        rows = await self._read(partial(_all, q=q))
         return [_recipient_from_row(r) for r in rows]
 
     # -- advisories ---------------------------------------------------------------------------
@@ -1485,8 +1530,7 @@ class Store:
         q = sa.select(t.plan_cursor).where(
             t.id == advisory_id, t.version == version, _lease_free(planner, now())
         )
-        async with self.engine.connect() as conn:
-            cursor = (await conn.execute(q)).scalar_one_or_none()
+        cursor = await self._read(lambda conn: conn.execute(q).scalar_one_or_none())
         return None if cursor is None else str(cursor)
 
     async def insert_planned(
@@ -1634,10 +1678,9 @@ class Store:
                     )
                     .values(claimed_by=claim, claimed_until=at + timedelta(seconds=lease_s))
                 )
-                rows = await _all(conn, q.where(t.claimed_by == claim))
+                rows = await conn.run_sync(_all, q.where(t.claimed_by == claim))
         else:
-            async with self.engine.connect() as conn:
-                rows = await _all(conn, q)
+            rows = await self._read(partial(_all, q=q))
         return [WorkItem(r["delivery_id"], _recipient_from_row(r), r["channel"], r["attempts"]) for r in rows]
 
     async def renew_claims(self, ids: Sequence[str], claim: str, lease_s: float) -> None:
@@ -1798,8 +1841,7 @@ class Store:
             )
 
     async def recipients_by_id(self, ids: Sequence[str]) -> list[Recipient]:
-        async with self.engine.connect() as conn:
-            rows = await _all(conn, sa.select(recipients).where(recipients.c.id.in_(list(ids))))
+        rows = await self._read(partial(_all, q=sa.select(recipients).where(recipients.c.id.in_(list(ids)))))
         return [_recipient_from_row(r) for r in rows]
 
     async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> AppliedReceipts:
@@ -2144,13 +2186,13 @@ class Store:
             async with self.engine.begin() as conn:
                 if not (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(4711006)"))).scalar():
                     return 0  # another instance is publishing
-                events = [_event(list(r.values())) for r in await _all(conn, q)]
+                events = [_event(list(r.values())) for r in await conn.run_sync(_all, q)]
                 if events:
                     await publish(events)
                     await conn.execute(published(events))
             return len(events)
-        async with self.engine.connect() as conn:  # SQLite: the write lock is not held while publishing
-            events = [_event(list(r.values())) for r in await _all(conn, q)]
+        # SQLite: the write lock is not held while publishing
+        events = [_event(list(r.values())) for r in await self._read(partial(_all, q=q))]
         if events:
             await publish(events)
             seqs = [e.seq for e in events]
