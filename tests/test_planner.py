@@ -4,18 +4,16 @@ several instances one plans an advisory at a time, and another takes over where 
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
-from gateway import kafka, metrics
+from gateway import metrics
 from gateway.app import Gateway
 from gateway.lifecycle import AdvisoryState
 from gateway.models import Advisory, Recipient
 from gateway.planner import Planner, _Plan
 from gateway.sandbox.process import SandboxProcess
-from gateway.settings import load_settings
 from gateway.store import Store
-from tests.conftest import advisory, eventually, load_recipients, reached
+from tests.conftest import advisory, eventually, load_recipients, own_topics, reached
 
 
 async def test_an_advisory_stored_by_another_process_is_planned_without_a_restart(
@@ -39,18 +37,8 @@ async def test_one_instance_plans_an_advisory_and_another_takes_over_where_it_st
     await store.upsert_recipients(people)
     adv = Advisory.model_validate(advisory())
     await store.accept(adv, adv.model_dump(mode="json"), {})
-    tag = uuid.uuid4().hex[:8]  # the session's broker is shared: topics of this test's own
-    topics = load_settings(
-        environ={
-            f"GATEWAY__KAFKA__TOPIC_{name.upper()}": f"{name}-{tag}"
-            for name in ("advisories", "deliveries", "deliveries_urgent", "events", "dlq")
-        }
-    ).kafka
-    await kafka.ensure_topics(kafka_bootstrap, topics, {"push": {}})
-    producer = kafka.producer(kafka_bootstrap)
-    await producer.start()
     planned = metrics.deliveries_planned_total.labels("push")
-    try:
+    async with own_topics(kafka_bootstrap) as (topics, producer):
         # the first instance's lease is over as soon as it is taken: it "died" after each page
         first = Planner(store, producer, topics, 10, {"push": "push"}, lease_s=-1.0)
         second = Planner(store, producer, topics, 10, {"push": "push"}, lease_s=60.0)
@@ -75,8 +63,6 @@ async def test_one_instance_plans_an_advisory_and_another_takes_over_where_it_st
         assert planned._value.get() - before == 30
         assert await store.plan_finished(adv.id, 1)
         assert await store.recount() == await store.progress()
-    finally:
-        await producer.stop()
 
 
 async def test_a_released_lease_is_taken_at_once_and_a_held_one_is_not(store: Store) -> None:

@@ -4,15 +4,12 @@ work is in hand, go on when it is released, and do not stop behind urgent work s
 from __future__ import annotations
 
 import asyncio
-import uuid
 
-from gateway import kafka
 from gateway.models import URGENT, Advisory, Recipient
 from gateway.planner import Planner, _Plan
-from gateway.settings import load_settings
 from gateway.store import Store
 from gateway.turns import UrgentFirst
-from tests.conftest import advisory
+from tests.conftest import advisory, own_topics
 
 
 async def _parked(task: asyncio.Task[None]) -> bool:
@@ -55,17 +52,7 @@ async def test_a_bulk_page_is_planned_only_after_the_urgent_advisory_in_hand(
     assert bulk.priority != URGENT
     for adv in (urgent, bulk):
         await store.accept(adv, adv.model_dump(mode="json"), {})
-    tag = uuid.uuid4().hex[:8]  # the session's broker is shared: topics of this test's own
-    topics = load_settings(
-        environ={
-            f"GATEWAY__KAFKA__TOPIC_{name.upper()}": f"{name}-{tag}"
-            for name in ("advisories", "deliveries", "deliveries_urgent", "events", "dlq")
-        }
-    ).kafka
-    await kafka.ensure_topics(kafka_bootstrap, topics, {"push": {}})
-    producer = kafka.producer(kafka_bootstrap)
-    await producer.start()
-    try:
+    async with own_topics(kafka_bootstrap) as (topics, producer):
         planner = Planner(store, producer, topics, 10, {"push": "push"}, urgent_first=UrgentFirst(60))
         planner.submit(urgent)  # in hand from now until it is planned
         bulk_plan = _Plan(bulk, "")
@@ -81,5 +68,3 @@ async def test_a_bulk_page_is_planned_only_after_the_urgent_advisory_in_hand(
         assert await store.plan_finished(urgent.id, 1)
         await asyncio.wait_for(bulk_page, 30)
         assert bulk_plan.cursor == "r0009"  # its first page, planned once the urgent one was done
-    finally:
-        await producer.stop()
