@@ -27,6 +27,9 @@ async def test_bench_reports_the_gateway_beside_the_floor_and_apprise(tmp_path: 
     assert gateway["urgent"]["published"] == gateway["urgent"]["reached_partner"] == 2
     assert gateway["all_delivered_s"] >= gateway["all_sent_s"] > 0
     assert report["counters_agree"] is True
+    latency = gateway["dispatch_latency"]  # interpolated inside a histogram bucket, which is reported
+    low, high = latency["p99_bucket_s"]
+    assert low <= latency["p99_s"] <= high
     assert {"gateway", "sandbox", "broker", "bench"} <= set(report["processes"])
     assert report["processes"]["gateway"]["peak_rss_mb"] > 0
     assert report["gateway_over_floor"] > 0
