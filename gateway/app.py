@@ -91,6 +91,7 @@ class Gateway:
         self.dispatcher: Dispatcher | None = None
         self.tokens: Tokens | None = None
         self.training: Training | None = None
+        self.console: Console | None = None
 
     async def start(self) -> None:
         """Bring up what the roles need; if any part fails, close what was opened and re-raise."""
@@ -161,7 +162,7 @@ class Gateway:
         )
         routes += submissions.routes()
         self.tokens = Tokens(self.store)
-        console = Console(
+        console = self.console = Console(
             self.store,
             self.tokens,
             intake,
