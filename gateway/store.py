@@ -834,6 +834,14 @@ class _WriteTurns:
 T = TypeVar("T")
 
 
+def _sqlite_connect(path: str, pragmas: Sequence[str]) -> sqlite3.Connection:
+    """A stdlib connection for a thread of the store's own (the writer, a reader, the checkpointer)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    for pragma in pragmas:
+        db.execute(f"PRAGMA {pragma}")
+    return db
+
+
 class _Held:
     """The writer's connection as SQLAlchemy sees it (``_SqliteWriter.run_core``): the transaction is
     the writer's own (BEGIN IMMEDIATE … COMMIT or ROLLBACK), so SQLAlchemy's commit, rollback and
@@ -889,7 +897,7 @@ class _SqliteWriter:
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
-            self._db = self._connect(_WRITER_PRAGMAS)
+            self._db = _sqlite_connect(self._path, _WRITER_PRAGMAS)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -900,12 +908,6 @@ class _SqliteWriter:
         db.execute("COMMIT")
         self._checkpoint_soon()
         return result
-
-    def _connect(self, pragmas: Sequence[str]) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
-        for pragma in pragmas:
-            db.execute(f"PRAGMA {pragma}")
-        return db
 
     def _checkpoint_soon(self) -> None:
         """(In the writer's thread, after a commit.) Start a checkpoint in its own thread unless one
@@ -918,7 +920,7 @@ class _SqliteWriter:
 
     def _checkpoint(self) -> None:
         if self._checkpoint_db is None:
-            self._checkpoint_db = self._connect(SQLITE_PRAGMAS)
+            self._checkpoint_db = _sqlite_connect(self._path, SQLITE_PRAGMAS)
         self._checkpoint_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def run_core(self, work: Callable[[sa.Connection], T]) -> T:
@@ -964,9 +966,7 @@ class _SqliteReaders:
     def _read(self, work: Callable[[sa.Connection], T]) -> T:
         engine: sa.Engine | None = getattr(self._local, "engine", None)
         if engine is None:
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=30)
-            for pragma in SQLITE_PRAGMAS:
-                db.execute(f"PRAGMA {pragma}")
+            db = _sqlite_connect(self._path, SQLITE_PRAGMAS)
             engine = self._local.engine = sa.create_engine(
                 "sqlite://", creator=lambda: db, poolclass=sa.pool.StaticPool
             )

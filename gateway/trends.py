@@ -50,8 +50,10 @@ def sample(at: float | None = None) -> Sample:
     return s
 
 
-def quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
-    """The ``q`` quantile of a histogram given as cumulative counts per upper bound (None if empty)."""
+def _crossing(q: float, cumulative: Mapping[float, float]) -> tuple[float, float, float, float, float] | None:
+    """Where the ``q`` quantile (0 to 1) of a histogram given as cumulative counts per upper bound
+    falls: its rank, and the bucket's lower bound, the count below it, its upper bound and the count
+    up to it. None if the histogram is empty."""
     bounds = sorted(cumulative)
     if not bounds or cumulative[bounds[-1]] <= 0:
         return None
@@ -60,12 +62,28 @@ def quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
     for bound in bounds:
         count = cumulative[bound]
         if count >= rank:
-            if math.isinf(bound):
-                return lower  # beyond the last finite bucket: its bound is all one can say
-            inside = count - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+            return rank, lower, below, bound, count
         lower, below = bound, count
-    return lower
+    return rank, lower, below, lower, below
+
+
+def quantile(q: float, cumulative: Mapping[float, float]) -> float | None:
+    """The ``q`` quantile of a histogram given as cumulative counts per upper bound (None if empty),
+    interpolated inside the bucket it falls in."""
+    crossing = _crossing(q, cumulative)
+    if crossing is None:
+        return None
+    rank, lower, below, bound, count = crossing
+    if math.isinf(bound) or bound == lower:
+        return lower  # beyond the last finite bucket: its bound is all one can say
+    inside = count - below
+    return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+
+
+def bucket(q: float, cumulative: Mapping[float, float]) -> list[float] | None:
+    """The bucket (lower, upper bound) the ``q`` quantile falls in (None if the histogram is empty)."""
+    crossing = _crossing(q, cumulative)
+    return None if crossing is None else [crossing[1], crossing[3]]
 
 
 def _delta(new: Mapping[float, float], old: Mapping[float, float]) -> dict[float, float]:
