@@ -349,6 +349,7 @@ async def test_metrics_scraped_during_a_broadcast_match_the_store_and_carry_no_p
     by_name = {s.name: s for samples in after.values() for s in samples if s.labels.get("channel") == "push"}
     assert by_name["gateway_dispatch_latency_seconds_count"].value >= 60
     assert by_name["gateway_delivery_latency_seconds_count"].value >= 60
+    assert by_name["gateway_retries_total"].value > 0  # the 503s were retried
     assert any(s.labels.get("group") for s in after["gateway_consumer_lag"])
     # labels are channels, statuses, outcomes, groups: no recipient, address or token anywhere
     labels = {v for samples in after.values() for s in samples for v in s.labels.values()}
