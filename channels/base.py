@@ -205,11 +205,11 @@ class Adapter(ABC):
         encodable as UTF-8 (a lone surrogate from a ``\\ud800`` escape). Adapters add their own."""
         return unencodable((("address", m.address), *m.parts.items()))
 
-    async def report(self, result: Result) -> None:
-        """Hand one result to ``send``'s ``on_result`` now (before the next message goes out)."""
+    async def report(self, results: Sequence[Result]) -> None:
+        """Hand results to ``send``'s ``on_result`` now (before the next message goes out)."""
         on_result = _ON_RESULT.get()
-        if on_result is not None:
-            await on_result([result])
+        if on_result is not None and results:
+            await on_result(results)
 
     async def _send_batch(
         self, batch: Sequence[Message], before_request: Callable[[], Awaitable[None]] | None

@@ -1,15 +1,20 @@
 """E-mail over SMTP (aiosmtplib): a pool of connections, STARTTLS / implicit TLS, multipart
-text + HTML, the subject in the recipient's language, and ``Message-ID: <delivery id@domain>`` so
-that bounces and delivery events find their delivery. Events come back on a signed webhook
-(docs/partner-email-api.md): ``delivered`` → delivered, ``bounced`` → failed.
+text + HTML, the subject in the recipient's language. Recipients of one batch who get the same
+rendered e-mail (advisory version, language, priority) share one SMTP transaction of up to
+``recipients_per_message`` envelope recipients (``To: undisclosed-recipients:;``: no one sees
+another's address); a message for one recipient alone carries ``Message-ID: <delivery id@domain>``.
+Events come back on a signed webhook (docs/partner-email-api.md) naming the Message-ID and, for a
+shared message, the recipient: ``delivered`` → delivered, ``bounced`` → failed.
 
-Per message: a 5xx answer is permanent (rejected), a 4xx answer or a lost connection is retried.
+Per recipient: a 5xx answer is permanent (rejected), a 4xx answer or a lost connection is retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import secrets
 from collections.abc import Mapping, Sequence
 from email.header import Header
 from email.mime.base import MIMEBase
@@ -80,6 +85,19 @@ class EmailSettings(SignedChannelSettings):
     from_name: str = "Ministry of Foreign Affairs"
     message_id_domain: str = "gateway.mfa.example"
     pool_size: int = Field(4, ge=1, le=64)
+    # envelope recipients of one message (RFC 5321 4.5.3.1.8: a relay takes at least 100); 1 sends
+    # every recipient a message of their own. A crash may re-send up to this many per connection.
+    recipients_per_message: int = Field(50, ge=1, le=100)
+
+
+UNDISCLOSED = "undisclosed-recipients:;"
+
+
+def recipient_partner_id(message_id: str, address: str) -> str:
+    """A shared message's partner id for one of its recipients: the Message-ID and a digest of the
+    address (the address itself is not copied into the deliveries table)."""
+    digest = hashlib.sha256(address.strip().lower().encode()).hexdigest()[:16]
+    return f"{message_id}/{digest}"
 
 
 class EmailAdapter(SignedHttpAdapter):
@@ -119,23 +137,37 @@ class EmailAdapter(SignedHttpAdapter):
 
     @classmethod
     def unrecorded_bound(cls, settings: ChannelSettings) -> int:
-        """One message per pooled connection: each result is recorded before its connection takes
-        the next message (``Adapter.report``)."""
-        return cast(EmailSettings, settings).pool_size
+        """One message per pooled connection, each for up to ``recipients_per_message``: its results
+        are recorded before its connection takes the next message (``Adapter.report``)."""
+        s = cast(EmailSettings, settings)
+        return s.pool_size * s.recipients_per_message
 
     def message_id(self, delivery_id: str) -> str:
         return f"<{delivery_id}@{self.email_settings.message_id_domain}>"
 
-    def build(self, m: Message) -> MIMEBase:
+    def unbuildable(self, m: Message) -> str | None:
+        """Also a non-ASCII address (SMTPUTF8 is not sent): refused alone, before recipients share
+        a message."""
+        if not m.address.isascii():
+            return "cannot build the e-mail: the address is not ASCII (SMTPUTF8 addresses are not sent)"
+        return super().unbuildable(m)
+
+    def shared_message_id(self, first: Message) -> str:
+        """A message for several recipients: named after its first delivery, with a random tag (a
+        retried recipient travels in another message, which must not reuse the Message-ID)."""
+        return f"<{first.delivery_id[:20]}.{secrets.token_hex(4)}@{self.email_settings.message_id_domain}>"
+
+    def build(self, m: Message, to: str | None = None, message_id: str | None = None) -> MIMEBase:
+        """The e-mail for ``m``; ``to`` and ``message_id`` for a message shared with others."""
         s = self.email_settings
         if not m.address.isascii():
             raise ValueError("address: not ASCII; internationalised addresses (SMTPUTF8) are not sent")
         headers = {
             "From": formataddr((s.from_name, s.from_address), charset="utf-8"),
-            "To": m.address,
+            "To": to or m.address,
             "Subject": m.parts["subject"],
             "Date": formatdate(usegmt=True),
-            "Message-ID": self.message_id(m.delivery_id),
+            "Message-ID": message_id or self.message_id(m.delivery_id),
             "X-Advisory": key(m.advisory_id, m.version),
             "Auto-Submitted": "auto-generated",
         }
@@ -144,71 +176,114 @@ class EmailAdapter(SignedHttpAdapter):
         headers["Content-Language"] = m.language
         return mime(headers, m.parts["text"], m.parts.get("html"))
 
-    async def _send(self, batch: Sequence[Message]) -> list[Result]:
-        # the batch's MIME built and flattened in a worker thread: the event loop goes on meanwhile
-        flats = await asyncio.to_thread(lambda: [self._flat(m) for m in batch])
-        return list(
-            await asyncio.gather(*(self._send_one(m, flat) for m, flat in zip(batch, flats, strict=True)))
-        )
+    def envelopes(self, batch: Sequence[Message]) -> list[list[Message]]:
+        """The batch as messages to send: recipients of the same rendering (the renderer's one
+        ``parts`` for an advisory version, language and channel; equal parts if rendered apart) and
+        priority together, up to ``recipients_per_message`` each, in the batch's order."""
+        size = self.email_settings.recipients_per_message
+        groups: dict[tuple[Any, ...], list[list[Message]]] = {}
+        order: list[list[Message]] = []
+        for m in batch:
+            same = (m.advisory_id, m.version, m.language, m.priority, tuple(sorted(m.parts.items())))
+            runs = groups.setdefault(same, [])
+            # one address once per message: its receipt names the message and the address
+            if not runs or len(runs[-1]) >= size or any(o.address == m.address for o in runs[-1]):
+                runs.append([])
+                order.append(runs[-1])
+            runs[-1].append(m)
+        return order
 
-    def _flat(self, m: Message) -> bytes | Result:
+    async def _send(self, batch: Sequence[Message]) -> list[Result]:
+        # the messages' MIME built and flattened in a worker thread: the event loop goes on meanwhile
+        envelopes = self.envelopes(batch)
+        flats = await asyncio.to_thread(lambda: [self._flat(e) for e in envelopes])
+        sent = await asyncio.gather(*(self._send_one(e, f) for e, f in zip(envelopes, flats, strict=True)))
+        return [r for results in sent for r in results]
+
+    def _flat(self, envelope: Sequence[Message]) -> tuple[str, bytes] | list[Result]:
         """The message built and flattened (headers folded and checked) before a connection is
-        taken, or why it cannot be."""
+        taken, with its Message-ID; or why it cannot be, for each of its recipients."""
+        first = envelope[0]
         try:
-            return flatten_message(self.build(m))
+            if len(envelope) == 1:
+                return self.message_id(first.delivery_id), flatten_message(self.build(first))
+            message_id = self.shared_message_id(first)
+            return message_id, flatten_message(self.build(first, UNDISCLOSED, message_id))
         except Exception as e:  # a header with a line break, a non-ASCII address: this message only
             reason = f"cannot build the e-mail: {type(e).__name__}: {e}"[:300]
-            return Result(m.delivery_id, "rejected", reason=reason)
+            return [Result(m.delivery_id, "rejected", reason=reason) for m in envelope]
 
-    async def _send_one(self, m: Message, flat: bytes | Result) -> Result:
-        if isinstance(flat, Result):
+    async def _send_one(
+        self, envelope: Sequence[Message], flat: tuple[str, bytes] | list[Result]
+    ) -> list[Result]:
+        if isinstance(flat, list):
             return flat
+        message_id, raw = flat
         client = await self._pool.get()
         try:
             if not client.is_connected:
                 await client.connect()
                 if self.email_settings.username and self._password:
                     await client.login(self.email_settings.username, self._password)
-            await client.sendmail(self.email_settings.from_address, [m.address], flat)
-            accepted = Result(m.delivery_id, "accepted", partner_id=self.message_id(m.delivery_id))
+            refused, _ = await client.sendmail(
+                self.email_settings.from_address, [m.address for m in envelope], raw
+            )
+            results = [self._taken(m, message_id, len(envelope), refused.get(m.address)) for m in envelope]
             # recorded before this connection takes the next message: a crash re-sends at most one
             # message per connection (the relay's 250 not yet recorded)
-            await self.report(accepted)
-            return accepted
-        except aiosmtplib.SMTPRecipientsRefused as e:
-            refused = e.recipients[0] if e.recipients else None
-            code = refused.code if refused else 550
-            reason = f"relay refused the recipient: {code} {refused.message if refused else ''}".strip()
-            return Result(m.delivery_id, "rejected" if code >= 500 else "retry", reason=reason)
+            await self.report([r for r in results if r.outcome == "accepted"])
+            return results
+        except aiosmtplib.SMTPRecipientsRefused as e:  # every recipient refused: nothing was sent
+            by_address = {r.recipient: r for r in e.recipients}
+            return [self._refused(m, by_address.get(m.address)) for m in envelope]
         except aiosmtplib.SMTPResponseException as e:
-            return Result(
-                m.delivery_id,
-                "rejected" if e.code >= 500 else "retry",
-                reason=f"relay answered {e.code} {e.message}",
-            )
+            reason = f"relay answered {e.code} {e.message}"
+            return [
+                Result(m.delivery_id, "rejected" if e.code >= 500 else "retry", reason=reason)
+                for m in envelope
+            ]
         except Stopped:
             raise
         except Exception as e:  # unreachable, reset, timed out — or the client failed: a new connection
             with contextlib.suppress(Exception):
                 client.close()
             client = self._client()
-            return Result(m.delivery_id, "retry", reason=f"relay unreachable: {type(e).__name__}: {e}"[:300])
+            reason = f"relay unreachable: {type(e).__name__}: {e}"[:300]
+            return [Result(m.delivery_id, "retry", reason=reason) for m in envelope]
         finally:
             self._pool.put_nowait(client)
+
+    def _taken(self, m: Message, message_id: str, shared: int, refused: Any) -> Result:
+        """One recipient's result once the relay took the message: accepted unless refused at RCPT."""
+        if refused is not None:
+            return self._refused(m, refused)
+        partner_id = message_id if shared == 1 else recipient_partner_id(message_id, m.address)
+        return Result(m.delivery_id, "accepted", partner_id=partner_id)
+
+    @staticmethod
+    def _refused(m: Message, refused: Any) -> Result:
+        code = int(refused.code) if refused is not None else 550
+        reason = f"relay refused the recipient: {code} {refused.message if refused else ''}".strip()
+        return Result(m.delivery_id, "rejected" if code >= 500 else "retry", reason=reason)
 
     def parse_receipts(self, body: bytes, headers: Mapping[str, str]) -> list[Receipt]:
         receipts = []
         for event in self.verified_json(body, headers, "events"):
             try:
                 kind = str(event["event"])
-                delivery_id = str(event["message_id"]).strip("<>").split("@", 1)[0]
-            except (KeyError, TypeError) as e:
+                message_id = str(event["message_id"])
+                recipient = event.get("recipient")
+            except (KeyError, TypeError, AttributeError) as e:
                 raise SchemaError(f"events: malformed event: {e}") from e
             if kind not in EVENT_STATUS:
                 raise SchemaError(f"events: unknown event {kind!r}")
             status = EVENT_STATUS[kind]
-            if status is not None:
-                receipts.append(Receipt(delivery_id, status, str(event["message_id"])))
+            if status is None:
+                continue
+            if recipient is None:  # a message of its own: the Message-ID names the delivery
+                receipts.append(Receipt(message_id.strip("<>").split("@", 1)[0], status, message_id))
+            else:  # a shared message: matched by the partner id recorded for that recipient
+                receipts.append(Receipt("", status, recipient_partner_id(message_id, str(recipient))))
         return receipts
 
     async def close(self) -> None:

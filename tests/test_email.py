@@ -41,11 +41,22 @@ class Inbox:
 
     def __init__(self) -> None:
         self.messages: asyncio.Queue[EmailMessage] = asyncio.Queue()
+        self.envelopes: list[list[str]] = []  # each message's envelope recipients, in order
         self.answer = "250 OK"
+        self.rcpt_answers: dict[str, str] = {}  # an address -> the relay's answer to its RCPT
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        answer = self.rcpt_answers.get(address, "250 OK")
+        if answer.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return answer
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         msg = message_from_bytes(envelope.content or b"", policy=policy.default)  # type: ignore[arg-type]
         assert isinstance(msg, EmailMessage)
+        self.envelopes.append(list(envelope.rcpt_tos))
         await self.messages.put(msg)
         return self.answer
 
@@ -144,7 +155,9 @@ async def test_an_email_broadcast_ends_delivered_and_a_bounce_ends_failed(
     per = stats["by_advisory"][f"{record['id']}@v1"]
     assert (per["accepted"], per["unique_recipients"], per["duplicates"]) == (61, 61, 0)
     assert per["languages"] == {"en": 1, "ru": 60}
-    assert stats["multipart"] == 61
+    # recipients of one rendering share messages of up to 50: at least 2 in Russian, 1 in English
+    assert 3 <= stats["messages"] < 61
+    assert stats["multipart"] == stats["messages"]
 
 
 def _self_signed(tmp_path: Path) -> ssl.SSLContext:
@@ -197,7 +210,7 @@ async def test_a_message_that_cannot_be_built_fails_alone_and_the_rest_go_once(
         good, delivery_id="d-bad", parts={**good.parts, "subject": "Leave\nnow"}
     )
     bad_address = dataclasses.replace(good, delivery_id="d-addr", address="айгерим@мысал.kz")
-    second = dataclasses.replace(good, delivery_id="d0e2")
+    second = dataclasses.replace(good, delivery_id="d0e2", address="aigerim2@example.kz")
     reported: list[str] = []
 
     async def on_result(results: Sequence[Result]) -> None:
@@ -216,12 +229,80 @@ async def test_a_message_that_cannot_be_built_fails_alone_and_the_rest_go_once(
         "d-bad": ("rejected", "cannot build the e-mail: "),
         "d-addr": ("rejected", "cannot build the e-mail: "),
     }
-    assert sorted(reported) == ["d0e1", "d0e2"]  # each recorded as its relay answered, one by one
-    received = [await handler.messages.get() for _ in range(2)]
-    assert sorted(str(m["Message-ID"]) for m in received) == sorted(
-        [adapter.message_id("d0e1"), adapter.message_id("d0e2")]
-    )
+    assert sorted(reported) == ["d0e1", "d0e2"]  # recorded as the relay answered their message
+    received = await handler.messages.get()  # the two good ones share one rendering: one message
     assert handler.messages.empty()
+    assert handler.envelopes == [["aigerim@example.kz", "aigerim2@example.kz"]]
+    assert received["To"] == "undisclosed-recipients:;"
+
+
+async def test_recipients_of_one_rendering_share_a_message_and_each_keeps_their_own_answer(
+    inbox: tuple[Inbox, int],
+) -> None:
+    """Four Kazakh and one Russian recipient: two messages. A recipient the relay refuses at RCPT
+    is rejected (5xx) or retried (4xx) alone; the others are sent, each with a partner id that a
+    relay's event naming the message and the address finds again."""
+    handler, port = inbox
+    kk = _rendered_kazakh()
+    batch = [dataclasses.replace(kk, delivery_id=f"k{i}", address=f"kk{i}@example.kz") for i in range(4)]
+    ru = dataclasses.replace(
+        kk,
+        delivery_id="r0",
+        address="ru0@example.kz",
+        language="ru",
+        parts={"subject": "Выезд", "text": "Пограничные пункты открыты."},
+    )
+    handler.rcpt_answers = {"kk1@example.kz": "550 5.1.1 no such mailbox", "kk2@example.kz": "452 4.2.2 full"}
+    async with aiohttp.ClientSession() as session:
+        adapter = _adapter(session, port)
+        try:
+            results = await adapter.send([*batch, ru])
+        finally:
+            await adapter.close()
+    by_id = {r.delivery_id: r for r in results}
+    assert {i: r.outcome for i, r in by_id.items()} == {
+        "k0": "accepted",
+        "k1": "rejected",
+        "k2": "retry",
+        "k3": "accepted",
+        "r0": "accepted",
+    }
+    assert sorted(handler.envelopes) == [["kk0@example.kz", "kk3@example.kz"], ["ru0@example.kz"]]
+    messages = {str(m["Content-Language"]): m for m in [handler.messages.get_nowait() for _ in range(2)]}
+    shared, alone = messages["kk"], messages["ru"]
+    assert shared["To"] == "undisclosed-recipients:;", "no recipient sees another's address"
+    assert (alone["To"], alone["Message-ID"]) == ("ru0@example.kz", adapter.message_id("r0"))
+    assert by_id["r0"].partner_id == adapter.message_id("r0")
+    events = [
+        {"message_id": str(shared["Message-ID"]), "recipient": "kk3@example.kz", "event": "delivered"},
+        {"message_id": str(shared["Message-ID"]), "recipient": "kk0@example.kz", "event": "bounced"},
+        {"message_id": str(alone["Message-ID"]), "event": "delivered"},
+    ]
+    body = json.dumps({"events": events}).encode()
+    got = adapter.parse_receipts(body, hmac_headers("s", body))
+    assert [(r.partner_id, r.status) for r in got if not r.delivery_id] == [
+        (by_id["k3"].partner_id, Status.DELIVERED),
+        (by_id["k0"].partner_id, Status.FAILED),
+    ]
+    assert [(r.delivery_id, r.status) for r in got if r.delivery_id] == [("r0", Status.DELIVERED)]
+    assert len({by_id["k0"].partner_id, by_id["k3"].partner_id}) == 2
+    assert "kk0" not in str(by_id["k0"].partner_id), "the address is not copied into the store"
+
+
+async def test_one_recipient_per_message_when_configured(inbox: tuple[Inbox, int]) -> None:
+    handler, port = inbox
+    kk = _rendered_kazakh()
+    batch = [dataclasses.replace(kk, delivery_id=f"k{i}", address=f"kk{i}@example.kz") for i in range(3)]
+    settings = EmailSettings(adapter="email", port=port, secret="s", timeout_s=2.0, recipients_per_message=1)
+    async with aiohttp.ClientSession() as session:
+        adapter = EmailAdapter("email", settings, session)
+        try:
+            results = await adapter.send(batch)
+        finally:
+            await adapter.close()
+    assert [r.partner_id for r in results] == [adapter.message_id(f"k{i}") for i in range(3)]
+    assert sorted(handler.envelopes) == [[f"kk{i}@example.kz"] for i in range(3)]
+    assert EmailAdapter.unrecorded_bound(settings) == settings.pool_size
 
 
 async def _queued_emails(gw: Gateway, tmp_path: Path, local: str) -> tuple[dict[str, Any], list[str]]:

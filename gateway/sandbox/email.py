@@ -19,6 +19,7 @@ class EmailSink(SandboxPartner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.smtp_port = 0
+        self.messages = 0  # DATA taken (a message may have several recipients)
         self.multipart = 0
         self.resent = 0  # messages whose Message-ID was taken before
         self._server: asyncio.base_events.Server | None = None
@@ -39,12 +40,17 @@ class EmailSink(SandboxPartner):
         return {
             **super().stats(since),
             "smtp_port": self.smtp_port,
+            "messages": self.messages,
             "multipart": self.multipart,
             "resent_message_ids": self.resent,
         }
 
     def receipt(self, key: str, message_id: str, status: str) -> dict[str, Any]:
-        return {"message_id": key, "event": status}
+        # key: the Message-ID, or "<Message-ID>/<recipient>" for a message with several recipients
+        shared_id, slash, recipient = key.partition(">/")
+        if not slash:
+            return {"message_id": key, "event": status}
+        return {"message_id": shared_id + ">", "recipient": recipient, "event": status}
 
     def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return {"events": batch}
@@ -67,6 +73,10 @@ class EmailSink(SandboxPartner):
         if not message_id or not msg.get("Subject") or "text/plain" not in types:
             self.rejected += 1
             return "554 5.6.0 Message-ID, Subject and a text/plain part are required"
+        if len(envelope.rcpt_tos) > 1 and not message_id.endswith(">"):
+            self.rejected += 1
+            return "554 5.6.0 a Message-ID in angle brackets is required"
+        self.messages += 1
         if "text/html" in types:
             self.multipart += 1
         advisory = str(msg.get("X-Advisory", "?"))
