@@ -159,9 +159,7 @@ class EmailAdapter(SignedHttpAdapter):
 
     def build(self, m: Message, to: str | None = None, message_id: str | None = None) -> MIMEBase:
         """The e-mail for ``m``; ``to`` and ``message_id`` for a message shared with others."""
-        s = self.email_settings
-        if not m.address.isascii():
-            raise ValueError("address: not ASCII; internationalised addresses (SMTPUTF8) are not sent")
+        s = self.email_settings  # a non-ASCII address never gets here: ``unbuildable`` refused it
         headers = {
             "From": formataddr((s.from_name, s.from_address), charset="utf-8"),
             "To": to or m.address,
