@@ -209,9 +209,11 @@ class Gateway:
             planner.segments_planned = segments.wake
             self._tasks.append(asyncio.create_task(segments.run(self.stopping), name="segments"))
             loops.append(("dispatch", self._consumer(list(lanes), s.kafka.dispatch_group), dispatcher.run))
-        webhook = ReceiptWebhook(self.store, self.adapters)
+        webhook = ReceiptWebhook(self.store, self.adapters, s.receipts)
         if "receipts" in s.gateway.roles:
             routes += webhook.routes()
+        if "receipts" in s.gateway.roles or "dispatch" in s.gateway.roles:  # webhooks, SMPP binds
+            self._tasks.append(asyncio.create_task(webhook.run(self.stopping), name="held-receipts"))
         # receipts that come on a session this process holds (SMPP deliver_sm on its binds) are
         # applied here, whatever its roles: the SMSC writes them once, to the bind that sent
         for name, adapter in self.adapters.items():

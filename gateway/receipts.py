@@ -4,14 +4,20 @@ A call that is not signed by the partner, or a signed call already applied (a re
 401 and changes nothing. Receipts move a
 delivery only forward (``Status.rank``), so duplicate and out-of-order receipts are harmless. Each
 receipt that moves a delivery becomes a delivery event (the store's outbox, gateway/events.py).
+
+A receipt matched by the partner's id (an SMSC's message id, a shared e-mail's) may come before the
+gateway has recorded that id: such a receipt is held in the store and tried again every
+``receipts.retry_s`` (``ReceiptWebhook.run``), given up after ``receipts.hold_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
 from typing import TypeVar
 
 from aiohttp import web
@@ -21,7 +27,9 @@ from gateway import metrics
 from gateway.api import problem
 from gateway.errors import AuthError, InputError
 from gateway.logging import get_logger
-from gateway.store import Outcome, Store
+from gateway.models import now
+from gateway.settings import ReceiptsSettings
+from gateway.store import AppliedReceipts, Outcome, Store
 
 log = get_logger(__name__)
 
@@ -67,9 +75,12 @@ class ReplayGuard:
 
 
 class ReceiptWebhook:
-    def __init__(self, store: Store, adapters: Mapping[str, Adapter]) -> None:
+    def __init__(
+        self, store: Store, adapters: Mapping[str, Adapter], settings: ReceiptsSettings | None = None
+    ) -> None:
         self.store = store
         self.adapters = adapters
+        self.settings = settings or ReceiptsSettings()
         self.replays = ReplayGuard()
 
     def routes(self) -> list[web.RouteDef]:
@@ -127,9 +138,10 @@ class ReceiptWebhook:
         if isinstance(signed, web.Response):
             return signed
         found, signature = signed
-        moved = await self.apply(channel, adapter, found)
+        applied = await self._apply(channel, adapter, found)
         self.replays.seen(signature)  # only once applied: a partner's retry after a failure is no replay
-        return web.json_response({"received": len(found), "moved": moved})
+        moved = len({o.delivery_id for o in applied.moved})
+        return web.json_response({"received": len(found), "moved": moved, "held": applied.held})
 
     async def handle_segments(self, request: web.Request) -> web.Response:
         """A partner's aggregate receipts for segment requests (gateway/segments.py): verified like
@@ -155,9 +167,55 @@ class ReceiptWebhook:
         by the store with the move) and tell the adapter; returns deliveries moved. A receipt naming
         no delivery of ours is counted and logged, never an event. Used by the webhooks and, for
         protocols that bring receipts themselves (SMPP), as their sink."""
+        applied = await self._apply(channel, adapter, found)
+        return len({o.delivery_id for o in applied.moved})
+
+    async def _apply(self, channel: str, adapter: Adapter, found: Sequence[Receipt]) -> AppliedReceipts:
         outcomes = [Outcome(r.delivery_id, r.status, partner_id=r.partner_id) for r in found]
         applied = await asyncio.shield(self.store.apply_receipts(channel, outcomes))
         adapter.receipts_seen(found)
+        self._observe(channel, applied)
+        log.info(
+            "receipts.applied",
+            channel=channel,
+            count=len(outcomes),
+            moved=len(applied.moved),
+            unchanged=applied.unchanged,
+            held=applied.held,
+            unmatched=len(applied.unknown),
+        )
+        return applied
+
+    async def retry_held(self) -> int:
+        """Held receipts tried again (their partner ids may be recorded by now); returns how many
+        moved a delivery. Those held longer than ``hold_s`` are given up, counted unmatched."""
+        give_up_before = now() - timedelta(seconds=self.settings.hold_s)
+        moved = 0
+        for channel, applied in await asyncio.shield(self.store.apply_held(give_up_before)):
+            self._observe(channel, applied)
+            moved += len(applied.moved)
+            if applied.moved or applied.unknown:
+                log.info(
+                    "receipts.held_applied",
+                    channel=channel,
+                    moved=len(applied.moved),
+                    still_held=applied.held,
+                    given_up=len(applied.unknown),
+                )
+        return moved
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """``retry_held`` every ``retry_s`` until ``stopping``."""
+        while not stopping.is_set():
+            try:
+                await self.retry_held()
+            except Exception as e:  # the store is down: try again next time
+                log.error("receipts.held_failed", error=f"{type(e).__name__}: {e}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.retry_s)
+
+    def _observe(self, channel: str, applied: AppliedReceipts) -> None:
+        """Metrics and the log line for what a batch of receipts did."""
         latency = metrics.delivery_latency_seconds.labels(channel)
         for seconds in applied.reached_after_s:
             latency.observe(max(0.0, seconds))
@@ -171,15 +229,6 @@ class ReceiptWebhook:
                 count=len(applied.unknown),
                 partner_ids=[o.partner_id for o in applied.unknown[:5]],
             )
-        log.info(
-            "receipts.applied",
-            channel=channel,
-            count=len(outcomes),
-            moved=len(applied.moved),
-            unchanged=applied.unchanged,
-            unmatched=len(applied.unknown),
-        )
-        return len({o.delivery_id for o in applied.moved})
 
     def sink(self, channel: str, adapter: Adapter) -> Callable[[Sequence[Receipt]], Awaitable[None]]:
         async def take(found: Sequence[Receipt]) -> None:

@@ -181,6 +181,19 @@ receipts = sa.Table(
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# receipts naming a partner id no delivery has yet (migration 0010): a partner may report a message
+# before the gateway has recorded its answer to the send (an SMSC's DLR before its submit_sm_resp is
+# written; a relay's event within its 250's write). Held, applied when the partner id is recorded
+# (Store.apply_held), given up after ``receipts.hold_s``.
+held_receipts = sa.Table(
+    "held_receipts",
+    metadata,
+    sa.Column("channel", sa.String(32), primary_key=True),
+    sa.Column("partner_id", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), primary_key=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 
 # API tokens (gateway/auth.py): the secret is never stored, only its scrypt hash
 tokens = sa.Table(

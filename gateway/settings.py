@@ -270,6 +270,13 @@ class SweeperSettings(_Section):
     receipt_timeout_s: float = Field(3600.0, gt=0)  # sent this long with no receipt: unknown
 
 
+class ReceiptsSettings(_Section):
+    # a receipt naming a partner id no delivery has yet (its send's answer not recorded) is held
+    # and tried again every retry_s, until hold_s after it came: then it is given up (unmatched)
+    retry_s: float = Field(1.0, gt=0)
+    hold_s: float = Field(600.0, gt=0)
+
+
 class CascadeSettings(_Section):
     interval_s: float = Field(1.0, gt=0)  # how often unconfirmed deliveries are looked for
     page: int = Field(500, ge=1, le=10_000)
@@ -293,6 +300,7 @@ class Settings(_Section):
     planner: PlannerSettings = PlannerSettings()
     dispatch: DispatchSettings = DispatchSettings()
     sweeper: SweeperSettings = SweeperSettings()
+    receipts: ReceiptsSettings = ReceiptsSettings()
     cascade: CascadeSettings = CascadeSettings()
     events: EventsSettings = EventsSettings()
     # channel name -> that adapter's own settings, validated by the adapter's settings model

@@ -76,6 +76,7 @@ from gateway.schema import (
     delivery_count_deltas,
     delivery_counts,
     delivery_events,
+    held_receipts,
     metadata,
     receipts,
     recipients,
@@ -553,11 +554,13 @@ def _grown(column: sa.Column[Any], value: int) -> sa.ColumnElement[Any]:
 @dataclass(frozen=True, slots=True)
 class AppliedReceipts:
     moved: list[Outcome]  # receipts that moved their delivery forward, in arrival order
-    unknown: list[Outcome]  # receipts naming no delivery of ours (not stored)
+    unknown: list[Outcome]  # receipts naming no delivery of ours (not stored), given up
     unchanged: int  # duplicates and late receipts: stored, changed nothing
     # seconds from sent to the receipt, for each delivery these receipts first reached (delivered
     # or read): the delivery latency
     reached_after_s: list[float] = dataclasses.field(default_factory=list)
+    # receipts naming a partner id not recorded yet: held (``held_receipts``), applied when it is
+    held: int = 0
 
 
 def _last_per_delivery(outcomes: Sequence[Outcome]) -> list[Outcome]:
@@ -577,6 +580,7 @@ class _Receipted:
     moved: list[Outcome]  # the known ones that moved their delivery forward
     before: dict[str, int]  # each named delivery's rank before the batch
     sent_at: dict[str, datetime]
+    held: int = 0  # receipts held for a partner id not recorded yet (not in ``unknown``)
 
     @classmethod
     def of(
@@ -613,7 +617,21 @@ class _Receipted:
             and o.delivery_id in self.sent_at
         }
         latencies = [(at - self.sent_at[i]).total_seconds() for i in first_reached]
-        return AppliedReceipts(self.moved, self.unknown, len(self.known) - len(self.moved), latencies)
+        return AppliedReceipts(
+            self.moved, self.unknown, len(self.known) - len(self.moved), latencies, self.held
+        )
+
+    def holding(self, kept: Sequence[Outcome]) -> _Receipted:
+        """These of the unknown receipts are held: the rest are given up."""
+        held = {id(o) for o in kept}
+        return dataclasses.replace(
+            self, unknown=[o for o in self.unknown if id(o) not in held], held=len(kept)
+        )
+
+
+def _holdable(o: Outcome) -> bool:
+    """A receipt that names a partner id and no delivery: its send's answer may not be recorded yet."""
+    return not o.delivery_id and bool(o.partner_id)
 
 
 def _matched(items: Sequence[Outcome], by_partner: Mapping[str, str]) -> list[Outcome]:
@@ -650,6 +668,48 @@ def _sqlite_receipts(
         rows = [(o.delivery_id, channel, o.status.value, o.partner_id, stamp) for o in applied.known]
         _sqlite_insert(db, _SQLITE_RECEIPT, rows)
     return applied
+
+
+_HELD_COLUMNS = ("channel", "partner_id", "status", "received_at")
+_SQLITE_HOLD = (f"INSERT INTO held_receipts ({', '.join(_HELD_COLUMNS)})", " ON CONFLICT DO NOTHING")
+
+
+def _sqlite_receipts_holding(
+    db: sqlite3.Connection, channel: str, items: Sequence[Outcome], at: datetime
+) -> _Receipted:
+    """``_sqlite_receipts``, and the receipts naming a partner id no delivery has yet held."""
+    applied = _sqlite_receipts(db, channel, items, at)
+    kept = [o for o in applied.unknown if _holdable(o)]
+    if kept:
+        stamp = _sqlite_time(at)
+        _sqlite_insert(db, _SQLITE_HOLD, [(channel, o.partner_id, o.status.value, stamp) for o in kept])
+    return applied.holding(kept)
+
+
+def _sqlite_held(
+    db: sqlite3.Connection, at: datetime, give_up_before: datetime, limit: int
+) -> list[tuple[str, _Receipted]]:
+    """Store.apply_held on SQLite's writer connection, as one transaction."""
+    columns = ", ".join(_HELD_COLUMNS)
+    inner = f"SELECT rowid AS r, {columns} FROM held_receipts ORDER BY received_at LIMIT ?"  # noqa: S608
+    rows = _sqlite_all(db, f"r, {columns}", f"FROM ({inner})", [limit])
+    if not rows:
+        return []
+    delete = f"DELETE FROM held_receipts WHERE rowid IN ({_marks(len(rows))})"  # noqa: S608
+    db.execute(delete, [r[0] for r in rows])
+    cutoff = _sqlite_time(give_up_before)
+    out = []
+    for channel, group in itertools.groupby(sorted(rows, key=lambda r: r[1]), key=lambda r: r[1]):
+        since = {(p, st): t for _, _, p, st, t in group}
+        applied = _sqlite_receipts(db, channel, [Outcome("", Status(st), p) for p, st in since], at)
+        kept = [o for o in applied.unknown if since[(o.partner_id, o.status.value)] >= cutoff]
+        rows_kept = [
+            (channel, o.partner_id, o.status.value, since[(o.partner_id, o.status.value)]) for o in kept
+        ]
+        if rows_kept:
+            _sqlite_insert(db, _SQLITE_HOLD, rows_kept)
+        out.append((channel, applied.holding(kept)))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -1859,11 +1919,67 @@ class Store:
         at = now()
         if self._writer is not None:
             with writing_for(_RECEIPTS):
-                applied = await self._write(partial(_sqlite_receipts, channel=channel, items=items, at=at))
+                work = partial(_sqlite_receipts_holding, channel=channel, items=items, at=at)
+                applied = await self._write(work)
         else:
             async with self._begin() as conn:
                 applied = await self._receipts_in(conn, channel, items, at)
+                kept = [o for o in applied.unknown if _holdable(o)]
+                await self._hold_in(conn, channel, [(o, at) for o in kept])
+                applied = applied.holding(kept)
         return applied.result(at)
+
+    async def apply_held(
+        self, give_up_before: datetime, limit: int = 1000
+    ) -> list[tuple[str, AppliedReceipts]]:
+        """Held receipts (``apply_receipts``: they named a partner id no delivery had yet) tried
+        again, the oldest ``limit``: each now matched is applied; each still unmatched stays held,
+        unless it came before ``give_up_before`` (then it is given up: ``unknown``). Per channel."""
+        at = now()
+        if self._writer is not None:
+            with writing_for(_RECEIPTS):
+                work = partial(_sqlite_held, at=at, give_up_before=give_up_before, limit=limit)
+                done = await self._write(work)
+        else:
+            async with self._begin() as conn:
+                done = await self._held_in(conn, at, give_up_before, limit)
+        return [(channel, applied.result(at)) for channel, applied in done]
+
+    async def _held_in(
+        self, conn: AsyncConnection, at: datetime, give_up_before: datetime, limit: int
+    ) -> list[tuple[str, _Receipted]]:
+        t = held_receipts.c
+        q = sa.select(t.channel, t.partner_id, t.status, t.received_at).order_by(t.received_at).limit(limit)
+        rows = (await conn.execute(q.with_for_update(skip_locked=True))).all()  # instances take turns
+        if not rows:
+            return []
+        keys = [(str(c), str(p), str(st)) for c, p, st, _ in rows]
+        await conn.execute(
+            sa.delete(held_receipts).where(sa.tuple_(t.channel, t.partner_id, t.status).in_(keys))
+        )
+        out = []
+        for channel, group in itertools.groupby(sorted(rows, key=lambda r: r[0]), key=lambda r: r[0]):
+            since = {(str(p), str(st)): aware(r_at) for _, p, st, r_at in group}
+            items = [Outcome("", Status(st), p) for p, st in since]
+            applied = await self._receipts_in(conn, str(channel), items, at)
+            kept = [
+                o for o in applied.unknown if since[(o.partner_id or "", o.status.value)] >= give_up_before
+            ]
+            await self._hold_in(
+                conn, str(channel), [(o, since[(o.partner_id or "", o.status.value)]) for o in kept]
+            )
+            out.append((str(channel), applied.holding(kept)))
+        return out
+
+    async def _hold_in(
+        self, conn: AsyncConnection, channel: str, kept: Sequence[tuple[Outcome, datetime]]
+    ) -> None:
+        if kept:
+            rows = [
+                {"channel": channel, "partner_id": o.partner_id, "status": o.status.value, "received_at": at}
+                for o, at in kept
+            ]
+            await conn.execute(self._insert(held_receipts).on_conflict_do_nothing(), rows)
 
     async def _receipts_in(
         self, conn: AsyncConnection, channel: str, items: Sequence[Outcome], at: datetime
