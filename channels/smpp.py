@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +39,7 @@ from aiosmpplib import (
     SubmitSm,
     SubmitSmResp,
 )
+from aiosmpplib.correlator import SimpleCorrelator
 from aiosmpplib.log import StructuredLogger
 from aiosmpplib.ratelimiter import SimpleRateLimiter
 from pydantic import Field, SecretStr
@@ -98,6 +101,36 @@ class _Hook(AbstractHook):
         self.adapter.on_send_error(smpp_message, error)
 
 
+class _Correlator(SimpleCorrelator):
+    """aiosmpplib's in-memory correlator, whose expiry walked every stored item on every PDU sent or
+    received: quadratic in the messages awaiting a receipt (kept 3 days). At 20,000 SMS it was 14 %
+    of the gateway's samples; at a million it would be the whole. Items go in in time order with
+    one lifetime per store, so expiry reads from the oldest and stops at the first that is still
+    young; the stores are ordered dicts, whose oldest is found in one step however many went before
+    it (a plain dict's iteration steps over the holes its deletions left)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        for store in (self._store, self._delivery_store, self._delivery_segment_store):
+            store._data = OrderedDict()  # no directory: nothing is persisted, _data is all there is
+
+    async def _remove_expired(self) -> None:
+        now = time.monotonic()
+        while self._store:
+            key = next(iter(self._store))
+            stored_at, message = self._store[key]
+            if now - stored_at <= self.max_ttl_response:
+                break
+            del self._store[key]
+            await self.expired(message)
+        for store in (self._delivery_store, self._delivery_segment_store):
+            while store:
+                key = next(iter(store))
+                if now - store[key][0] <= self.max_ttl_delivery:
+                    break
+                del store[key]
+
+
 class _Esme(ESME):
     async def connect(self) -> None:
         # aiosmpplib replaces a dropped connection's writer without closing it: close it first
@@ -143,6 +176,7 @@ class SmppAdapter(SmsAdapter):
             log_level=logging.WARNING,
             hook=_Hook(self),
             broker=self._queue,
+            correlator=_Correlator(s.system_id),
             rate_limiter=SimpleRateLimiter(quiet, send_rate=s.rate_per_s),
             socket_timeout=s.timeout_s,
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,16 +15,18 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from channels.base import hmac_headers
+from channels.email import recipient_partner_id
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.models import Status, delivery_id
 from gateway.sandbox.process import SandboxProcess
+from gateway.store import Outcome
 from tests.conftest import advisory, bearer, events_in, eventually, load_recipients, reached, signed
 
 
-async def _events_until_read(gw: Gateway, ids: list[str]) -> list[tuple[str, str]]:
-    """(delivery id, status) of every event from the start of ``delivery-events`` until each of
-    ``ids`` has its ``read`` event. Events of one advisory version share a partition, in order."""
+async def _events_until(gw: Gateway, done: Callable[[list[tuple[str, str]]], bool]) -> list[tuple[str, str]]:
+    """(delivery id, status) of every event from the start of ``delivery-events`` until ``done``
+    says they are enough. Events of one advisory version share a partition, in order."""
     consumer = AIOKafkaConsumer(
         gw.settings.kafka.topic_events,
         bootstrap_servers=gw.bootstrap_servers,
@@ -36,7 +38,7 @@ async def _events_until_read(gw: Gateway, ids: list[str]) -> list[tuple[str, str
     seen: list[tuple[str, str]] = []
     try:
         async with asyncio.timeout(30):
-            while not all((i, "read") in seen for i in ids):
+            while not done(seen):
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     seen += [(e["delivery_id"], e["status"]) for e in events_in(records)]
     finally:
@@ -130,14 +132,14 @@ async def test_only_receipts_that_change_a_delivery_become_events(
     body = json.dumps({"receipts": again + unknown}).encode()
     async with http.post("/receipts/push", data=body, headers=_signed_post(secret, body)) as resp:
         assert resp.status == 200
-        assert await resp.json() == {"received": 4, "moved": 0}
+        assert await resp.json() == {"received": 4, "moved": 0, "held": 0}
 
     read = json.dumps(
         {"receipts": [{"idempotency_key": i, "status": "read", "message_id": "m"} for i in ids]}
     )
     async with http.post("/receipts/push", data=read, headers=_signed_post(secret, read.encode())) as resp:
-        assert await resp.json() == {"received": 3, "moved": 3}
-    events = await _events_until_read(gateway, ids)
+        assert await resp.json() == {"received": 3, "moved": 3, "held": 0}
+    events = await _events_until(gateway, lambda seen: all((i, "read") in seen for i in ids))
     assert not [e for e in events if e[0] == stranger], "a receipt naming no delivery is no event"
     chain = [s.value for s in sorted(Status, key=lambda s: s.rank)]
     for i in ids:  # every applied change of each delivery, once, in order; the repeated receipts none
@@ -147,6 +149,32 @@ async def test_only_receipts_that_change_a_delivery_become_events(
         assert statuses == sorted(statuses, key=chain.index), statuses
         assert len(set(statuses)) == len(statuses), statuses
     assert await _unmatched(http, operator) == unmatched + 1
+
+
+async def test_an_event_that_comes_before_its_message_is_recorded_is_applied_once_it_is(
+    gateway: Gateway, http: aiohttp.ClientSession, secret: str, tmp_path: Path
+) -> None:
+    """A relay's event for a shared e-mail, posted before the gateway wrote down the relay's 250 for
+    it (the partner id the event is matched by): held, answered 200, and applied by the running
+    gateway once the 250 is recorded — an event on ``delivery-events`` like any receipt."""
+    await load_recipients(gateway, tmp_path, 1)
+    d = delivery_id("adv-held", 1, "r00000", "email")
+    row = {"id": d, "advisory_id": "adv-held", "version": 1, "recipient_id": "r00000"}
+    await gateway.store.insert_deliveries([{**row, "channel": "email", "status": Status.QUEUED.value}])
+    message_id, address = "<d0.5eed@gateway.mfa.example>", "r00000@example.kz"
+    event = {"message_id": message_id, "recipient": address, "event": "delivered"}
+    body = json.dumps({"events": [event]}).encode()
+    async with http.post("/receipts/email", data=body, headers=_signed_post(secret, body)) as resp:
+        assert await resp.json() == {"received": 1, "moved": 0, "held": 1}
+    partner_id = recipient_partner_id(message_id, address)
+    await gateway.store.record([Outcome(d, Status.SENT, partner_id=partner_id)], attempted=True)
+
+    async def delivered() -> bool:
+        return (await gateway.store.delivery(d) or {}).get("status") == "delivered"
+
+    await eventually(delivered, what="the held event applied")
+    events = await _events_until(gateway, lambda seen: (d, "delivered") in seen)
+    assert [status for i, status in events if i == d] == ["queued", "sent", "delivered"]
 
 
 async def test_a_replayed_signed_receipt_call_is_a_401(http: aiohttp.ClientSession, secret: str) -> None:

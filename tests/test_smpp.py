@@ -4,15 +4,18 @@ reconnect, and deliver_sm receipts matched back to our deliveries."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
+import pytest
 import pytest_asyncio
+from aiosmpplib import NPI, TON, AbstractHook, DeliverSm, PhoneNumber, SmppMessage, SubmitSm, SubmitSmResp
 
 from channels.base import Message, Receipt
-from channels.smpp import SmppAdapter, SmppSettings
+from channels.smpp import SmppAdapter, SmppSettings, _Correlator
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.models import Status, now
@@ -170,3 +173,47 @@ async def test_smpp_receipts_are_applied_by_an_instance_without_the_receipts_rol
             http.post(f"{gw.public_url}/receipts/push", data=b"{}") as resp,
         ):
             assert resp.status == 404  # and no receipt webhook here: it is not this instance's role
+
+
+class _Expired(AbstractHook):
+    def __init__(self) -> None:
+        self.expired: list[str] = []
+
+    async def sending(self, smpp_message: SmppMessage, pdu: bytes, client_id: str) -> None:
+        return None
+
+    async def received(self, smpp_message: SmppMessage | None, pdu: bytes, client_id: str) -> None:
+        return None
+
+    async def send_error(self, smpp_message: SmppMessage, error: Exception, client_id: str) -> None:
+        self.expired.append(str(getattr(smpp_message, "log_id", "")))
+
+
+async def test_the_correlator_expires_what_outlived_its_lifetime_and_keeps_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Expiry reads from the oldest item and stops at the first young one (it once walked every item
+    on every PDU): an unanswered submit_sm still expires (its sender is told, and retries), a receipt
+    correlation still lives its 3 days, and one past them is forgotten."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    correlator, hook = _Correlator("esme"), _Expired()
+    correlator.hook, correlator.client_id = hook, "smpp"
+
+    def submit(n: int) -> SubmitSm:
+        to = PhoneNumber("77011234567", TON.INTERNATIONAL, NPI.ISDN)
+        return SubmitSm(short_message="x", source=to, destination=to, log_id=f"m{n}", sequence_num=n)
+
+    for n, at in ((1, 1000.0), (2, 1001.0), (3, 1020.0)):
+        clock[0] = at
+        await correlator.put(submit(n))
+        await correlator.put_delivery(f"smsc-{n}", submit(n))
+    assert hook.expired == ["m1", "m2"]  # unanswered 15 s: expired when m3 went, in the order sent
+    answer = SubmitSmResp(message_id="smsc-3", sequence_num=3)
+    assert getattr(await correlator.get(answer), "log_id", None) == "m3"
+    to = submit(1).destination
+    receipt = DeliverSm(short_message="id:smsc-1 stat:DELIVRD", source=to, destination=to, esm_class=0b100)
+    assert getattr(await correlator.get_delivery(receipt), "log_id", None) == "m1"  # 20 s: kept
+    clock[0] = 1020.0 + 3 * 86400 + 1.0  # past every receipt correlation's 3 days
+    await correlator.put(submit(4))
+    assert (len(correlator._delivery_store), hook.expired) == (0, ["m1", "m2"])
