@@ -153,6 +153,7 @@ class Rig:
             "GATEWAY__PLANNER__CHUNK_SIZE": str(CHUNK),
             "GATEWAY__CHANNELS__PUSH__BURST": str(CHUNK),
             "GATEWAY__CHANNELS__PUSH__TIMEOUT_S": "2.0",
+            "GATEWAY__CHANNELS__EMAIL__TIMEOUT_S": "2.0",  # a relay that hangs (outage) costs 2 s
             "GATEWAY__LOGGING__FORMAT": "json",
             # the SMSC sandbox takes far more than the 50 submit_sm/s of the default configuration
             "GATEWAY__CHANNELS__SMPP__RATE_PER_S": "2000",
@@ -292,14 +293,15 @@ async def outage(rig: Rig, deadline_s: float) -> dict[str, Any]:
         ({"hang": True, "count": 4}, 3.0),
     ]
     for fault, seconds in phases:
-        await rig.sandbox.faults(**fault)
+        await rig.sandbox.faults(rig.channel, **fault)
         await asyncio.sleep(seconds)  # the fault lasts this long: a scenario's timeline, not a wait
-    await rig.sandbox.faults(count=0)
+    await rig.sandbox.faults(rig.channel, count=0)
     recovered = time.time()
     await rig.until(lambda: rig.settled(record["id"], rig.n), deadline_s, "every delivery final")
     report = await rig.report(record, rig.n)
     counted = await rig.counted(record)
     report["faults"] = [f for f, _ in phases]
+    report["faults_answered"] = (await rig.sandbox.stats())["channels"][rig.channel]["faulted"]
     report["seconds_from_recovery_to_last_accepted"] = round(counted["last_at"] - recovered, 2)
     report["circuit_opened"] = _log_events(rig.workdir, "channel.circuit_opened")
     return report
@@ -337,7 +339,9 @@ async def crash(rig: Rig, deadline_s: float) -> dict[str, Any]:
 
 
 async def cancel(rig: Rig, deadline_s: float) -> dict[str, Any]:
-    await rig.sandbox.faults(latency_s=0.05, count=-1)  # a partner slow enough for a cancel to land mid-way
+    await rig.sandbox.faults(
+        rig.channel, latency_s=0.05, count=-1
+    )  # a partner slow enough for a cancel to land mid-way
     alert = rig.advisory("cancel")
     await rig.publish(alert)
     await rig.until(lambda: rig.accepted(alert, int(rig.n * 0.3)), deadline_s, "30 % accepted")
@@ -380,7 +384,7 @@ async def cancel(rig: Rig, deadline_s: float) -> dict[str, Any]:
 
 
 async def priority(rig: Rig, deadline_s: float) -> dict[str, Any]:
-    await rig.sandbox.faults(latency_s=0.1, count=-1)  # a slow partner: the bulk takes a while
+    await rig.sandbox.faults(rig.channel, latency_s=0.1, count=-1)  # a slow partner: the bulk takes a while
     bulk = rig.advisory("bulk", severity="minor", urgency="expected")
     await rig.publish(bulk)
     await rig.until(lambda: rig.accepted(bulk, rig.n // 10), deadline_s, "the bulk 10 % accepted")

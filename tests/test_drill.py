@@ -66,6 +66,19 @@ async def test_outage_drill_rides_out_503s_429s_resets_and_timeouts() -> None:
     assert report.get("error") is None
     assert (report["delivered"], report["lost"], report["duplicates"]) == (1500, 0, 0)
     assert report["circuit_opened"] >= 1
+    assert report["faults_answered"] > 0
+
+
+@pytest.mark.timeout(180)
+async def test_an_email_outage_drill_takes_its_faults_at_the_relay_and_loses_nothing() -> None:
+    """The faults land on the drill's own channel: the relay answers 421 and 451, drops connections
+    and hangs (the drill once set them on the push partner whatever its channel, and an e-mail
+    outage drill passed without one fault)."""
+    report = await _drill("outage", 600, channel="email")
+    assert report.get("error") is None
+    assert report["faults_answered"] > 0
+    assert (report["delivered"], report["lost"]) == (600, 0)
+    assert report["duplicates"] == 0  # the relay refused or dropped before taking: nothing to resend
 
 
 @pytest.mark.timeout(180)

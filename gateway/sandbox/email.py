@@ -13,6 +13,17 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from gateway.sandbox.partner import SandboxPartner
 
 
+def smtp_answer(status: int) -> str:
+    """A fault given as an HTTP partner's status (as the drills give them), as a relay says it:
+    429 → 451 (try again later), 5xx → 421 (service not available: the relay is down); any
+    other status → 550 (refused for good)."""
+    if status == 429:
+        return "451 4.7.0 injected fault: too many messages, try again later"
+    if status >= 500:
+        return "421 4.3.2 injected fault: service not available"
+    return f"550 5.0.0 injected fault ({status})"
+
+
 class EmailSink(SandboxPartner):
     channel = "email"
 
@@ -62,8 +73,13 @@ class EmailSink(SandboxPartner):
         if fault is not None:
             if fault.latency_s:
                 await asyncio.sleep(fault.latency_s)
+            if fault.hang:
+                await asyncio.Event().wait()  # never answers; the client's timeout ends it
+            if fault.reset and isinstance(server.transport, asyncio.Transport):
+                server.transport.abort()  # the connection drops before the answer
+                return "421 4.4.2 injected fault: connection dropped"
             if fault.status is not None:
-                return f"{fault.status} injected fault"
+                return smtp_answer(fault.status)
         raw = envelope.content if isinstance(envelope.content, bytes) else (envelope.content or "").encode()
         # compat32: headers as sent, not parsed into objects — 0.2 ms a message instead of 3.4 ms with
         # policy.default, which bounded the bench's e-mail floor; the relay only checks and counts

@@ -47,11 +47,14 @@ class Faults:
     hang: bool = False
     reset: bool = False  # drop the connection without an answer
 
+    taken: int = 0  # requests answered with a fault since these faults were set
+
     def take(self) -> Faults | None:
         if self.count == 0:
             return None
         if self.count > 0:
             self.count -= 1
+        self.taken += 1
         return self
 
 
@@ -104,6 +107,7 @@ class SandboxPartner:
         self.receipt_delay_s = receipt_delay_s
         self.send_receipts = True  # false: accepted messages get no receipt (the bench's floor)
         self.faults = Faults()
+        self.faulted = 0  # requests answered with an injected fault, under faults set before these
         self.by_advisory: dict[str, Counter] = {}
         self.everyone: set[str] = set()  # recipients of any advisory
         self.answers: dict[str, str] = {}  # idempotency key -> the partner's message id, first answer
@@ -155,6 +159,7 @@ class SandboxPartner:
             "first_at": min(firsts, default=None),
             "last_at": max(lasts, default=None),
             "requests": self.requests,
+            "faulted": self.faulted + self.faults.taken,
             "idempotent_replays": self.replays,
             "rejected": self.rejected,
             "receipts_sent": self.receipts_sent,
@@ -165,6 +170,7 @@ class SandboxPartner:
 
     async def set_faults(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self.faulted += self.faults.taken
         self.faults = Faults(
             status=body.get("status"),
             count=int(
