@@ -61,6 +61,9 @@ from gateway.store import Store
 
 DRILLS = ("outage", "crash", "cancel", "priority", "poison")
 ROGUE = "embassy.rogue"  # a trusted sender of the drills, with no authority over the ministry's advisories
+# an SMSC's receipts all written: the gateway has applied what it will once its `sent` count has stood
+# still this long (more than the held receipts' retry, receipts.retry_s)
+RECEIPTS_QUIET_S = 2.0
 CHUNK = 100  # small chunks and batches: a broadcast is many partner requests, so faults land mid-way
 
 
@@ -162,6 +165,7 @@ class Rig:
             "GATEWAY__INTAKE__TRUSTED_KEYS": json.dumps({self.sender: public_key, ROGUE: rogue_public}),
         }
         self.store: Store | None = None
+        self._sent_since: tuple[int, float] | None = None  # (sent deliveries, since when): _receipts_settled
         self.gateway = GatewayProcess(self.env, workdir, self.port)
 
     @property
@@ -242,19 +246,28 @@ class Rig:
         counts = await self.counts(advisory_id)
         if any(counts.get(s.value) for s in PENDING):
             return False
-        if counts.get("sent") and not await self._receipts_settled():
+        if counts.get("sent") and not await self._receipts_settled(counts["sent"]):
             return False
         return expected is None or sum(counts.values()) == expected
 
-    async def _receipts_settled(self) -> bool:
-        """Whether every receipt the partner will ever send has been sent. HTTP partners retry
-        until the gateway takes them, so a `sent` delivery still has one coming. An SMSC writes a
-        receipt on a session once: one the gateway took but had not stored when it was killed is
-        gone, and its delivery stays `sent` (later `unknown`) — reported as receipts_lost_in_crash."""
+    async def _receipts_settled(self, sent: int) -> bool:
+        """Whether every receipt the partner will ever send has been sent and taken. HTTP partners
+        retry until the gateway takes them, so a `sent` delivery still has one coming. An SMSC writes
+        a receipt on a session once: one the gateway took but had not stored when it was killed is
+        gone, and its delivery stays `sent` (later `unknown`) — reported as receipts_lost_in_crash.
+        Once the SMSC has written them all, the gateway may still be applying the last (or holding
+        one for its retry): settled when the `sent` count has then stood still ``RECEIPTS_QUIET_S``."""
         if self.channel in RECEIPTS_RETRIED:
             return False
         partner = (await self.sandbox.stats())["channels"][self.channel]
-        return not partner["receipts_held"] and not partner["receipts_pending"]
+        if partner["receipts_held"] or partner["receipts_pending"]:
+            self._sent_since = None
+            return False
+        at = time.monotonic()
+        if self._sent_since is None or self._sent_since[0] != sent:
+            self._sent_since = (sent, at)
+            return False
+        return at - self._sent_since[1] >= RECEIPTS_QUIET_S
 
     async def until(self, check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
         deadline = time.monotonic() + within

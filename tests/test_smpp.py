@@ -15,7 +15,7 @@ import pytest_asyncio
 from aiosmpplib import NPI, TON, AbstractHook, DeliverSm, PhoneNumber, SmppMessage, SubmitSm, SubmitSmResp
 
 from channels.base import Message, Receipt
-from channels.smpp import SmppAdapter, SmppSettings, _Correlator
+from channels.smpp import SmppAdapter, SmppSettings, _Correlator, _Throttle
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.models import Status, now
@@ -217,3 +217,23 @@ async def test_the_correlator_expires_what_outlived_its_lifetime_and_keeps_the_r
     clock[0] = 1020.0 + 3 * 86400 + 1.0  # past every receipt correlation's 3 days
     await correlator.put(submit(4))
     assert (len(correlator._delivery_store), hook.expired) == (0, ["m1", "m2"])
+
+
+async def test_a_throttled_answer_pauses_the_session_for_a_moment_not_for_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [50.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    throttle = _Throttle(0.1, 0.3)
+    assert await throttle.allow_request()
+    pauses = []
+    for _ in range(4):  # throttled answers in a row: 0.1, 0.2, then at most 0.3 s
+        await throttle.throttled()
+        assert not await throttle.allow_request()
+        pauses.append(round(await throttle.throttle_delay(), 3))
+    assert pauses == [0.1, 0.2, 0.3, 0.3]
+    clock[0] += 0.3
+    assert await throttle.allow_request()  # the pause is over by itself
+    await throttle.throttled()
+    await throttle.not_throttled()  # an answer that is not throttled ends the pausing at once
+    assert (await throttle.allow_request(), await throttle.throttle_delay()) == (True, 0.0)
