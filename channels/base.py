@@ -10,7 +10,6 @@ Adapters know nothing of Kafka or the store; their HTTP session, clock and setti
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import dataclasses
 import hashlib
@@ -25,9 +24,9 @@ from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import aiohttp
 import orjson
-from aiolimiter import AsyncLimiter
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from channels.pacing import Pace, Slots
 from gateway import metrics
 from gateway.circuit import Circuit, CircuitSettings
 from gateway.errors import (
@@ -164,8 +163,9 @@ class Adapter(ABC):
         self.session = session
         self.clock = clock
         self.batch_size = min(self.max_batch, settings.burst)
-        self._limiter = AsyncLimiter(settings.burst, settings.burst / settings.rate_per_s)
-        self._in_flight = asyncio.Semaphore(settings.max_in_flight)
+        # the partner's rate and open requests, urgent batches served first (channels/pacing.py)
+        self._pace = Pace(settings.rate_per_s, settings.burst)
+        self._in_flight = Slots(settings.max_in_flight)
         self.circuit = Circuit(channel, settings.circuit, clock)
         self.requests_open = 0  # partner requests on their way now
 
@@ -176,8 +176,9 @@ class Adapter(ABC):
         on_result: Callable[[Sequence[Result]], Awaitable[None]] | None = None,
     ) -> list[Result]:
         """Send up to ``batch_size`` messages; every message gets exactly one result. At most
-        ``max_in_flight`` requests are open at once, within ``rate_per_s`` / ``burst``, and none while
-        the circuit is open. ``before_request`` runs right before the request goes out (after every
+        ``max_in_flight`` requests are open at once, within ``rate_per_s`` / ``burst`` (an urgent
+        batch waits for neither behind bulk ones: channels/pacing.py), and none while the circuit is
+        open. ``before_request`` runs right before the request goes out (after every
         wait) and may raise ``Withdrawn`` to keep the batch from being sent. ``on_result`` is told of
         results as they come, where the adapter sends message by message (``report``), so that each
         is recorded before the next goes out; every result is also returned.
@@ -216,9 +217,10 @@ class Adapter(ABC):
     ) -> list[Result]:
         probe = await self.circuit.admit()
         try:
-            async with self._in_flight:
+            priority = min(m.priority for m in batch)
+            async with self._in_flight.held(priority):
                 waited = time.monotonic()
-                await self._limiter.acquire(len(batch))
+                await self._pace.acquire(len(batch), priority)
                 metrics.rate_limit_wait_seconds_total.labels(self.channel).inc(time.monotonic() - waited)
                 if before_request is not None:
                     await before_request()
