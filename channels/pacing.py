@@ -6,7 +6,8 @@ plain arrival order an urgent batch waited behind every bulk batch already waiti
 relay's 200/s, four bulk batches of 50 held an urgent evacuation e-mail 1.2 s before its first
 request (the priority drill on e-mail); at an SMSC's 50/s it would be 4 s. Here a waiting urgent
 batch takes the next tokens and the next free slot; bulk batches keep their arrival order among
-themselves. A batch already granted is not taken back.
+themselves. A batch already granted is not taken back. SMPP's window (``submit_sm`` awaiting their
+answers) is ``Slots`` too.
 """
 
 from __future__ import annotations
@@ -84,28 +85,31 @@ class Slots:
         self._order = itertools.count()
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
 
-    @contextlib.asynccontextmanager
-    async def held(self, priority: int) -> AsyncIterator[None]:
+    async def acquire(self, priority: int) -> None:
         if self.free > 0 and not self._waiting:
             self.free -= 1
-        else:
-            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiting, (priority, next(self._order), granted))
-            try:
-                await granted  # the slot is handed over by the holder that leaves it (``_leave``)
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._leave()  # handed over, then cancelled: pass it on
-                raise
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._order), granted))
         try:
-            yield
-        finally:
-            self._leave()
+            await granted  # the slot is handed over by the holder that leaves it (``release``)
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # handed over, then cancelled: pass it on
+            raise
 
-    def _leave(self) -> None:
+    def release(self) -> None:
         while self._waiting:
             _, _, granted = heapq.heappop(self._waiting)
             if not granted.done():
                 granted.set_result(None)
                 return
         self.free += 1
+
+    @contextlib.asynccontextmanager
+    async def held(self, priority: int) -> AsyncIterator[None]:
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()

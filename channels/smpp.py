@@ -46,6 +46,7 @@ from aiosmpplib.throttle import AbstractThrottleHandler
 from pydantic import Field, SecretStr
 
 from channels.base import Message, Receipt, Result, required_secret
+from channels.pacing import Slots
 from channels.sms import DLR_STATUS, SmsAdapter, SmsSettings, udh_segments
 from gateway.errors import SchemaError
 from gateway.logging import get_logger
@@ -186,7 +187,7 @@ class SmppAdapter(SmsAdapter):
         self._esme: ESME | None = None
         self._runner: asyncio.Task[None] | None = None
         self._queue = _Queue(s.window * 2)
-        self._window = asyncio.Semaphore(s.window)
+        self._window = Slots(s.window)
         self._waiting: dict[str, asyncio.Future[SmppMessage]] = {}
 
     @property
@@ -227,7 +228,7 @@ class SmppAdapter(SmsAdapter):
         loop = asyncio.get_running_loop()
         try:
             for key, segment in zip(keys, segments, strict=True):
-                await self._window.acquire()
+                await self._window.acquire(m.priority)  # urgent SMS take the next free place
                 self._waiting[key] = loop.create_future()
                 self._waiting[key].add_done_callback(lambda _: self._window.release())
                 sm = SubmitSm(
