@@ -157,6 +157,7 @@ class Rig:
             "GATEWAY__CHANNELS__PUSH__BURST": str(CHUNK),
             "GATEWAY__CHANNELS__PUSH__TIMEOUT_S": "2.0",
             "GATEWAY__CHANNELS__EMAIL__TIMEOUT_S": "2.0",  # a relay that hangs (outage) costs 2 s
+            "GATEWAY__CHANNELS__SMPP__TIMEOUT_S": "2.0",  # likewise an SMSC (a loopback sandbox)
             "GATEWAY__LOGGING__FORMAT": "json",
             # the SMSC sandbox takes far more than the 50 submit_sm/s of the default configuration
             "GATEWAY__CHANNELS__SMPP__RATE_PER_S": "2000",
