@@ -15,7 +15,6 @@ delivery ids, and dispatch sends only what is still pending.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ from gateway import metrics
 from gateway.logging import get_logger
 from gateway.models import now
 from gateway.planner import Planner, plan_recipients
+from gateway.retry import every
 from gateway.settings import CascadeSettings
 from gateway.store import Store
 
@@ -78,10 +78,4 @@ class Cascade:
         await self.planner.publish(adv, by_channel, f"cascade-{channel}-{recipient_ids[0]}")
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                await self.step()
-            except Exception as e:  # the store or broker is down: try again next interval
-                log.error("cascade.failed", error=f"{type(e).__name__}: {e}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.interval_s)
+        await every(self.step, self.settings.interval_s, "cascade.failed", stopping)

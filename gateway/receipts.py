@@ -13,7 +13,6 @@ gateway has recorded that id: such a receipt is held in the store and tried agai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from gateway.api import problem
 from gateway.errors import AuthError, InputError
 from gateway.logging import get_logger
 from gateway.models import now
+from gateway.retry import every
 from gateway.settings import ReceiptsSettings
 from gateway.store import AppliedReceipts, Outcome, Store
 
@@ -206,13 +206,7 @@ class ReceiptWebhook:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """``retry_held`` every ``retry_s`` until ``stopping``."""
-        while not stopping.is_set():
-            try:
-                await self.retry_held()
-            except Exception as e:  # the store is down: try again next time
-                log.error("receipts.held_failed", error=f"{type(e).__name__}: {e}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.retry_s)
+        await every(self.retry_held, self.settings.retry_s, "receipts.held_failed", stopping)
 
     def _observe(self, channel: str, applied: AppliedReceipts) -> None:
         """Metrics and the log line for what a batch of receipts did."""

@@ -1,4 +1,5 @@
-"""Retry until the store or the broker is back: the one loop for infrastructure failures.
+"""Retry until the store or the broker is back: the one loop for infrastructure failures; and
+``every``, the one loop for periodic work (sweeper, cascade, held receipts) that outlives them.
 
 Input errors are never retried here (they are judged where they arise and go to a dead-letter
 place); what reaches this loop is a database or broker failure, and the same work is tried again
@@ -48,3 +49,17 @@ async def until_done(
         except Exception as e:  # the store or broker failed, not the input: same work again, later
             log.error(event, error=f"{type(e).__name__}: {e}"[:500], **fields)
             await pause(stopping, delay_s)
+
+
+async def every(
+    step: Callable[[], Awaitable[Any]], seconds: float, event: str, stopping: asyncio.Event
+) -> None:
+    """``await step()`` every ``seconds`` until ``stopping``; a failure (the store or broker is down)
+    is logged as ``event`` and the step runs again next time."""
+    while not stopping.is_set():
+        try:
+            await step()
+        except Exception as e:
+            log.error(event, error=f"{type(e).__name__}: {e}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), seconds)

@@ -12,12 +12,12 @@ The updates are idempotent, so every gateway process may run a sweeper.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from gateway.logging import get_logger
 from gateway.models import now
+from gateway.retry import every
 from gateway.settings import SweeperSettings
 from gateway.store import Store
 
@@ -52,10 +52,4 @@ class Sweeper:
         return expired, unknown
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                await self.sweep()
-            except Exception as e:  # the store is down: try again next interval
-                log.error("sweeper.failed", error=f"{type(e).__name__}: {e}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.interval_s)
+        await every(self.sweep, self.settings.interval_s, "sweeper.failed", stopping)
