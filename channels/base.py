@@ -148,6 +148,9 @@ class Adapter(ABC):
     # whether the partner answers a repeated idempotency key with its first answer (HTTP partners
     # here); if not (SMTP, SMPP), dispatch claims each delivery in the store before sending it
     idempotent: ClassVar[bool] = True
+    # whether the partner's receipts name only its own id for a message (an SMSC's message id), not
+    # our delivery id: the store then keeps each sent message's partner id where receipts find it
+    receipts_by_partner_id: ClassVar[bool] = False
     # where an adapter that receives receipts itself (SMPP deliver_sm) hands them; set by the app
     receipt_sink: Callable[[Sequence[Receipt]], Awaitable[None]] | None = None
 

@@ -108,6 +108,7 @@ class EmailAdapter(SignedHttpAdapter):
     header_parts = ("subject",)
     limits: ClassVar[Mapping[str, int]] = {"subject": 200}
     idempotent = False  # no idempotency key on the wire: dispatch claims before sending
+    receipts_by_partner_id = True  # a shared message's events name its Message-ID and the recipient
     max_batch = 50
     settings_model = EmailSettings
 

@@ -177,6 +177,7 @@ class _Esme(ESME):
 class SmppAdapter(SmsAdapter):
     name = "smpp"
     idempotent = False  # no idempotency key on the wire: dispatch claims before sending
+    receipts_by_partner_id = True  # after a restart a deliver_sm names only the SMSC's message id
     max_batch = 50
     settings_model = SmppSettings
 

@@ -23,7 +23,7 @@ from channels.base import Adapter
 from gateway import metrics
 from gateway.logging import get_logger
 from gateway.models import now
-from gateway.planner import Planner, plan_recipients
+from gateway.planner import Planner, plan_recipients, queued_by_channel
 from gateway.retry import every
 from gateway.settings import CascadeSettings
 from gateway.store import Store
@@ -71,11 +71,13 @@ class Cascade:
         if adv is None or adv.channels[-1] == channel:
             return  # the last channel: nothing further to try
         recipients = await self.store.recipients_by_id(recipient_ids)
-        rows, by_channel = plan_recipients(
+        planned = plan_recipients(
             adv, recipients, self.planner.kinds, after=channel, language=self.planner.language
         )
-        await self.store.insert_deliveries(rows)
-        await self.planner.publish(adv, by_channel, f"cascade-{channel}-{recipient_ids[0]}")
+        ids = await self.store.insert_deliveries(adv.id, adv.version, planned)
+        await self.planner.publish(
+            adv, queued_by_channel(planned, ids), f"cascade-{channel}-{recipient_ids[0]}"
+        )
 
     async def run(self, stopping: asyncio.Event) -> None:
         await every(self.step, self.settings.interval_s, "cascade.failed", stopping)

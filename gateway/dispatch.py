@@ -321,7 +321,7 @@ class Dispatcher:
         stored_at = await self._stored_at(adv)
 
         async def record_now(results: Sequence[Result]) -> None:
-            await self._record_results(results, adapter.channel, stored_at)
+            await self._record_results(results, adapter, stored_at)
             recorded.update(r.delivery_id for r in results)
 
         try:
@@ -331,7 +331,7 @@ class Dispatcher:
                         remaining, before_request=lambda: self._still_wanted(adv), on_result=record_now
                     )
                     await self._record_results(
-                        [r for r in results if r.delivery_id not in recorded], adapter.channel, stored_at
+                        [r for r in results if r.delivery_id not in recorded], adapter, stored_at
                     )
                     # a message the adapter reported (and we recorded) is done, whatever came after
                     retry = [r for r in results if r.outcome == "retry" and r.delivery_id not in recorded]
@@ -370,20 +370,23 @@ class Dispatcher:
             self._stored[adv.key] = await self.store.received_at(adv.id, adv.version)
         return self._stored[adv.key]
 
-    async def _record_results(self, results: Sequence[Result], channel: str, stored_at: float | None) -> None:
+    async def _record_results(
+        self, results: Sequence[Result], adapter: Adapter, stored_at: float | None
+    ) -> None:
         """What the partner answered, recorded before anything else happens to the batch: retried
         while the store is down (a crash in between re-sends with the same idempotency key)."""
         final = [o for o in map(_outcome, results) if o is not None]
+        refs_channel = adapter.channel if adapter.receipts_by_partner_id else None
         if stored_at is not None:
             latency = time.time() - stored_at
-            histogram = metrics.dispatch_latency_seconds.labels(channel)
+            histogram = metrics.dispatch_latency_seconds.labels(adapter.channel)
             for o in final:
                 if o.status is Status.SENT:
                     histogram.observe(latency)
         if final:
             await asyncio.shield(
                 until_done(
-                    lambda: self.store.record(final, attempted=True),
+                    lambda: self.store.record(final, attempted=True, refs_channel=refs_channel),
                     "dispatch.record_retrying",
                     self.stopping,
                 )

@@ -311,13 +311,26 @@ class SegmentReceipt:
 def segment_delivery_id(advisory_id: str, version: int, channel: str, segment: str, language: str) -> str:
     """Deterministic id of one segment request, also its idempotency key: (advisory, version,
     segment, language) on a channel is one request, ever."""
-    return delivery_id(advisory_id, version, f"\x1esegment\x1e{segment}\x1e{language}", channel)
+    return _digest(advisory_id, version, f"\x1esegment\x1e{segment}\x1e{language}", channel)[:32]
 
 
-def delivery_id(advisory_id: str, version: int, recipient_id: str, channel: str) -> str:
-    """Deterministic id, also the idempotency key: a replay re-creates the same key, never a new one."""
+def delivery_hash(advisory_id: str, version: int, recipient_id: str, channel: str) -> str:
+    """What a delivery is — its advisory version, recipient and channel — hashed: the part of its id
+    after its number (``delivery_id``)."""
+    return _digest(advisory_id, version, recipient_id, channel)[:20]
+
+
+def delivery_id(seq: int, hashed: str) -> str:
+    """A delivery's id, also its idempotency key: its number in the order deliveries are made (12 hex
+    digits, so ids sort as they are made and every index of them grows at its end), then its
+    ``delivery_hash`` (no two deliveries anywhere share an id). Made once, by the store; a replay
+    finds the delivery made before and its id, never a new one."""
+    return f"{seq:012x}{hashed}"
+
+
+def _digest(advisory_id: str, version: int, recipient_id: str, channel: str) -> str:
     raw = f"{advisory_id}\x1f{version}\x1f{recipient_id}\x1f{channel}".encode()
-    return hashlib.sha256(raw).hexdigest()[:32]
+    return hashlib.sha256(raw).hexdigest()
 
 
 def now() -> datetime:

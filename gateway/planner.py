@@ -32,10 +32,10 @@ from aiokafka import AIOKafkaProducer
 from gateway import kafka, lifecycle, metrics
 from gateway.lifecycle import may_plan
 from gateway.logging import get_logger
-from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, delivery_id, instance_name
+from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
-from gateway.store import Store, writing_for
+from gateway.store import Planned, Store, writing_for
 from gateway.turns import UrgentFirst, take_turn
 
 log = get_logger(__name__)
@@ -69,53 +69,40 @@ def _unknown_language(adv: Advisory, r: Recipient, channel: str) -> str:
     return ""
 
 
-def delivery_row(
-    adv: Advisory,
-    recipient_id: str,
-    channel: str,
-    status: Status,
-    reason: str | None = None,
-    language: str = "",
-) -> dict[str, Any]:
-    return {
-        "id": delivery_id(adv.id, adv.version, recipient_id, channel),
-        "advisory_id": adv.id,
-        "version": adv.version,
-        "recipient_id": recipient_id,
-        "channel": channel,
-        "status": status.value,
-        "reason": reason,
-        "language": language,
-    }
-
-
 def plan_recipients(
     adv: Advisory,
     page: Sequence[Recipient],
     kinds: Mapping[str, str],
     after: str | None = None,
     language: LanguageOf = _unknown_language,
-) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-    """Delivery rows for a page of recipients (the chosen channel planned, unusable ones skipped)
-    and the planned delivery ids by channel."""
-    rows: list[dict[str, Any]] = []
-    by_channel: dict[str, list[str]] = defaultdict(list)
+) -> list[Planned]:
+    """The deliveries to make for a page of recipients: the chosen channel queued, unusable ones
+    skipped (with the reason)."""
+    out: list[Planned] = []
     for r in page:
         channel, unusable = choose_channel(adv, r, kinds, after)
         for passed_over, reason in unusable.items():
-            lang = language(adv, r, passed_over)
-            rows.append(delivery_row(adv, r.id, passed_over, Status.SKIPPED, reason, lang))
+            out.append(Planned(r.id, passed_over, Status.SKIPPED, language(adv, r, passed_over), reason))
         if channel is not None:
-            # created queued: its chunk is published before the planner moves past the page (a crash in
+            # made queued: its chunk is published before the planner moves past the page (a crash in
             # between plans the page again), so no second write moves it from planned to queued
-            row = delivery_row(adv, r.id, channel, Status.QUEUED, language=language(adv, r, channel))
-            by_channel[channel].append(row["id"])
-            rows.append(row)
+            out.append(Planned(r.id, channel, Status.QUEUED, language(adv, r, channel)))
         elif not unusable and after is None:
             reason = "no address on any channel of the advisory"
-            lang = language(adv, r, adv.channels[0])
-            rows.append(delivery_row(adv, r.id, adv.channels[0], Status.SKIPPED, reason, lang))
-    return rows, by_channel
+            out.append(
+                Planned(r.id, adv.channels[0], Status.SKIPPED, language(adv, r, adv.channels[0]), reason)
+            )
+    return out
+
+
+def queued_by_channel(planned: Sequence[Planned], ids: Sequence[str]) -> dict[str, list[str]]:
+    """The ids of the queued ones among ``planned`` (``ids`` in the same order), by channel: what
+    goes on the lanes."""
+    by_channel: dict[str, list[str]] = defaultdict(list)
+    for p, i in zip(planned, ids, strict=True):
+        if p.status is Status.QUEUED:
+            by_channel[p.channel].append(i)
+    return by_channel
 
 
 @dataclass
@@ -294,14 +281,15 @@ class Planner:
             log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=plan.planned)
             return
         await self._bulk_steps_aside(adv)
-        rows, by_channel = plan_recipients(adv, page, self.kinds, language=self.language)
+        planned = plan_recipients(adv, page, self.kinds, language=self.language)
         # the lease is taken with the page's rows: one write, and none if another instance took over
-        if not await self.store.insert_planned(rows, adv.id, adv.version, self.me, self.lease_s, stored):
+        ids = await self.store.insert_planned(adv.id, adv.version, planned, self.me, self.lease_s, stored)
+        if ids is None:
             return  # its turn comes again: the cursor or the lease is read afresh
-        await self.publish(adv, by_channel, page[0].id)
+        await self.publish(adv, queued_by_channel(planned, ids), page[0].id)
         await self.store.page_published(adv.id, adv.version, page[-1].id)
         plan.cursor = page[-1].id
-        plan.planned += len(rows)
+        plan.planned += len(planned)
 
     async def publish(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
         """Chunks of queued deliveries onto the advisory's lane, each acknowledged by the broker."""

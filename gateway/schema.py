@@ -53,10 +53,21 @@ recipients = sa.Table(
     sa.Index("ix_recipients_country_id", "country", "id"),
 )
 
+# the conditions of the partial indexes below, written out as their queries write them (a partial
+# index is used for a query that repeats its condition: a bound parameter never matches a literal)
+PENDING_ROWS = "status IN ('planned', 'queued')"
+SENT_ROWS = "status = 'sent'"
+UNCONFIRMED_ROWS = "status IN ('unknown', 'failed') AND cascaded = false"
+FAILED_ROWS = "status = 'failed'"
+
 deliveries = sa.Table(
     "deliveries",
     metadata,
-    sa.Column("id", sa.String(32), primary_key=True),
+    # the row's place in planning order (migration 0011). A new delivery's id starts with it, so the
+    # table and each index a broadcast writes grow at their ends: with ids that were hashes alone,
+    # every delivery was written into a random place of a million-entry index
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("id", sa.String(32), nullable=False),  # also the idempotency key sent to the partner
     sa.Column("advisory_id", sa.String(128), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("recipient_id", sa.String(128), nullable=False),
@@ -65,7 +76,8 @@ deliveries = sa.Table(
     # Status.rank of status: writes are guarded by "rank < new rank", so nothing moves backwards
     sa.Column("rank", sa.SmallInteger, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("partner_id", sa.String(128), index=True),
+    # the partner's id of the message (looked up through partner_refs, where receipts need it)
+    sa.Column("partner_id", sa.String(128)),
     sa.Column("reason", sa.String(500)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("sent_at", sa.DateTime(timezone=True)),
@@ -76,12 +88,49 @@ deliveries = sa.Table(
     # the instance sending it now, until when: for partners without idempotency keys (SMTP, SMPP)
     sa.Column("claimed_by", sa.String(128)),
     sa.Column("claimed_until", sa.DateTime(timezone=True)),
-    sa.UniqueConstraint("advisory_id", "version", "recipient_id", "channel"),
-    sa.Index("ix_deliveries_advisory_status", "advisory_id", "version", "status"),
-    # the cascade looks for the few deliveries of a channel still sent/unknown/failed, not the many
-    # delivered; the sweeper for the few sent or pending ones
-    sa.Index("ix_deliveries_cascade", "channel", "status", "cascaded"),
-    sa.Index("ix_deliveries_status", "status", "updated_at"),
+    sa.Index("ux_deliveries_id", "id", unique=True),
+    # one delivery per recipient and channel of an advisory version (a replayed page inserts nothing);
+    # also every query of one advisory's deliveries reads a range of it
+    sa.Index("ux_deliveries_recipient", "advisory_id", "version", "recipient_id", "channel", unique=True),
+    # Rows enter and leave these as they move; a broadcast's many delivered rows are in none of them.
+    # cancel and expiry: the pending deliveries of an advisory version
+    sa.Index(
+        "ix_deliveries_pending",
+        "advisory_id",
+        "version",
+        sqlite_where=sa.text(PENDING_ROWS),
+        postgresql_where=sa.text(PENDING_ROWS),
+    ),
+    # the sweeper (sent, no receipt in time → unknown) and the cascade (not confirmed in time)
+    sa.Index(
+        "ix_deliveries_sent", "sent_at", sqlite_where=sa.text(SENT_ROWS), postgresql_where=sa.text(SENT_ROWS)
+    ),
+    sa.Index(
+        "ix_deliveries_unconfirmed",
+        "channel",
+        sqlite_where=sa.text(UNCONFIRMED_ROWS),
+        postgresql_where=sa.text(UNCONFIRMED_ROWS),
+    ),
+    # an advisory's failures (the console's reasons, an operator's replay)
+    sa.Index(
+        "ix_deliveries_failed",
+        "advisory_id",
+        "version",
+        sqlite_where=sa.text(FAILED_ROWS),
+        postgresql_where=sa.text(FAILED_ROWS),
+    ),
+)
+
+# partner ids of the channels whose receipts name only the partner's id (an SMSC's message id, a
+# relay's id of a shared e-mail; Adapter.receipts_by_partner_id): the receipts find their delivery
+# here. Written with the partner's answer; other channels' receipts carry our delivery id.
+partner_refs = sa.Table(
+    "partner_refs",
+    metadata,
+    sa.Column("channel", sa.String(32), primary_key=True),
+    sa.Column("partner_id", sa.String(128), primary_key=True),
+    sa.Column("delivery_id", sa.String(32), nullable=False),
+    sqlite_with_rowid=False,
 )
 
 # partner-side segments (migration 0007): one request per advisory version × channel × segment ×

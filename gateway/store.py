@@ -68,9 +68,15 @@ from gateway.models import (
     SegmentReceipt,
     Status,
     aware,
+    delivery_hash,
+    delivery_id,
     now,
 )
 from gateway.schema import (
+    FAILED_ROWS,
+    PENDING_ROWS,
+    SENT_ROWS,
+    UNCONFIRMED_ROWS,
     advisories,
     deliveries,
     delivery_count_deltas,
@@ -78,6 +84,7 @@ from gateway.schema import (
     delivery_events,
     held_receipts,
     metadata,
+    partner_refs,
     receipts,
     recipients,
     segment_deliveries,
@@ -101,14 +108,22 @@ __all__ = [
 
 log = get_logger(__name__)
 
-_IS_PENDING = deliveries.c.status.in_(sorted(s.value for s in PENDING))
+# the partial indexes' conditions as they are written (gateway/schema.py): a query that repeats one
+# may read its index
+_IS_PENDING = sa.text(PENDING_ROWS)
+_IS_SENT = sa.text(SENT_ROWS)
+_IS_UNCONFIRMED = sa.text(UNCONFIRMED_ROWS)
+_IS_FAILED = sa.text(FAILED_ROWS)
 WITHDRAWN = (Status.CANCELLED, Status.EXPIRED)
 # what a receipt says of a message that reached the partner: it may move a withdrawn delivery (_moved)
 WENT_OUT = frozenset({Status.DELIVERED, Status.READ, Status.FAILED})
 
 
 def _transition(
-    conn: sa.Connection, where: tuple[sa.ColumnElement[bool], ...], status: Status, reason: str | None
+    conn: sa.Connection,
+    where: tuple[sa.ColumnElement[bool] | sa.TextClause, ...],
+    status: Status,
+    reason: str | None,
 ) -> int:
     """Move every delivery matching ``where`` to ``status`` with ``reason``; returns how many moved."""
     result = conn.execute(
@@ -181,8 +196,21 @@ class Count:
     n: int
 
 
-# the columns a planned delivery is inserted with (and their PostgreSQL types), besides updated_at
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A delivery to make: one recipient on one channel of an advisory version, in a status
+    (queued, or skipped with the reason), in the language it will be rendered in."""
+
+    recipient_id: str
+    channel: str
+    status: Status
+    language: str = ""
+    reason: str | None = None
+
+
+# the columns a delivery is made with (and their PostgreSQL types), besides updated_at
 _INSERT_COLUMNS = (
+    ("seq", "bigint"),
     ("id", "varchar"),
     ("advisory_id", "varchar"),
     ("version", "int"),
@@ -193,15 +221,34 @@ _INSERT_COLUMNS = (
     ("rank", "smallint"),
     ("reason", "varchar"),
 )
-_INSERT_DEFAULTS = {"language": ""}  # what the column's server default would give a row without it
 
 
-def _insert_values(row: Mapping[str, Any]) -> tuple[Any, ...]:
-    """A planned delivery's values in the order of _INSERT_COLUMNS (its rank from its status)."""
-    rank = Status(row["status"]).rank
-    return tuple(
-        rank if name == "rank" else row.get(name, _INSERT_DEFAULTS.get(name)) for name, _ in _INSERT_COLUMNS
-    )
+def _hashes(advisory_id: str, version: int, planned: Sequence[Planned]) -> list[str]:
+    """What each delivery is, hashed: the part of its id after its number (models.delivery_id)."""
+    return [delivery_hash(advisory_id, version, p.recipient_id, p.channel) for p in planned]
+
+
+def _made(
+    seqs: Iterable[int], hashes: Sequence[str], advisory_id: str, version: int, planned: Sequence[Planned]
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The ids of ``planned`` numbered ``seqs``, and their rows in the order of _INSERT_COLUMNS."""
+    ids = [delivery_id(seq, h) for seq, h in zip(seqs, hashes, strict=True)]
+    rows = [
+        (
+            seq,
+            i,
+            advisory_id,
+            version,
+            p.recipient_id,
+            p.channel,
+            p.language,
+            p.status.value,
+            p.status.rank,
+            p.reason,
+        )
+        for seq, i, p in zip(seqs, ids, planned, strict=True)
+    ]
+    return ids, rows
 
 
 _PG_INSERT = sa.text(
@@ -211,6 +258,7 @@ _PG_INSERT = sa.text(
     + ", ".join(f"CAST(:{n} AS {t}[])" for n, t in _INSERT_COLUMNS)
     + ") ON CONFLICT DO NOTHING"
 )
+_PG_SEQS = sa.text("SELECT nextval(pg_get_serial_sequence('deliveries', 'seq')) FROM generate_series(1, :n)")
 # SQLite's hot statements go to the driver as written, a batch in one statement (its rows as one
 # multi-row VALUES), with the time formatted once. A statement per row (executemany) gives up Python's
 # GIL and takes it back for every row, and with the event loop busy in the other thread each taking
@@ -231,18 +279,52 @@ def _sqlite_values(head: str, width: int, n: int, tail: str = "") -> str:
 
 def _sqlite_insert(
     db: sqlite3.Connection, statement: tuple[str, str], rows: Sequence[tuple[Any, ...]]
-) -> None:
-    """``rows`` by ``statement`` (the INSERT before and after its VALUES), ``_SQLITE_ROWS`` at a time."""
+) -> int:
+    """``rows`` by ``statement`` (the INSERT before and after its VALUES), ``_SQLITE_ROWS`` at a time;
+    returns how many were inserted."""
     head, tail = statement
+    inserted = 0
     for start in range(0, len(rows), _SQLITE_ROWS):
         part = rows[start : start + _SQLITE_ROWS]
-        db.execute(_sqlite_values(head, len(part[0]), len(part), tail), [v for row in part for v in row])
+        done = db.execute(
+            _sqlite_values(head, len(part[0]), len(part), tail), [v for row in part for v in row]
+        )
+        inserted += done.rowcount
+    return inserted
 
 
 _SQLITE_INSERT = (
     "INSERT INTO deliveries (" + ", ".join(n for n, _ in _INSERT_COLUMNS) + ", updated_at)",
     " ON CONFLICT DO NOTHING",
 )
+
+
+def _sqlite_make(
+    db: sqlite3.Connection,
+    advisory_id: str,
+    version: int,
+    planned: Sequence[Planned],
+    hashes: Sequence[str],
+    stamp: str,
+) -> list[str]:
+    """(In SQLite's writer.) Make the deliveries ``planned`` — numbered after the last one made —
+    and return their ids: those made now, and for any made before (a page planned again) theirs."""
+    (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM deliveries").fetchone()
+    ids, rows = _made(range(last + 1, last + 1 + len(planned)), hashes, advisory_id, version, planned)
+    if _sqlite_insert(db, _SQLITE_INSERT, [(*row, stamp) for row in rows]) == len(rows):
+        return ids
+    made: dict[tuple[str, str], str] = {}
+    recipients_ = sorted({p.recipient_id for p in planned})
+    for start in range(0, len(recipients_), _SQLITE_ROWS):
+        part = recipients_[start : start + _SQLITE_ROWS]
+        rest = (
+            f"FROM deliveries WHERE advisory_id = ? AND version = ? AND recipient_id IN ({_marks(len(part))})"
+        )
+        made.update(
+            ((r, c), i)
+            for r, c, i in _sqlite_all(db, "recipient_id, channel, id", rest, [advisory_id, version, *part])
+        )
+    return [made[(p.recipient_id, p.channel)] for p in planned]
 
 
 def _lease_free(planner: Any, at: Any) -> sa.ColumnElement[bool]:
@@ -650,11 +732,8 @@ def _sqlite_receipts(
     """Store.apply_receipts on SQLite's writer connection, as one transaction."""
     unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
     if unmatched:
-        marks = _marks(len(unmatched))
-        # "+channel": not by ix_deliveries_cascade (channel, …), which SQLite picks without ANALYZE
-        # statistics and which reads every delivery of the channel; by the partner_id index
-        rest = f"FROM deliveries WHERE +channel = ? AND partner_id IN ({marks})"
-        items = _matched(items, dict(_sqlite_all(db, "partner_id, id", rest, [channel, *unmatched])))
+        rest = f"FROM partner_refs WHERE channel = ? AND partner_id IN ({_marks(len(unmatched))})"
+        items = _matched(items, dict(_sqlite_all(db, "partner_id, delivery_id", rest, [channel, *unmatched])))
     ids = sorted({o.delivery_id for o in items if o.delivery_id})
     rest = f"FROM deliveries WHERE id IN ({_marks(len(ids))})"
     found = [
@@ -670,6 +749,7 @@ def _sqlite_receipts(
     return applied
 
 
+_SQLITE_REFS = ("INSERT INTO partner_refs (channel, partner_id, delivery_id)", " ON CONFLICT DO NOTHING")
 _HELD_COLUMNS = ("channel", "partner_id", "status", "received_at")
 _SQLITE_HOLD = (f"INSERT INTO held_receipts ({', '.join(_HELD_COLUMNS)})", " ON CONFLICT DO NOTHING")
 
@@ -1601,19 +1681,20 @@ class Store:
 
     async def insert_planned(
         self,
-        rows: Sequence[Mapping[str, Any]],
         advisory_id: str,
         version: int,
+        planned: Sequence[Planned],
         planner: str,
         lease_s: float,
         after: str,
-    ) -> bool:
-        """A page of planned deliveries, in one transaction with taking (or renewing) the lease to
-        plan the advisory version: only if ``planner`` may plan it and its cursor is still ``after``
-        (no other instance planned further meanwhile). False, and nothing written, if not."""
+    ) -> list[str] | None:
+        """Make a page of deliveries, in one transaction with taking (or renewing) the lease to plan
+        the advisory version: only if ``planner`` may plan it and its cursor is still ``after`` (no
+        other instance planned further meanwhile). Returns their ids (``insert_deliveries``); None,
+        and nothing written, if the lease was not taken."""
         at = now()
         until = at + timedelta(seconds=lease_s)
-        values = [_insert_values(r) for r in rows]  # before the write turn: the turn is the bottleneck
+        hashes = _hashes(advisory_id, version, planned)  # before the write turn: the turn is the bottleneck
         if self._writer is not None:
             stamp = _sqlite_time(at)
             claim = {
@@ -1624,24 +1705,21 @@ class Store:
                 "at": stamp,
                 "until": _sqlite_time(until),
             }
-            inserts = [(*v, stamp) for v in values]
 
-            def page(db: sqlite3.Connection) -> bool:
+            def page(db: sqlite3.Connection) -> list[str] | None:
                 if not db.execute(_SQLITE_CLAIM, claim).rowcount:
-                    return False
-                if inserts:
-                    _sqlite_insert(db, _SQLITE_INSERT, inserts)
-                return True
+                    return None
+                return _sqlite_make(db, advisory_id, version, planned, hashes, stamp) if planned else []
 
             return await self._write(page)
         async with self._begin() as conn:
             claimed = await conn.execute(_claimed(advisory_id, version, after, planner, at, until))
             if not claimed.rowcount:
-                return False
-            await self._insert_in(conn, values, at)
-        if rows:
-            await self._analyze_when_grown(len(rows))
-        return True
+                return None
+            ids = await self._make_in(conn, advisory_id, version, planned, hashes, at)
+        if planned:
+            await self._analyze_when_grown(len(planned))
+        return ids
 
     async def release_planning(self, planner: str) -> None:
         """Give up every lease ``planner`` holds (a graceful stop): another instance goes on at once."""
@@ -1663,28 +1741,52 @@ class Store:
 
     # -- deliveries ---------------------------------------------------------------------------
 
-    async def insert_deliveries(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert planned deliveries; rows that exist already (a replay) are left as they are."""
-        if not rows:
-            return
-        values = [_insert_values(r) for r in rows]  # before the write turn: the turn is the bottleneck
+    async def insert_deliveries(
+        self, advisory_id: str, version: int, planned: Sequence[Planned]
+    ) -> list[str]:
+        """Make deliveries of an advisory version; returns their ids, in the order of ``planned``.
+        One made already (a page planned again) is left as it is, and its id is returned: a
+        delivery is made once, whatever replays it."""
+        if not planned:
+            return []
+        hashes = _hashes(advisory_id, version, planned)  # before the write turn: the turn is the bottleneck
         if self._writer is not None:
             stamp = _sqlite_time(now())
-            inserts = [(*v, stamp) for v in values]
-            await self._write(lambda db: _sqlite_insert(db, _SQLITE_INSERT, inserts))
-            return
+            return await self._write(
+                lambda db: _sqlite_make(db, advisory_id, version, planned, hashes, stamp)
+            )
         async with self._begin() as conn:
-            await self._insert_in(conn, values, now())
-        await self._analyze_when_grown(len(rows))
+            ids = await self._make_in(conn, advisory_id, version, planned, hashes, now())
+        await self._analyze_when_grown(len(planned))
+        return ids
 
-    async def _insert_in(
-        self, conn: AsyncConnection, values: Sequence[tuple[Any, ...]], at: datetime
-    ) -> None:
-        """PostgreSQL: one INSERT … SELECT FROM unnest(arrays) (executemany is a statement per row
-        there): the statement triggers run once per page, and nothing large is compiled."""
-        if values:
-            columns = {name: [v[i] for v in values] for i, (name, _) in enumerate(_INSERT_COLUMNS)}
-            await conn.execute(_PG_INSERT, {**columns, "at": at})
+    async def _make_in(
+        self,
+        conn: AsyncConnection,
+        advisory_id: str,
+        version: int,
+        planned: Sequence[Planned],
+        hashes: Sequence[str],
+        at: datetime,
+    ) -> list[str]:
+        """PostgreSQL's ``_sqlite_make``: numbers from the table's sequence, and one INSERT … SELECT
+        FROM unnest(arrays) (executemany is a statement per row there): the statement triggers run
+        once per page, and nothing large is compiled."""
+        if not planned:
+            return []
+        seqs = [int(n) for n in (await conn.execute(_PG_SEQS, {"n": len(planned)})).scalars()]
+        ids, rows = _made(seqs, hashes, advisory_id, version, planned)
+        columns = {name: [row[i] for row in rows] for i, (name, _) in enumerate(_INSERT_COLUMNS)}
+        if (await conn.execute(_PG_INSERT, {**columns, "at": at})).rowcount == len(rows):
+            return ids
+        t = deliveries.c
+        q = sa.select(t.recipient_id, t.channel, t.id).where(
+            t.advisory_id == advisory_id,
+            t.version == version,
+            t.recipient_id.in_(sorted({p.recipient_id for p in planned})),
+        )
+        made = {(str(r), str(c)): str(i) for r, c, i in (await conn.execute(q)).all()}
+        return [made[(p.recipient_id, p.channel)] for p in planned]
 
     async def _analyze_when_grown(self, inserted: int) -> None:
         """PostgreSQL: ANALYZE deliveries (and the outbox) each time this process has doubled what it
@@ -1760,13 +1862,31 @@ class Store:
                 .values(claimed_until=now() + timedelta(seconds=lease_s))
             )
 
-    async def record(self, outcomes: Iterable[Outcome], attempted: bool = False) -> int:
-        """Move deliveries forward; a write that would move one backwards is ignored. Returns rows moved."""
+    async def record(
+        self, outcomes: Iterable[Outcome], attempted: bool = False, refs_channel: str | None = None
+    ) -> int:
+        """Move deliveries forward; a write that would move one backwards is ignored. Returns rows
+        moved. ``refs_channel``: the partner ids of the sent ones go into ``partner_refs`` under this
+        channel, in the same transaction (a channel whose receipts name nothing else)."""
         at = now()
         by_status = _by_status(outcomes)
+        refs = (
+            [(refs_channel, p, i) for i, p, _ in by_status.get(Status.SENT, ()) if p] if refs_channel else []
+        )
         if self._writer is not None:
-            return await self._write(lambda db: _sqlite_record(db, by_status, at, attempted))
+
+            def work(db: sqlite3.Connection) -> int:
+                if refs:
+                    _sqlite_insert(db, _SQLITE_REFS, refs)
+                return _sqlite_record(db, by_status, at, attempted)
+
+            return await self._write(work)
         async with self._begin() as conn:
+            if refs:
+                stmt = postgresql.insert(partner_refs).on_conflict_do_nothing()
+                await conn.execute(
+                    stmt, [dict(zip(("channel", "partner_id", "delivery_id"), r, strict=True)) for r in refs]
+                )
             return await self._record_in(conn, by_status, at, attempted)
 
     async def _record_in(
@@ -1825,19 +1945,30 @@ class Store:
             )
 
     async def expire_pending(self, at: datetime) -> int:
-        """Deliveries not yet sent whose advisory has expired become ``expired``; returns how many."""
-        expired = sa.exists().where(
-            advisories.c.id == deliveries.c.advisory_id,
-            advisories.c.version == deliveries.c.version,
-            advisories.c.expires_at <= at,
+        """Deliveries not yet sent whose advisory has expired become ``expired``; returns how many.
+        The expired versions that still have pending deliveries are found first (a look at the
+        pending index for each expired version), then each one's pending deliveries are moved."""
+        t = deliveries.c
+        has_pending = (
+            sa.select(sa.literal(1))
+            .select_from(deliveries)
+            .where(t.advisory_id == advisories.c.id, t.version == advisories.c.version, _IS_PENDING)
+            .exists()
         )
-        return await self._transact(
-            lambda conn: _transition(conn, (_IS_PENDING, expired), Status.EXPIRED, "advisory expired")
-        )
+        q = sa.select(advisories.c.id, advisories.c.version).where(advisories.c.expires_at <= at, has_pending)
+
+        def work(conn: sa.Connection) -> int:
+            moved = 0
+            for advisory_id, version in conn.execute(q).all():
+                pending = (t.advisory_id == advisory_id, t.version == version, _IS_PENDING)
+                moved += _transition(conn, pending, Status.EXPIRED, "advisory expired")
+            return moved
+
+        return await self._transact(work)
 
     async def mark_unknown(self, sent_before: datetime) -> int:
         """Deliveries ``sent`` before ``sent_before`` with no receipt since become ``unknown``."""
-        silent = (deliveries.c.status == Status.SENT.value, deliveries.c.updated_at <= sent_before)
+        silent = (_IS_SENT, deliveries.c.sent_at <= sent_before)
         return await self._transact(
             lambda conn: _transition(conn, silent, Status.UNKNOWN, "no receipt in time")
         )
@@ -1848,7 +1979,7 @@ class Store:
         """Failed deliveries of an advisory (optionally one channel) back to ``queued`` with attempts
         reset: the one move backwards, on an operator's word. Returns (version, channel, id) of each."""
         q = sa.select(deliveries.c.version, deliveries.c.channel, deliveries.c.id).where(
-            deliveries.c.advisory_id == advisory_id, deliveries.c.status == Status.FAILED.value
+            deliveries.c.advisory_id == advisory_id, _IS_FAILED
         )
         if channel is not None:
             q = q.where(deliveries.c.channel == channel)
@@ -1857,10 +1988,7 @@ class Store:
             if rows:
                 await conn.execute(
                     sa.update(deliveries)
-                    .where(
-                        deliveries.c.id.in_([i for _, _, i in rows]),
-                        deliveries.c.status == Status.FAILED.value,
-                    )
+                    .where(deliveries.c.id.in_([i for _, _, i in rows]), _IS_FAILED)
                     .values(
                         status=Status.QUEUED.value,
                         rank=Status.QUEUED.rank,
@@ -1876,29 +2004,33 @@ class Store:
     ) -> list[tuple[str, str, int, str]]:
         """Deliveries on ``channel`` that the cascade has not dealt with and that were not confirmed
         in time — sent (or unknown) before ``sent_before``, or failed — of advisories still active and
-        unexpired. Returns (delivery id, advisory id, version, recipient id)."""
+        unexpired. Returns (delivery id, advisory id, version, recipient id). Two reads, each of a
+        partial index: the sent ones by when they were sent, the unknown and failed ones."""
+        t = deliveries.c
         active = sa.exists().where(
-            advisories.c.id == deliveries.c.advisory_id,
-            advisories.c.version == deliveries.c.version,
+            advisories.c.id == t.advisory_id,
+            advisories.c.version == t.version,
             advisories.c.state == A.ACTIVE.value,
             advisories.c.expires_at > now(),
         )
-        unconfirmed = (Status.SENT.value, Status.UNKNOWN.value, Status.FAILED.value)
-        q = (
-            sa.select(
-                deliveries.c.id, deliveries.c.advisory_id, deliveries.c.version, deliveries.c.recipient_id
-            )
-            .where(
-                deliveries.c.channel == channel,
-                deliveries.c.status.in_(unconfirmed),
-                deliveries.c.cascaded == sa.false(),
-                sa.or_(deliveries.c.status == Status.FAILED.value, deliveries.c.sent_at <= sent_before),
-                active,
-            )
-            .limit(limit)
+        columns = (t.id, t.advisory_id, t.version, t.recipient_id)
+        sent = sa.select(*columns).where(
+            _IS_SENT, t.sent_at <= sent_before, t.channel == channel, t.cascaded == sa.false(), active
         )
+        unconfirmed = sa.select(*columns).where(
+            _IS_UNCONFIRMED,
+            t.channel == channel,
+            sa.or_(t.status == Status.FAILED.value, t.sent_at <= sent_before),
+            active,
+        )
+        out: list[tuple[str, str, int, str]] = []
         async with self.engine.connect() as conn:
-            return [(str(i), str(a), int(v), str(r)) for i, a, v, r in (await conn.execute(q)).all()]
+            for q in (unconfirmed, sent):
+                rows = (await conn.execute(q.limit(limit - len(out)))).all()
+                out += [(str(i), str(a), int(v), str(r)) for i, a, v, r in rows]
+                if len(out) >= limit:
+                    break
+        return out
 
     async def mark_cascaded(self, ids: Sequence[str]) -> None:
         async with self._begin() as conn:
@@ -1986,8 +2118,8 @@ class Store:
     ) -> _Receipted:
         unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
         if unmatched:
-            q = sa.select(deliveries.c.partner_id, deliveries.c.id).where(
-                deliveries.c.channel == channel, deliveries.c.partner_id.in_(unmatched)
+            q = sa.select(partner_refs.c.partner_id, partner_refs.c.delivery_id).where(
+                partner_refs.c.channel == channel, partner_refs.c.partner_id.in_(unmatched)
             )
             items = _matched(items, {str(p): str(i) for p, i in (await conn.execute(q)).all()})
         ranks_q = (
@@ -2019,6 +2151,20 @@ class Store:
                 .first()
             )
 
+    async def delivery_of(
+        self, advisory_id: str, version: int, recipient_id: str, channel: str
+    ) -> sa.RowMapping | None:
+        """The delivery of an advisory version to a recipient on a channel (its id, status, …), or None."""
+        t = deliveries.c
+        q = sa.select(deliveries).where(
+            t.advisory_id == advisory_id,
+            t.version == version,
+            t.recipient_id == recipient_id,
+            t.channel == channel,
+        )
+        async with self.engine.connect() as conn:
+            return (await conn.execute(q)).mappings().first()
+
     async def failure_reasons(
         self, advisory_id: str, version: int, limit: int = 8
     ) -> list[tuple[str, str, int]]:
@@ -2026,11 +2172,7 @@ class Store:
         stored as sentences already ("partner answered 400: …"). Reads the failed rows only."""
         q = (
             sa.select(deliveries.c.channel, deliveries.c.reason, sa.func.count().label("n"))
-            .where(
-                deliveries.c.advisory_id == advisory_id,
-                deliveries.c.version == version,
-                deliveries.c.status == Status.FAILED.value,
-            )
+            .where(deliveries.c.advisory_id == advisory_id, deliveries.c.version == version, _IS_FAILED)
             .group_by(deliveries.c.channel, deliveries.c.reason)
             .order_by(sa.desc("n"))
             .limit(limit)

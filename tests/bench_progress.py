@@ -24,7 +24,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from gateway.models import Status
-from gateway.store import Outcome, Store
+from gateway.store import Outcome, Planned, Store
 
 PAGE = 2000
 LANGUAGES = ("kk", "ru", "en")
@@ -50,20 +50,11 @@ async def run(n: int, url: str | None, triggers: bool) -> dict[str, object]:
                     await conn.execute(sa.text(f"DROP TRIGGER IF EXISTS deliveries_counted_{name}{on}"))
         started = time.perf_counter()
         for start in range(0, n, PAGE):
-            rows = [
-                {
-                    "id": f"d{i:09d}",
-                    "advisory_id": "big-1",
-                    "version": 1,
-                    "recipient_id": f"r{i:09d}",
-                    "channel": ("push", "sms-http", "email")[i % 3],
-                    "language": LANGUAGES[i % 3],
-                    "status": Status.PLANNED.value,
-                }
+            planned = [
+                Planned(f"r{i:09d}", ("push", "sms-http", "email")[i % 3], Status.PLANNED, LANGUAGES[i % 3])
                 for i in range(start, min(n, start + PAGE))
             ]
-            ids = [str(r["id"]) for r in rows]
-            await store.insert_deliveries(rows)
+            ids = await store.insert_deliveries("big-1", 1, planned)
             await store.mark_queued(ids)
             await store.record([Outcome(i, Status.SENT) for i in ids], attempted=True)
             await store.record([Outcome(i, Status.DELIVERED) for i in ids[: len(ids) * 9 // 10]])

@@ -3,14 +3,12 @@ gateway around it — the store's own statements, run straight on the driver in 
 in docs/performance.md ("What bounds each figure").
 
     .venv/bin/python -m tests.bench_sqlite_ceiling --deliveries 100000 [--no-events] [--no-counters]
-        [--ordered-ids]
 
 A fresh SQLite file with the current migrations and the gateway's pragmas (Store.open), then per page
 of 500 deliveries, each in its own transaction and with the statements the gateway's SQLite writer
-runs: insert (queued), sent (with the partner's id), delivered plus the receipt row, and the events
-outbox read and emptied. ``--no-events`` / ``--no-counters`` drop those triggers first; ``--ordered-ids`` uses
-delivery ids that sort in planning order instead of the gateway's hashes (what index locality is
-worth). Prints one JSON line: seconds per step and deliveries per second.
+runs: made (queued), sent (with the partner's id), delivered plus the receipt row, and the events
+outbox read and emptied. ``--no-events`` / ``--no-counters`` drop those triggers first. Prints one
+JSON line: seconds per step and deliveries per second.
 """
 
 from __future__ import annotations
@@ -26,16 +24,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.models import Status, delivery_id, now
+from gateway.models import Status, now
 from gateway.store import (
-    _SQLITE_INSERT,
     _SQLITE_RECEIPT,
     SQLITE_PRAGMAS,
     Outcome,
+    Planned,
     Store,
     _by_status,
-    _insert_values,
+    _hashes,
     _sqlite_insert,
+    _sqlite_make,
     _sqlite_record,
     _sqlite_time,
 )
@@ -56,18 +55,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _planned(delivery: str, recipient: str) -> dict[str, object]:
-    return {
-        "id": delivery,
-        "advisory_id": "big",
-        "version": 1,
-        "recipient_id": recipient,
-        "channel": "push",
-        "language": "ru",
-        "status": Status.QUEUED.value,
-    }
-
-
 @contextlib.contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     """One transaction, as the store's each write is (the connection itself autocommits)."""
@@ -76,7 +63,7 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object]:
+def run(n: int, events: bool, counters: bool) -> dict[str, object]:
     path = Path(tempfile.mkdtemp()) / "ceiling.db"
     asyncio.run(_schema(path, events))
     db = _connect(path)
@@ -86,17 +73,14 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
     steps = dict.fromkeys(("insert", "sent", "delivered", "events"), 0.0)
     started = time.perf_counter()
     for start in range(0, n, PAGE):
-        recipients = [f"r{i:09d}" for i in range(start, min(n, start + PAGE))]
-        ids = [
-            f"{i:032d}" if ordered else delivery_id("big", 1, r, "push")
-            for i, r in zip(range(start, start + PAGE), recipients, strict=False)
+        planned = [
+            Planned(f"r{i:09d}", "push", Status.QUEUED, "ru") for i in range(start, min(n, start + PAGE))
         ]
         at = now()
         stamp = _sqlite_time(at)
         marks = [time.perf_counter()]
         with _transaction(db):
-            rows = [(*_insert_values(_planned(i, r)), stamp) for i, r in zip(ids, recipients, strict=True)]
-            _sqlite_insert(db, _SQLITE_INSERT, rows)
+            ids = _sqlite_make(db, "big", 1, planned, _hashes("big", 1, planned), stamp)
         marks.append(time.perf_counter())
         with _transaction(db):
             sent = (Outcome(i, Status.SENT, partner_id=f"m{start + k}") for k, i in enumerate(ids))
@@ -121,7 +105,6 @@ def run(n: int, events: bool, counters: bool, ordered: bool) -> dict[str, object
         "deliveries": n,
         "events": events,
         "counters": counters,
-        "ordered_ids": ordered,
         "seconds": round(seconds, 2),
         "per_s": round(n / seconds),
         "steps_s": {k: round(v, 2) for k, v in steps.items()},
@@ -133,9 +116,8 @@ def main() -> None:
     p.add_argument("--deliveries", type=int, default=100_000)
     p.add_argument("--no-events", action="store_true")
     p.add_argument("--no-counters", action="store_true")
-    p.add_argument("--ordered-ids", action="store_true")
     a = p.parse_args()
-    print(json.dumps(run(a.deliveries, not a.no_events, not a.no_counters, a.ordered_ids)))
+    print(json.dumps(run(a.deliveries, not a.no_events, not a.no_counters)))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from gateway.approval import ApprovalRule, required
 from gateway.errors import DecisionError, NotFoundError
 from gateway.lifecycle import AdvisoryState
 from gateway.models import Advisory, Recipient, now
-from gateway.planner import plan_recipients
+from gateway.planner import plan_recipients, queued_by_channel
 from gateway.store import Store
 from tests.conftest import advisory
 
@@ -60,9 +60,8 @@ async def test_the_policy_names_the_rule_that_wants_a_second_person(
 async def _people(store: Store, adv: Advisory, n: int = 3) -> list[str]:
     people = [Recipient(id=f"r{i}", app_user=f"u{i}", country="XA") for i in range(n)]
     await store.upsert_recipients(people)
-    rows, by_channel = plan_recipients(adv, people, {"push": "push"})
-    await store.insert_deliveries(rows)
-    return by_channel["push"]
+    planned = plan_recipients(adv, people, {"push": "push"})
+    return queued_by_channel(planned, await store.insert_deliveries(adv.id, adv.version, planned))["push"]
 
 
 async def _pending(store: Store, **over: Any) -> Advisory:

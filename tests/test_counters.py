@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from gateway.models import Recipient, Status, now
 from gateway.schema import advisories, delivery_count_deltas
-from gateway.store import Outcome, Store
+from gateway.store import Outcome, Planned, Store
 
 CHANNELS = ("push", "sms-http", "email")
 LANGUAGES = ("kk", "ru", "en")
@@ -39,22 +39,31 @@ async def _stored_advisory(store: Store, advisory_id: str, version: int, expires
         )
 
 
-def _rows(advisory_id: str, version: int, n: int, rng: random.Random) -> list[dict[str, object]]:
+def _planned(n: int, rng: random.Random) -> list[Planned]:
     return [
-        {
-            "id": f"{advisory_id}-{version}-{i}",
-            "advisory_id": advisory_id,
-            "version": version,
-            "recipient_id": f"r{i}",
-            "channel": rng.choice(CHANNELS),
-            "language": rng.choice(LANGUAGES),
-            "status": rng.choice((Status.PLANNED, Status.PLANNED, Status.SKIPPED)).value,
-        }
+        Planned(
+            f"r{i}",
+            rng.choice(CHANNELS),
+            rng.choice((Status.PLANNED, Status.PLANNED, Status.SKIPPED)),
+            rng.choice(LANGUAGES),
+        )
         for i in range(n)
     ]
 
 
-async def _random_moves(store: Store, ids: list[str], rng: random.Random, rounds: int) -> None:
+async def _made(store: Store, advisory_id: str, version: int, n: int, rng: random.Random) -> list[str]:
+    """``n`` deliveries of an advisory version made in the store (random channels, languages,
+    statuses), in pages of 100; their ids."""
+    planned = _planned(n, rng)
+    ids: list[str] = []
+    for start in range(0, n, 100):
+        ids += await store.insert_deliveries(advisory_id, version, planned[start : start + 100])
+    return ids
+
+
+async def _random_moves(
+    store: Store, ids: list[str], rng: random.Random, rounds: int, replay: tuple[str, int, list[Planned]]
+) -> None:
     for _ in range(rounds):
         some = rng.sample(ids, k=rng.randint(1, 40))
         move = rng.randrange(5)
@@ -70,29 +79,30 @@ async def _random_moves(store: Store, ids: list[str], rng: random.Random, rounds
             )
         elif move == 3:
             await store.note_retry(some, "retry")
-        else:
-            await store.insert_deliveries(  # a replayed page: rows that exist are left alone
-                [{"id": i, "advisory_id": "x", "version": 1, "recipient_id": i, "channel": "push",
-                  "language": "kk", "status": "planned"} for i in some]
-            )  # fmt: skip
+        else:  # a replayed page: the deliveries made before are left alone, and their ids come back
+            advisory_id, version, planned = replay
+            start = rng.randrange(len(planned))
+            again = await store.insert_deliveries(advisory_id, version, planned[start : start + 40])
+            assert len(set(again)) == len(again)
+            assert set(again) <= set(ids)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_the_counters_agree_with_a_full_recount_whatever_moved_the_deliveries(
     store: Store, seed: int
 ) -> None:
-    rng = random.Random(seed)
     await store.upsert_recipients([Recipient(id=f"r{i}", country="XA") for i in range(300)])
     await _stored_advisory(store, "a", 1, expires_in_s=3600)
     await _stored_advisory(store, "a", 2, expires_in_s=3600)
     await _stored_advisory(store, "gone", 1, expires_in_s=-1)  # expired: the sweeper's to withdraw
-    plans = {key: _rows(*key, 300, rng) for key in (("a", 1), ("a", 2), ("gone", 1))}
-    for rows in plans.values():
-        for start in range(0, len(rows), 100):
-            await store.insert_deliveries(rows[start : start + 100])
-    ids = [str(r["id"]) for rows in plans.values() for r in rows]
+    ids: list[str] = []
+    for advisory_id, version in (("a", 1), ("a", 2), ("gone", 1)):
+        ids += await _made(store, advisory_id, version, 300, random.Random(f"{seed}{advisory_id}{version}"))
+    replay = ("a", 2, _planned(300, random.Random(f"{seed}a2")))  # what made a@v2, planned again
     # four writers at once (on PostgreSQL truly concurrent transactions)
-    await asyncio.gather(*(_random_moves(store, ids, random.Random(seed * 10 + w), 25) for w in range(4)))
+    await asyncio.gather(
+        *(_random_moves(store, ids, random.Random(seed * 10 + w), 25, replay) for w in range(4))
+    )
     await store.requeue_failed("a", None, 50)
     await store.expire_pending(now())
     await store.mark_unknown(now() + timedelta(seconds=1))
@@ -110,9 +120,7 @@ async def test_the_counters_agree_with_a_full_recount_whatever_moved_the_deliver
 
 async def test_the_counters_fold_on_postgresql_and_stay_exact(store: Store) -> None:
     await _stored_advisory(store, "a", 1, expires_in_s=3600)
-    rows = _rows("a", 1, 200, random.Random(7))
-    await store.insert_deliveries(rows)
-    await store.mark_queued([str(r["id"]) for r in rows])
+    await store.mark_queued(await _made(store, "a", 1, 200, random.Random(7)))
     async with store.engine.connect() as conn:
         deltas = (await conn.execute(sa.select(sa.func.count()).select_from(delivery_count_deltas))).scalar()
     folded = await store.fold_counts()
@@ -129,7 +137,7 @@ async def test_reading_progress_never_reads_a_delivery(store: Store) -> None:
     """What keeps a progress read at the same cost at 100 or 10,000,000 deliveries: the query plan
     touches the counters only (measured: docs/benchmarks.md)."""
     await _stored_advisory(store, "a", 1, expires_in_s=3600)
-    await store.insert_deliveries(_rows("a", 1, 50, random.Random(1)))
+    await _made(store, "a", 1, 50, random.Random(1))
     captured: list[str] = []
 
     def capture(conn: object, cursor: object, statement: str, *args: object) -> None:
@@ -153,12 +161,10 @@ async def test_the_outbox_holds_every_applied_change_in_order_and_empties_as_it_
     each delivery's events from planned gives exactly its stored status, on SQLite and PostgreSQL,
     with writers at once."""
     await store.deliver_events(True)
-    rng = random.Random(5)
     await _stored_advisory(store, "a", 1, expires_in_s=3600)
-    rows = _rows("a", 1, 200, rng)
-    await store.insert_deliveries(rows)
-    ids = [str(r["id"]) for r in rows]
-    await asyncio.gather(*(_random_moves(store, ids, random.Random(50 + w), 15) for w in range(3)))
+    ids = await _made(store, "a", 1, 200, random.Random(5))
+    replay = ("a", 1, _planned(200, random.Random(5)))
+    await asyncio.gather(*(_random_moves(store, ids, random.Random(50 + w), 15, replay) for w in range(3)))
     published: list[object] = []
 
     async def publish(events: list[object]) -> None:
@@ -180,11 +186,7 @@ async def test_the_outbox_holds_every_applied_change_in_order_and_empties_as_it_
 
 async def test_the_advisory_pages_figures_failure_reasons_and_sent_within_10_s(store: Store) -> None:
     await _stored_advisory(store, "a", 1, expires_in_s=3600)
-    rows = _rows("a", 1, 6, random.Random(2))
-    for r in rows:
-        r["status"], r["channel"] = "planned", "push"
-    await store.insert_deliveries(rows)
-    ids = [str(r["id"]) for r in rows]
+    ids = await store.insert_deliveries("a", 1, [Planned(f"r{i}", "push", Status.PLANNED) for i in range(6)])
     await store.record(
         [Outcome(i, Status.FAILED, reason="partner answered 400: unknown user") for i in ids[:3]]
     )

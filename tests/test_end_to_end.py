@@ -13,7 +13,6 @@ from gateway import kafka
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.directory import import_file
-from gateway.models import delivery_id
 from gateway.sandbox.process import SandboxProcess
 from tests.conftest import (
     advisory,
@@ -151,7 +150,7 @@ async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(
     await eventually(lambda: reached(gateway, record["id"], "sent", 3))
     assert gateway.store is not None
     store = gateway.store
-    did = delivery_id(record["id"], 1, "r00000", "push")
+    did = (await store.delivery_of(record["id"], 1, "r00000", "push") or {})["id"]
     body = json.dumps({"receipts": [{"idempotency_key": did, "status": "delivered"}]}).encode()
     url = f"{gateway.public_url}/receipts/push"
     async with aiohttp.ClientSession() as http:
@@ -174,7 +173,9 @@ async def test_duplicate_and_out_of_order_receipts_are_harmless(
     await eventually(lambda: reached(gateway, record["id"], "sent", 2))
     assert gateway.store is not None
     store = gateway.store
-    first, second = (delivery_id(record["id"], 1, f"r0000{i}", "push") for i in range(2))
+    first, second = [
+        (await store.delivery_of(record["id"], 1, f"r0000{i}", "push") or {})["id"] for i in range(2)
+    ]
     url = f"{gateway.public_url}/receipts/push"
 
     async def post(receipts: list[dict[str, str]]) -> int:

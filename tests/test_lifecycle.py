@@ -20,7 +20,7 @@ from gateway.lifecycle import (
     why_not_sent,
 )
 from gateway.models import Advisory, Recipient, now
-from gateway.planner import plan_recipients
+from gateway.planner import plan_recipients, queued_by_channel
 from gateway.store import Accepted, Store
 from tests.conftest import advisory
 
@@ -64,9 +64,8 @@ async def _accept(store: Store, adv: Advisory, authorities: dict[str, tuple[str,
 async def _planned(store: Store, adv: Advisory, n: int = 3) -> list[str]:
     people = [Recipient(id=f"r{i}", app_user=f"u{i}", country="XA") for i in range(n)]
     await store.upsert_recipients(people)
-    rows, by_channel = plan_recipients(adv, people, KINDS)
-    await store.insert_deliveries(rows)
-    return by_channel["push"]
+    planned = plan_recipients(adv, people, KINDS)
+    return queued_by_channel(planned, await store.insert_deliveries(adv.id, adv.version, planned))["push"]
 
 
 async def _statuses(store: Store, ids: list[str]) -> list[str]:

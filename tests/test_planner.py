@@ -69,15 +69,15 @@ async def test_a_released_lease_is_taken_at_once_and_a_held_one_is_not(store: St
     adv = Advisory.model_validate(advisory())
     await store.accept(adv, adv.model_dump(mode="json"), {})
     assert await store.planning_cursor(adv.id, 1, "a") == ""
-    assert await store.insert_planned([], adv.id, 1, "a", 60, after="")  # the lease taken with a page
+    assert await store.insert_planned(adv.id, 1, [], "a", 60, after="") == []  # the lease taken with a page
     assert await store.planning_cursor(adv.id, 1, "b") is None
-    assert not await store.insert_planned([], adv.id, 1, "b", 60, after="")
+    assert await store.insert_planned(adv.id, 1, [], "b", 60, after="") is None
     await store.page_published(adv.id, 1, "r0042")
     assert await store.planning_cursor(adv.id, 1, "a") == "r0042"
     # a page read before the cursor moved is not inserted: the planner reads the cursor again
-    assert not await store.insert_planned([], adv.id, 1, "a", 60, after="")
-    assert await store.insert_planned([], adv.id, 1, "a", 60, after="r0042")  # renewed by its holder
+    assert await store.insert_planned(adv.id, 1, [], "a", 60, after="") is None
+    assert await store.insert_planned(adv.id, 1, [], "a", 60, after="r0042") == []  # renewed by its holder
     await store.release_planning("a")  # a graceful stop
     assert await store.planning_cursor(adv.id, 1, "b") == "r0042"
-    assert await store.insert_planned([], adv.id, 1, "b", 60, after="r0042")
+    assert await store.insert_planned(adv.id, 1, [], "b", 60, after="r0042") == []
     assert await store.planning_cursor(adv.id, 1, "a") is None

@@ -18,9 +18,9 @@ from channels.base import hmac_headers
 from channels.email import recipient_partner_id
 from gateway.app import Gateway
 from gateway.cli import publish
-from gateway.models import Status, delivery_id
+from gateway.models import Status
 from gateway.sandbox.process import SandboxProcess
-from gateway.store import Outcome
+from gateway.store import Outcome, Planned
 from tests.conftest import advisory, bearer, events_in, eventually, load_recipients, reached, signed
 
 
@@ -125,7 +125,9 @@ async def test_only_receipts_that_change_a_delivery_become_events(
 
     operator = await bearer(gateway)
     unmatched = await _unmatched(http, operator)
-    ids = [delivery_id(record["id"], 1, f"r{i:05d}", "push") for i in range(3)]
+    ids = [
+        (await gateway.store.delivery_of(record["id"], 1, f"r{i:05d}", "push") or {})["id"] for i in range(3)
+    ]
     stranger = "no-such-delivery"
     again = [{"idempotency_key": i, "status": "delivered", "message_id": "m"} for i in ids]
     unknown = [{"idempotency_key": stranger, "status": "delivered", "message_id": "m"}]
@@ -158,16 +160,15 @@ async def test_an_event_that_comes_before_its_message_is_recorded_is_applied_onc
     it (the partner id the event is matched by): held, answered 200, and applied by the running
     gateway once the 250 is recorded — an event on ``delivery-events`` like any receipt."""
     await load_recipients(gateway, tmp_path, 1)
-    d = delivery_id("adv-held", 1, "r00000", "email")
-    row = {"id": d, "advisory_id": "adv-held", "version": 1, "recipient_id": "r00000"}
-    await gateway.store.insert_deliveries([{**row, "channel": "email", "status": Status.QUEUED.value}])
+    [d] = await gateway.store.insert_deliveries("adv-held", 1, [Planned("r00000", "email", Status.QUEUED)])
     message_id, address = "<d0.5eed@gateway.mfa.example>", "r00000@example.kz"
     event = {"message_id": message_id, "recipient": address, "event": "delivered"}
     body = json.dumps({"events": [event]}).encode()
     async with http.post("/receipts/email", data=body, headers=_signed_post(secret, body)) as resp:
         assert await resp.json() == {"received": 1, "moved": 0, "held": 1}
     partner_id = recipient_partner_id(message_id, address)
-    await gateway.store.record([Outcome(d, Status.SENT, partner_id=partner_id)], attempted=True)
+    sent = [Outcome(d, Status.SENT, partner_id=partner_id)]
+    await gateway.store.record(sent, attempted=True, refs_channel="email")
 
     async def delivered() -> bool:
         return (await gateway.store.delivery(d) or {}).get("status") == "delivered"

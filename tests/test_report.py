@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway import audit
 from gateway.models import Advisory, Recipient, Status
-from gateway.planner import plan_recipients
+from gateway.planner import plan_recipients, queued_by_channel
 from gateway.store import Outcome, Store
 from tests.conftest import advisory
 
@@ -43,8 +43,8 @@ async def _finished_broadcast(db: Path) -> tuple[Advisory, dict[str, str]]:
         people += [Recipient(id=f"s{i:02d}", phone=f"+7701{i:07d}", country="XA") for i in range(10)]
         people += [Recipient(id=f"e{i:02d}", email=f"aigerim{i}@example.kz", country="XA") for i in range(10)]
         await store.upsert_recipients(people)
-        rows, by_channel = plan_recipients(adv, people, KINDS)
-        await store.insert_deliveries(rows)
+        planned = plan_recipients(adv, people, KINDS)
+        by_channel = queued_by_channel(planned, await store.insert_deliveries(adv.id, adv.version, planned))
         ids = [i for channel in by_channel.values() for i in channel]
         bounced = by_channel["email"][0]
         await store.record([Outcome(i, Status.SENT, partner_id=f"m-{i}") for i in ids], attempted=True)

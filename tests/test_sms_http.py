@@ -17,7 +17,7 @@ from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.directory import import_file
 from gateway.errors import AuthError
-from gateway.models import Status, delivery_id, now
+from gateway.models import Status, now
 from gateway.sandbox.process import SandboxProcess
 from tests.conftest import advisory, eventually, load_recipients, reached, read_topic, signed
 
@@ -130,6 +130,6 @@ async def test_an_invalid_number_skips_that_sms_with_its_reason_and_the_cascade_
         "sms-http": {"delivered": 1, "skipped": 2},
         "push": {"delivered": 1},
     }
-    skipped = await store.delivery(delivery_id(record["id"], 1, "lost", "sms-http"))
+    skipped = await store.delivery_of(record["id"], 1, "lost", "sms-http")
     assert skipped is not None
     assert "invalid phone number '12345'" in skipped["reason"]

@@ -10,29 +10,27 @@ from pathlib import Path
 import pytest
 
 from gateway.models import BULK, URGENT, Recipient, Status, now
-from gateway.store import _SQLITE_ROWS, AppliedReceipts, Outcome, Store, writing_for
+from gateway.store import _SQLITE_ROWS, AppliedReceipts, Outcome, Planned, Store, writing_for
 
 
-async def _store_with_one_sent(store: Store) -> Store:
-    await store.upsert_recipients([Recipient(id="r1", phone="+77011234567", country="XA")])
-    row = {
-        "id": "d1",
-        "advisory_id": "a",
-        "version": 1,
-        "recipient_id": "r1",
-        "channel": "smpp",
-        "status": Status.PLANNED.value,
-    }
-    await store.insert_deliveries([row])
-    await store.record([Outcome("d1", Status.SENT, partner_id="smsc-42")], attempted=True)
-    return store
+async def _made(store: Store, recipients: list[str], status: Status = Status.QUEUED) -> list[str]:
+    """SMPP deliveries of advisory "a" v1 to these recipients (made here), their ids."""
+    await store.upsert_recipients([Recipient(id=r, phone="+77011234567", country="XA") for r in recipients])
+    return await store.insert_deliveries("a", 1, [Planned(r, "smpp", status) for r in recipients])
+
+
+async def _one_sent(store: Store) -> str:
+    """One SMPP delivery sent, its partner id (smsc-42) kept where receipts find it; its id."""
+    [d1] = await _made(store, ["r1"], Status.PLANNED)
+    await store.record([Outcome(d1, Status.SENT, partner_id="smsc-42")], attempted=True, refs_channel="smpp")
+    return d1
 
 
 async def test_a_receipt_without_our_id_is_matched_by_the_partner_message_id(store: Store) -> None:
-    await _store_with_one_sent(store)
+    d1 = await _one_sent(store)
     applied = await store.apply_receipts("smpp", [Outcome("", Status.DELIVERED, partner_id="smsc-42")])
-    assert [o.delivery_id for o in applied.moved] == ["d1"]
-    assert (await store.delivery("d1") or {}).get("status") == "delivered"
+    assert [o.delivery_id for o in applied.moved] == [d1]
+    assert (await store.delivery(d1) or {}).get("status") == "delivered"
     applied = await store.apply_receipts("smpp", [Outcome("", Status.DELIVERED, partner_id="unknown")])
     assert (applied.moved, applied.unknown, applied.held) == ([], [], 1)  # its send may not be recorded yet
 
@@ -44,11 +42,7 @@ async def test_a_receipt_that_overtakes_the_record_of_its_partner_id_is_held_the
     id: held, not lost; applied on the retry after the answer is recorded. It was dropped as
     unmatched, and the delivery stayed ``sent`` for ever (a bench of 20,000 e-mails with 8 SMTP
     connections left 311 so)."""
-    await store.upsert_recipients([Recipient(id=r, phone="+77011234567", country="XA") for r in ("r1", "r2")])
-    row = {"advisory_id": "a", "version": 1, "channel": "smpp", "status": Status.QUEUED.value}
-    await store.insert_deliveries(
-        [{**row, "id": d, "recipient_id": r} for d, r in (("d1", "r1"), ("d2", "r2"))]
-    )
+    d1, d2 = await _made(store, ["r1", "r2"])
     early = [
         Outcome("", Status.DELIVERED, partner_id="m1"),
         Outcome("", Status.DELIVERED, partner_id="stray"),
@@ -58,11 +52,12 @@ async def test_a_receipt_that_overtakes_the_record_of_its_partner_id_is_held_the
     assert await store.apply_held(now() - timedelta(seconds=600)) == [
         ("smpp", AppliedReceipts([], [], 0, [], 2))
     ]  # nothing recorded yet: both still held
-    await store.record([Outcome(d, Status.SENT, partner_id=p) for d, p in (("d1", "m1"), ("d2", "m2"))])
+    sent = [Outcome(d, Status.SENT, partner_id=p) for d, p in ((d1, "m1"), (d2, "m2"))]
+    await store.record(sent, attempted=True, refs_channel="smpp")
     [(channel, retried)] = await store.apply_held(now() - timedelta(seconds=600))
-    assert (channel, [o.delivery_id for o in retried.moved], retried.held) == ("smpp", ["d1"], 1)
-    assert (await store.delivery("d1") or {}).get("status") == "delivered"
-    assert (await store.delivery("d2") or {}).get("status") == "sent"
+    assert (channel, [o.delivery_id for o in retried.moved], retried.held) == ("smpp", [d1], 1)
+    assert (await store.delivery(d1) or {}).get("status") == "delivered"
+    assert (await store.delivery(d2) or {}).get("status") == "sent"
     # held longer than hold_s: given up, reported unknown, no longer held
     [(_, given_up)] = await store.apply_held(now() + timedelta(seconds=1))
     assert ([o.partner_id for o in given_up.unknown], given_up.held) == (["stray"], 0)
@@ -71,22 +66,22 @@ async def test_a_receipt_that_overtakes_the_record_of_its_partner_id_is_held_the
 
 async def test_only_receipts_that_move_a_delivery_are_reported_as_moved(store: Store) -> None:
     """A duplicate or out-of-order receipt is stored but changes nothing: no event is due for it."""
-    await _store_with_one_sent(store)
-    batch = [Outcome("d1", Status.DELIVERED), Outcome("d1", Status.DELIVERED), Outcome("d1", Status.READ)]
+    d1 = await _one_sent(store)
+    batch = [Outcome(d1, Status.DELIVERED), Outcome(d1, Status.DELIVERED), Outcome(d1, Status.READ)]
     applied = await store.apply_receipts("smpp", batch)
     assert [o.status for o in applied.moved] == [Status.DELIVERED, Status.READ]
     assert applied.unchanged == 1
-    late = await store.apply_receipts("smpp", [Outcome("d1", Status.DELIVERED), Outcome("zz", Status.READ)])
+    late = await store.apply_receipts("smpp", [Outcome(d1, Status.DELIVERED), Outcome("zz", Status.READ)])
     assert (late.moved, late.unchanged, [o.delivery_id for o in late.unknown]) == ([], 1, ["zz"])
-    assert (await store.delivery("d1") or {}).get("status") == "read"
+    assert (await store.delivery(d1) or {}).get("status") == "read"
 
 
 async def test_a_late_write_never_moves_a_delivery_backwards(store: Store) -> None:
-    await _store_with_one_sent(store)
-    await store.apply_receipts("smpp", [Outcome("d1", Status.READ)])
-    assert await store.record([Outcome("d1", Status.SENT)]) == 0
-    assert await store.record([Outcome("d1", Status.DELIVERED)]) == 0
-    assert (await store.delivery("d1") or {}).get("status") == "read"
+    d1 = await _one_sent(store)
+    await store.apply_receipts("smpp", [Outcome(d1, Status.READ)])
+    assert await store.record([Outcome(d1, Status.SENT)]) == 0
+    assert await store.record([Outcome(d1, Status.DELIVERED)]) == 0
+    assert (await store.delivery(d1) or {}).get("status") == "read"
 
 
 async def test_a_receipt_that_overtakes_its_send_result_after_a_withdrawal_is_not_lost(store: Store) -> None:
@@ -94,19 +89,15 @@ async def test_a_receipt_that_overtakes_its_send_result_after_a_withdrawal_is_no
     send result (receipts take their write turn ahead of bulk results): the delivery ends delivered,
     as it does when the result comes first. It once stayed ``sent`` for ever (seen under load in
     tests/test_delivery_guarantees.py's update test)."""
-    await store.upsert_recipients([Recipient(id=r, phone="+77011234567", country="XA") for r in ("r1", "r2")])
-    row = {"advisory_id": "a", "version": 1, "channel": "smpp", "status": Status.QUEUED.value}
-    await store.insert_deliveries(
-        [{**row, "id": d, "recipient_id": r} for d, r in (("d1", "r1"), ("d2", "r2"))]
-    )
-    await store.record([Outcome(d, Status.CANCELLED, reason="superseded") for d in ("d1", "d2")])
-    receipt = await store.apply_receipts("smpp", [Outcome("d1", Status.DELIVERED, partner_id="p1")])
-    assert [o.delivery_id for o in receipt.moved] == ["d1"]
-    await store.record([Outcome("d1", Status.SENT, partner_id="p1")], attempted=True)
-    assert (await store.delivery("d1") or {}).get("status") == "delivered"
+    d1, d2 = await _made(store, ["r1", "r2"])
+    await store.record([Outcome(d, Status.CANCELLED, reason="superseded") for d in (d1, d2)])
+    receipt = await store.apply_receipts("smpp", [Outcome(d1, Status.DELIVERED, partner_id="p1")])
+    assert [o.delivery_id for o in receipt.moved] == [d1]
+    await store.record([Outcome(d1, Status.SENT, partner_id="p1")], attempted=True)
+    assert (await store.delivery(d1) or {}).get("status") == "delivered"
     # a withdrawn delivery that never went out stays withdrawn: only the partner's word moves it
-    assert await store.record([Outcome("d2", Status.FAILED, reason="attempts exhausted")]) == 0
-    assert (await store.delivery("d2") or {}).get("status") == "cancelled"
+    assert await store.record([Outcome(d2, Status.FAILED, reason="attempts exhausted")]) == 0
+    assert (await store.delivery(d2) or {}).get("status") == "cancelled"
 
 
 async def test_a_batch_larger_than_one_statement_moves_every_delivery_once(store: Store) -> None:
@@ -116,19 +107,16 @@ async def test_a_batch_larger_than_one_statement_moves_every_delivery_once(store
     await store.upsert_recipients(
         [Recipient(id=f"r{i:05d}", app_user=f"u{i}", country="XA") for i in range(n)]
     )
-    rows = [
-        {"id": f"d{i:05d}", "advisory_id": "a", "version": 1, "recipient_id": f"r{i:05d}", "channel": "push",
-         "status": Status.QUEUED.value}
-        for i in range(n)
-    ]  # fmt: skip
-    await store.insert_deliveries(rows)
-    await store.insert_deliveries(rows[:10])  # a replayed page: nothing new
-    sent = [Outcome(f"d{i:05d}", Status.SENT, partner_id=f"m{i}") for i in range(n)]
+    planned = [Planned(f"r{i:05d}", "push", Status.QUEUED) for i in range(n)]
+    ids = await store.insert_deliveries("a", 1, planned)
+    assert ids == sorted(ids)  # numbered as made: every index of them grows at its end
+    assert await store.insert_deliveries("a", 1, planned[:10]) == ids[:10]  # a replayed page: the same ids
+    sent = [Outcome(d, Status.SENT, partner_id=f"m{i}") for i, d in enumerate(ids)]
     assert await store.record(sent, attempted=True) == n
     assert await store.record(sent, attempted=True) == 0  # the same answer again moves nothing
-    applied = await store.apply_receipts("push", [Outcome(f"d{i:05d}", Status.DELIVERED) for i in range(n)])
+    applied = await store.apply_receipts("push", [Outcome(d, Status.DELIVERED) for d in ids])
     assert (len(applied.moved), applied.unchanged) == (n, 0)
-    assert (await store.delivery(f"d{n - 1:05d}") or {}).get("partner_id") == f"m{n - 1}"
+    assert (await store.delivery(ids[-1]) or {}).get("partner_id") == f"m{n - 1}"
     assert await store.recount() == await store.progress()
     assert {c.status: c.n for c in await store.progress() if c.n} == {"delivered": n}
 
@@ -175,14 +163,15 @@ async def test_receipts_are_written_after_urgent_work_and_before_bulk_work_waiti
     """SQLite: a partner's receipt call waits for urgent writes only; bulk writes that were waiting
     longer come after it (a partner posting its receipts one call at a time waited a whole round of
     bulk writes for every call)."""
-    store = await _store_with_one_sent(await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'turns.db'}"))
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'turns.db'}")
+    d1 = await _one_sent(store)
     seen: list[tuple[str, str]] = []  # (writer, the delivery's status when its turn came)
     release = asyncio.Event()
 
     async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
         with writing_for(priority):
             async with store.begin_write():
-                seen.append((name, str((await store.delivery("d1") or {}).get("status"))))
+                seen.append((name, str((await store.delivery(d1) or {}).get("status"))))
                 if hold is not None:
                     await hold.wait()
 
@@ -191,7 +180,7 @@ async def test_receipts_are_written_after_urgent_work_and_before_bulk_work_waiti
         await asyncio.sleep(0)  # a task switch: the holder takes the turn
         bulk = asyncio.create_task(write("bulk", BULK))
         await asyncio.sleep(0)
-        receipts = asyncio.create_task(store.apply_receipts("smpp", [Outcome("d1", Status.DELIVERED)]))
+        receipts = asyncio.create_task(store.apply_receipts("smpp", [Outcome(d1, Status.DELIVERED)]))
         await asyncio.sleep(0)
         urgent = asyncio.create_task(write("urgent", URGENT))
         for _ in range(3):

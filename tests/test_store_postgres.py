@@ -7,7 +7,7 @@ import uuid
 import sqlalchemy as sa
 
 from gateway.models import Recipient, Status
-from gateway.store import Outcome, Store
+from gateway.store import Outcome, Planned, Store
 from tests.conftest import fresh_postgres_database
 
 
@@ -27,25 +27,18 @@ async def _round_trip(store: Store) -> None:
         )
         (r,) = await store.audience_page(["XA"], [], ["a"], "", 10)
         assert r.languages == ("ru",)
-        row = {
-            "id": "d1",
-            "advisory_id": "adv",
-            "version": 1,
-            "recipient_id": rid,
-            "channel": "push",
-            "status": Status.PLANNED.value,
-        }
-        await store.insert_deliveries([row])
-        await store.insert_deliveries([row])  # a replay inserts nothing
-        await store.mark_queued(["d1"])
-        assert [w.delivery_id for w in await store.pending_work(["d1"])] == ["d1"]
-        await store.record([Outcome("d1", Status.SENT, partner_id="p1")], attempted=True)
-        await store.apply_receipts("push", [Outcome("d1", Status.READ), Outcome("d1", Status.DELIVERED)])
-        assert (await store.delivery("d1") or {}).get("status") == "read"
+        planned = [Planned(rid, "push", Status.PLANNED)]
+        [d1] = await store.insert_deliveries("adv", 1, planned)
+        assert await store.insert_deliveries("adv", 1, planned) == [d1]  # a replay makes nothing new
+        await store.mark_queued([d1])
+        assert [w.delivery_id for w in await store.pending_work([d1])] == [d1]
+        await store.record([Outcome(d1, Status.SENT, partner_id="p1")], attempted=True)
+        await store.apply_receipts("push", [Outcome(d1, Status.READ), Outcome(d1, Status.DELIVERED)])
+        assert (await store.delivery(d1) or {}).get("status") == "read"
         assert await store.counts("adv") == {"push": {"read": 1}}
         async with store.engine.connect() as conn:
             attempts = (
-                await conn.execute(sa.text("select attempts from deliveries where id='d1'"))
+                await conn.execute(sa.text("select attempts from deliveries where id = :id"), {"id": d1})
             ).scalar_one()
         assert attempts == 1
     finally:

@@ -11,7 +11,7 @@ import aiohttp
 from channels.base import hmac_headers
 from gateway.app import Gateway
 from gateway.cli import publish, replay
-from gateway.models import delivery_id, now
+from gateway.models import now
 from gateway.sandbox.process import SandboxProcess
 from gateway.settings import Settings, SweeperSettings
 from gateway.sweeper import Sweeper
@@ -64,7 +64,12 @@ async def test_sent_without_a_receipt_becomes_unknown_and_a_late_receipt_still_c
     late = json.dumps(
         {
             "receipts": [
-                {"idempotency_key": delivery_id(record["id"], 1, "r00000", "push"), "status": "delivered"}
+                {
+                    "idempotency_key": (
+                        await gateway.store.delivery_of(record["id"], 1, "r00000", "push") or {}
+                    )["id"],
+                    "status": "delivered",
+                }
             ]
         }
     ).encode()
