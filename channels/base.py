@@ -171,6 +171,7 @@ class Adapter(ABC):
         self._in_flight = Slots(settings.max_in_flight)
         self.circuit = Circuit(channel, settings.circuit, clock)
         self.requests_open = 0  # partner requests on their way now
+        self._checked: dict[int, tuple[Mapping[str, str], str | None]] = {}  # _parts_problem's
 
     async def send(
         self,
@@ -207,7 +208,19 @@ class Adapter(ABC):
     def unbuildable(self, m: Message) -> str | None:
         """Why this message cannot be built for the partner, or None. By default: text that is not
         encodable as UTF-8 (a lone surrogate from a ``\\ud800`` escape). Adapters add their own."""
-        return unencodable((("address", m.address), *m.parts.items()))
+        return unencodable((("address", m.address),)) or self._parts_problem(m.parts)
+
+    def _parts_problem(self, parts: Mapping[str, str]) -> str | None:
+        """``unencodable`` of a rendering, looked at once: the messages of one rendering share its
+        parts (the renderer's cache), and a million of them checked the same text a million times.
+        The rendering is held while it is remembered, so its ``id`` is never another's."""
+        key = id(parts)
+        known = self._checked.get(key)
+        if known is None or known[0] is not parts:
+            if len(self._checked) >= 256:
+                self._checked.clear()
+            known = self._checked[key] = (parts, unencodable(parts.items()))
+        return known[1]
 
     async def report(self, results: Sequence[Result]) -> None:
         """Hand results to ``send``'s ``on_result`` now (before the next message goes out)."""

@@ -87,6 +87,7 @@ class PushAdapter(SignedHttpAdapter):
             raise SchemaError(f"segment_receipts: malformed receipt: {e}") from e
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
+        expires = {at: at.isoformat() for at in {m.expires_at for m in batch}}  # one advisory's, mostly
         payload = await self.post_json(
             self._url,
             {
@@ -100,7 +101,7 @@ class PushAdapter(SignedHttpAdapter):
                         "priority": "high" if m.priority == 0 else "normal",
                         "advisory_id": m.advisory_id,
                         "advisory_version": m.version,
-                        "expires_at": m.expires_at.isoformat(),
+                        "expires_at": expires[m.expires_at],
                     }
                     for m in batch
                 ]

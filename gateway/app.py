@@ -30,7 +30,7 @@ from gateway.events import Publisher
 from gateway.feed import Feed
 from gateway.intake import Intake
 from gateway.logging import get_logger
-from gateway.models import BULK, URGENT, Advisory, Recipient
+from gateway.models import BULK, URGENT, Advisory, Reachable
 from gateway.planner import Planner
 from gateway.receipts import ReceiptWebhook
 from gateway.rendering import Renderer
@@ -47,7 +47,7 @@ log = get_logger(__name__)
 
 
 def _language_of(
-    renderer: Renderer, adapters: Mapping[str, Adapter], adv: Advisory, r: Recipient, channel: str
+    renderer: Renderer, adapters: Mapping[str, Adapter], adv: Advisory, r: Reachable, channel: str
 ) -> str:
     """The language dispatch will render ``r``'s message on ``channel`` in (counted from planning)."""
     adapter = adapters.get(channel)

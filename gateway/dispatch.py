@@ -200,11 +200,20 @@ class Dispatcher:
             raise Withdrawn(Status.CANCELLED, f"advisory {why.value}")
 
     def _message(self, adv: Advisory, adapter: Adapter, item: WorkItem) -> Message:
-        lang = self.renderer.choose_language(adv, item.recipient, adapter.kind, adapter.parts)
+        # the language chosen at planning (and counted by): the recipient's chain as it was then
+        lang = item.language or self.renderer.choose_language(
+            adv, item.recipient, adapter.kind, adapter.parts
+        )
         if lang is None:
             raise ContentError(f"no language to render for channel {adapter.channel!r}")
+        reads_recipient = self.renderer.uses_recipient(adv, lang, adapter.kind, adapter.parts)
         parts = self.renderer.render(
-            adv, lang, adapter.kind, adapter.parts, item.recipient, adapter.optional_parts
+            adv,
+            lang,
+            adapter.kind,
+            adapter.parts,
+            item.recipient.recipient() if reads_recipient else None,
+            adapter.optional_parts,
         )
         address = item.recipient.address(adapter.kind)
         if address is None:
@@ -378,11 +387,8 @@ class Dispatcher:
         final = [o for o in map(_outcome, results) if o is not None]
         refs_channel = adapter.channel if adapter.receipts_by_partner_id else None
         if stored_at is not None:
-            latency = time.time() - stored_at
-            histogram = metrics.dispatch_latency_seconds.labels(adapter.channel)
-            for o in final:
-                if o.status is Status.SENT:
-                    histogram.observe(latency)
+            sent = sum(1 for o in final if o.status is Status.SENT)
+            metrics.dispatch_latency_seconds.observe_same(adapter.channel, time.time() - stored_at, sent)
         if final:
             await asyncio.shield(
                 until_done(

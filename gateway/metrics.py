@@ -2,9 +2,67 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class PerMessageHistogram(Collector):
+    """A histogram of one figure per message, by channel, observed a batch at a time: a million
+    messages cost a bisect and an addition each (the client library's ``observe`` takes two locks a
+    value: 2.4 s of the event loop for a million messages' dispatch and delivery latencies). Exposed
+    as any Prometheus histogram (``_bucket``, ``_sum``, ``_count``)."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = (*buckets, math.inf)
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        self._lock = threading.Lock()  # /metrics may be read from another thread than the loop's
+        registry.register(self)
+
+    def observe(self, channel: str, values: Iterable[float]) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(channel, [0] * len(self._bounds))
+            total = 0.0
+            for v in values:
+                counts[bisect.bisect_left(self._bounds, v)] += 1
+                total += v
+            self._sums[channel] = self._sums.get(channel, 0.0) + total
+
+    def observe_same(self, channel: str, value: float, n: int) -> None:
+        """``n`` messages, each with ``value`` (a batch sent at one moment)."""
+        if n <= 0:
+            return
+        with self._lock:
+            counts = self._counts.setdefault(channel, [0] * len(self._bounds))
+            counts[bisect.bisect_left(self._bounds, value)] += n
+            self._sums[channel] = self._sums.get(channel, 0.0) + value * n
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=["channel"])
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["channel"])
+        with self._lock:
+            for channel, counts in sorted(self._counts.items()):
+                cumulative, buckets = 0, []
+                for bound, n in zip(self._bounds, counts, strict=True):
+                    cumulative += n
+                    buckets.append(("+Inf" if math.isinf(bound) else str(float(bound)), cumulative))
+                family.add_metric([channel], buckets, self._sums[channel])
+        yield family
+
 
 advisories_total = Counter(
     "gateway_advisories_total", "Advisories taken from the topic, by outcome", ["outcome"], registry=REGISTRY
@@ -79,17 +137,15 @@ segment_receipts_total = Counter(
     ["channel"],
     registry=REGISTRY,
 )
-dispatch_latency_seconds = Histogram(
+dispatch_latency_seconds = PerMessageHistogram(
     "gateway_dispatch_latency_seconds",
     "From the advisory stored to its message accepted by the partner (sent), per message",
-    ["channel"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
-delivery_latency_seconds = Histogram(
+delivery_latency_seconds = PerMessageHistogram(
     "gateway_delivery_latency_seconds",
     "From sent to the partner's receipt saying delivered (or read), per message",
-    ["channel"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
     registry=REGISTRY,
 )

@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaProducer
 from gateway import kafka, lifecycle, metrics
 from gateway.lifecycle import may_plan
 from gateway.logging import get_logger
-from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, instance_name
+from gateway.models import URGENT, Advisory, Chunk, Reachable, Status, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
 from gateway.store import Planned, Store, writing_for
@@ -42,7 +42,7 @@ log = get_logger(__name__)
 
 
 def choose_channel(
-    adv: Advisory, r: Recipient, kinds: Mapping[str, str], after: str | None = None
+    adv: Advisory, r: Reachable, kinds: Mapping[str, str], after: str | None = None
 ) -> tuple[str | None, dict[str, str]]:
     """The first channel of the advisory's cascade (after channel ``after``, if given) that reaches
     the recipient, and the channels passed over because the address there is unusable
@@ -62,16 +62,16 @@ def choose_channel(
 
 # the language a recipient's message on a channel is rendered in (Renderer.choose_language, as
 # dispatch will): counted per language from planning on. Without a renderer: "" (not known).
-LanguageOf = Callable[[Advisory, Recipient, str], str]
+LanguageOf = Callable[[Advisory, Reachable, str], str]
 
 
-def _unknown_language(adv: Advisory, r: Recipient, channel: str) -> str:
+def _unknown_language(adv: Advisory, r: Reachable, channel: str) -> str:
     return ""
 
 
 def plan_recipients(
     adv: Advisory,
-    page: Sequence[Recipient],
+    page: Sequence[Reachable],
     kinds: Mapping[str, str],
     after: str | None = None,
     language: LanguageOf = _unknown_language,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TypeVar
@@ -210,11 +210,9 @@ class ReceiptWebhook:
 
     def _observe(self, channel: str, applied: AppliedReceipts) -> None:
         """Metrics and the log line for what a batch of receipts did."""
-        latency = metrics.delivery_latency_seconds.labels(channel)
-        for seconds in applied.reached_after_s:
-            latency.observe(max(0.0, seconds))
-        for o in applied.moved:
-            metrics.receipts_total.labels(channel, o.status.value).inc()
+        metrics.delivery_latency_seconds.observe(channel, (max(0.0, s) for s in applied.reached_after_s))
+        for status, n in Counter(o.status.value for o in applied.moved).items():
+            metrics.receipts_total.labels(channel, status).inc(n)
         if applied.unknown:
             metrics.receipts_unmatched_total.labels(channel).inc(len(applied.unknown))
             log.warning(

@@ -18,7 +18,7 @@ import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from gateway.errors import ContentError
-from gateway.models import Advisory, Recipient
+from gateway.models import Advisory, Reachable, Recipient
 
 # inline content (title, body) stands in for every required part a channel asks for
 _INLINE = {"title": "title", "body": "body", "subject": "title", "text": "body"}
@@ -78,7 +78,7 @@ class Renderer:
         return self._languages[key]
 
     def choose_language(
-        self, adv: Advisory, recipient: Recipient | None, kind: str, parts: Sequence[str]
+        self, adv: Advisory, recipient: Reachable | None, kind: str, parts: Sequence[str]
     ) -> str | None:
         available = self.languages(adv, kind, parts)
         chain: Iterable[str] = (
@@ -89,6 +89,11 @@ class Renderer:
         return next((lang for lang in chain if lang in available), None)
 
     # -- rendering ----------------------------------------------------------------------------
+
+    def uses_recipient(self, adv: Advisory, lang: str, kind: str, parts: Sequence[str]) -> bool:
+        """Whether this advisory's rendering in ``lang`` for ``kind`` reads the recipient (then it is
+        rendered per recipient, else once)."""
+        return adv.template is not None and self._uses_recipient(adv.template, lang, kind, parts)
 
     def _uses_recipient(self, template: str, lang: str, kind: str, parts: Sequence[str]) -> bool:
         key = (template, lang, kind)

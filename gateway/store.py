@@ -31,7 +31,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -64,6 +64,7 @@ from gateway.models import (
     SEGMENT_COUNTS,
     URGENT,
     Advisory,
+    Contact,
     Recipient,
     SegmentReceipt,
     Status,
@@ -134,14 +135,14 @@ def _transition(
     return int(result.rowcount)
 
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
+class WorkItem(NamedTuple):
     """A pending delivery joined with what rendering and the adapter need."""
 
     delivery_id: str
-    recipient: Recipient
     channel: str
     attempts: int
+    language: str  # chosen at planning ("" if it was not known then)
+    recipient: Contact
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,57 +509,55 @@ _EVENT_TRIGGERS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One applied status change of a delivery (the outbox row, gateway/events.py)."""
+EVENT_SCHEMA = "delivery-event/1"
+
+
+class Event(NamedTuple):
+    """One applied status change of a delivery (the outbox row, gateway/events.py), as it is
+    published: ``doc`` is its JSON object (docs/delivery-events.md), written by the database — a
+    million deliveries make millions of events, and each one was built and encoded in Python."""
 
     seq: int
-    delivery_id: str
-    advisory_id: str
-    version: int
-    channel: str
-    language: str
-    status: str
-    previous_status: str | None
-    reason: str | None
-    partner_id: str | None
-    at: str  # RFC 3339, UTC
+    key: str  # its advisory version, ``id@vN``: the record it goes in
+    doc: str
 
 
-_EVENT_COLUMNS = (
-    "seq, delivery_id, advisory_id, version, channel, language, status, previous_status, reason, "
-    "partner_id, at"
-)
-# read through _all: on SQLite without SQLAlchemy's types (a million deliveries make millions of
-# events, and each one's time was parsed only to be printed again)
-_TAKE_EVENTS = sa.select(*(delivery_events.c[c] for c in _EVENT_COLUMNS.split(", "))).order_by(
-    delivery_events.c.seq
-)
+def _event_doc(dialect: str) -> str:
+    """The SQL of one outbox row's event document (docs/delivery-events.md)."""
+    if dialect == "sqlite":  # times as SQLAlchemy stores them: 'YYYY-MM-DD HH:MM:SS.ffffff', UTC
+        obj, at = "json_object", "replace(at, ' ', 'T') || '+00:00'"
+    else:
+        obj, at = (
+            "json_build_object",
+            """to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')""",
+        )
+    fields = {
+        "schema": f"'{EVENT_SCHEMA}'",
+        "seq": "seq",
+        "delivery_id": "delivery_id",
+        "advisory_id": "advisory_id",
+        "version": "version",
+        "channel": "channel",
+        "language": "nullif(language, '')",
+        "status": "status",
+        "previous_status": "previous_status",
+        "reason": "reason",
+        "partner_id": "partner_id",
+        "at": at,
+    }
+    pairs = ", ".join(f"'{k}', {v}" for k, v in fields.items())
+    # as text: SQLite's json_array would take a JSON object in whole (a CAST keeps it JSON; || not)
+    return f"{obj}({pairs}) || ''" if dialect == "sqlite" else f"CAST({obj}({pairs}) AS TEXT)"
 
 
-def _rfc3339(at: Any) -> str:
-    """A stored time as RFC 3339 UTC: SQLite holds SQLAlchemy's 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC,
-    no zone); PostgreSQL gives a datetime with its zone."""
-    if isinstance(at, str):
-        return at.replace(" ", "T", 1) + ("" if "+" in at else "+00:00")
-    return aware(at).isoformat()
-
-
-def _event(row: Sequence[Any]) -> Event:
-    seq, delivery_id, advisory_id, version, channel, language, status, previous, reason, partner, at = row
-    return Event(
-        int(seq),
-        str(delivery_id),
-        str(advisory_id),
-        int(version),
-        str(channel),
-        str(language),
-        str(status),
-        previous,
-        reason,
-        partner,
-        _rfc3339(at),
-    )
+def _take_events(dialect: str) -> str:
+    """The oldest outbox rows (at most ``:limit``), in order: seq, key, document."""
+    doc = _event_doc(dialect)
+    oldest = "SELECT * FROM delivery_events ORDER BY seq LIMIT :limit"
+    row = f"seq, advisory_id || '@v' || version, {doc}"
+    if dialect == "sqlite":  # as one row of JSON (see _lists)
+        return f"SELECT json_group_array(json_array({row})) FROM ({oldest})"  # noqa: S608
+    return f"SELECT {row} FROM ({oldest}) AS oldest ORDER BY seq"  # noqa: S608
 
 
 def _count(row: Sequence[Any]) -> Count:
@@ -868,32 +867,39 @@ def _recipient_row(r: Recipient, at: datetime) -> dict[str, Any]:
     }
 
 
-def _recipient_from_row(row: Mapping[str, Any]) -> Recipient:
-    return Recipient.model_construct(
-        id=row["id"],
-        languages=tuple(x for x in row["languages"].split("|") if x),
-        phone=row["phone"],
-        email=row["email"],
-        app_user=row["app_user"],
-        country=row["country"],
-        region=row["region"],
-        tags=tuple(x for x in row["tags"].split(",") if x),
-        opt_outs=tuple(x for x in row["opt_outs"].split("|") if x),
-    )
+def _lists(conn: sa.Connection, q: sa.Select[Any]) -> list[list[Any]]:
+    """The rows of ``q``, each a list in the query's column order. On SQLite as one row, a JSON array
+    of them: its driver runs in a thread of its own and takes Python's lock back for every row it
+    steps to, and each time waits for the event loop to give it up (up to
+    ``sys.getswitchinterval()``, 5 ms): 500 rows read while the loop was busy took 1.9 s instead of
+    3 ms (docs/performance.md, fourth pass). Times come back as SQLite holds them (text), booleans as
+    0/1; the order is the query's."""
+    if conn.dialect.name != "sqlite":
+        return [list(r) for r in conn.execute(q).all()]
+    sub = q.subquery()
+    (doc,) = (conn.execute(sa.select(sa.func.json_group_array(sa.func.json_array(*sub.c))))).one()
+    rows: list[list[Any]] = orjson.loads(doc)
+    return rows
 
 
 def _all(conn: sa.Connection, q: sa.Select[Any]) -> list[dict[str, Any]]:
-    """The rows of ``q`` as mappings. On SQLite as one row, a JSON array of them: its driver runs in
-    a thread of its own and takes Python's lock back for every row it steps to, and each time waits
-    for the event loop to give it up (up to ``sys.getswitchinterval()``, 5 ms): 500 rows read while
-    the loop was busy took 1.9 s instead of 3 ms (docs/performance.md, fourth pass). Times come back
-    as SQLite holds them (text), booleans as 0/1; the order is the query's."""
-    if conn.dialect.name != "sqlite":
-        return [dict(r) for r in conn.execute(q).mappings().all()]
-    sub = q.subquery()
-    (doc,) = (conn.execute(sa.select(sa.func.json_group_array(sa.func.json_array(*sub.c))))).one()
-    names = list(sub.c.keys())
-    return [dict(zip(names, r, strict=True)) for r in orjson.loads(doc)]
+    """The rows of ``q`` as mappings (``_lists``)."""
+    names = list(q.selected_columns.keys())
+    return [dict(zip(names, r, strict=True)) for r in _lists(conn, q)]
+
+
+# a recipient's columns in the order of Contact's fields
+_CONTACT = (
+    recipients.c.id,
+    recipients.c.languages,
+    recipients.c.phone,
+    recipients.c.email,
+    recipients.c.app_user,
+    recipients.c.country,
+    recipients.c.region,
+    recipients.c.tags,
+    recipients.c.opt_outs,
+)
 
 
 def _sqlite_text(statement: sa.ClauseElement) -> tuple[str, list[Any]]:
@@ -1247,12 +1253,11 @@ class Store:
 
     async def audience_page(
         self, countries: Sequence[str], regions: Sequence[str], tags: Sequence[str], after: str, limit: int
-    ) -> list[Recipient]:
+    ) -> list[Contact]:
         """One page of the audience, in id order after ``after`` (keyset paging: nothing held open)."""
-        q = sa.select(recipients).where(recipients.c.id > after).order_by(recipients.c.id).limit(limit)
-        q = _in_audience(q, countries, regions, tags)
-        rows = await self._read(partial(_all, q=q))
-        return [_recipient_from_row(r) for r in rows]
+        page: sa.Select[Any] = sa.select(*_CONTACT).where(recipients.c.id > after)
+        q = _in_audience(page.order_by(recipients.c.id).limit(limit), countries, regions, tags)
+        return [Contact(*row) for row in await self._read(partial(_lists, q=q))]
 
     # -- advisories ---------------------------------------------------------------------------
 
@@ -1825,16 +1830,14 @@ class Store:
         """The deliveries among ``ids`` that are still to be sent, with their recipients. With
         ``claim`` (an instance's name): only those it could claim for ``lease_s`` — none another
         instance holds now — so that two instances never send one delivery at once."""
+        t = deliveries.c
         q = (
-            sa.select(
-                deliveries.c.id.label("delivery_id"), deliveries.c.channel, deliveries.c.attempts, recipients
-            )
-            .join(recipients, recipients.c.id == deliveries.c.recipient_id)
-            .where(deliveries.c.id.in_(list(ids)), _IS_PENDING)
+            sa.select(t.id, t.channel, t.attempts, t.language, *_CONTACT)
+            .join(recipients, recipients.c.id == t.recipient_id)
+            .where(t.id.in_(list(ids)), _IS_PENDING)
         )
         if claim is not None:
             at = now()
-            t = deliveries.c
             async with self._begin() as conn:
                 await self._lock(conn, ids)
                 await conn.execute(
@@ -1846,10 +1849,10 @@ class Store:
                     )
                     .values(claimed_by=claim, claimed_until=at + timedelta(seconds=lease_s))
                 )
-                rows = await conn.run_sync(_all, q.where(t.claimed_by == claim))
+                rows = await conn.run_sync(_lists, q.where(t.claimed_by == claim))
         else:
-            rows = await self._read(partial(_all, q=q))
-        return [WorkItem(r["delivery_id"], _recipient_from_row(r), r["channel"], r["attempts"]) for r in rows]
+            rows = await self._read(partial(_lists, q=q))
+        return [WorkItem(r[0], r[1], r[2], r[3], Contact(*r[4:])) for r in rows]
 
     async def renew_claims(self, ids: Sequence[str], claim: str, lease_s: float) -> None:
         """Extend ``claim``'s hold on those of ``ids`` it still holds and that are still pending."""
@@ -2038,9 +2041,9 @@ class Store:
                 sa.update(deliveries).where(deliveries.c.id.in_(list(ids))).values(cascaded=True)
             )
 
-    async def recipients_by_id(self, ids: Sequence[str]) -> list[Recipient]:
-        rows = await self._read(partial(_all, q=sa.select(recipients).where(recipients.c.id.in_(list(ids)))))
-        return [_recipient_from_row(r) for r in rows]
+    async def recipients_by_id(self, ids: Sequence[str]) -> list[Contact]:
+        q = sa.select(*_CONTACT).where(recipients.c.id.in_(list(ids)))
+        return [Contact(*row) for row in await self._read(partial(_lists, q=q))]
 
     async def apply_receipts(self, channel: str, items: Sequence[Outcome]) -> AppliedReceipts:
         """Record receipts and move their deliveries forward. A receipt without a delivery id is
@@ -2441,22 +2444,26 @@ class Store:
         """The oldest ``limit`` events to ``publish``, then removed from the outbox (only once
         ``publish`` returned: at least once). One taker at a time across instances on PostgreSQL
         (an advisory lock: events of one delivery stay in order); returns how many were taken."""
-        q = _TAKE_EVENTS.limit(limit)
-
-        def published(events: list[Event]) -> sa.Delete:
-            return sa.delete(delivery_events).where(delivery_events.c.seq.in_([e.seq for e in events]))
-
+        take = sa.text(_take_events(self._dialect))
         if self._dialect == "postgresql":
             async with self.engine.begin() as conn:
                 if not (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(4711006)"))).scalar():
                     return 0  # another instance is publishing
-                events = [_event(list(r.values())) for r in await conn.run_sync(_all, q)]
+                events = [
+                    Event(int(s), str(k), str(d)) for s, k, d in await conn.execute(take, {"limit": limit})
+                ]
                 if events:
                     await publish(events)
-                    await conn.execute(published(events))
+                    seqs = [e.seq for e in events]
+                    await conn.execute(sa.delete(delivery_events).where(delivery_events.c.seq.in_(seqs)))
             return len(events)
+
         # SQLite: the write lock is not held while publishing
-        events = [_event(list(r.values())) for r in await self._read(partial(_all, q=q))]
+        def oldest(conn: sa.Connection) -> list[Event]:
+            (doc,) = conn.execute(take, {"limit": limit}).one()
+            return [Event(*row) for row in orjson.loads(doc)]
+
+        events = await self._read(oldest)
         if events:
             await publish(events)
             seqs = [e.seq for e in events]

@@ -6,8 +6,9 @@ writers at once, the counters agree with a full recount; and reading them never 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -174,9 +175,11 @@ async def test_the_outbox_holds_every_applied_change_in_order_and_empties_as_it_
         pass
     assert await store.take_events(64, publish) == 0  # emptied
     last: dict[str, str] = {}
-    for e in published:
-        assert e.previous_status == last.get(e.delivery_id), e  # type: ignore[attr-defined]
-        last[e.delivery_id] = e.status  # type: ignore[attr-defined]
+    for e in (json.loads(p.doc) for p in published):  # type: ignore[attr-defined]
+        assert e["previous_status"] == last.get(e["delivery_id"]), e
+        assert e["schema"] == "delivery-event/1"
+        assert datetime.fromisoformat(e["at"]).utcoffset() == timedelta(0)  # RFC 3339, UTC
+        last[e["delivery_id"]] = e["status"]
     for i in ids:
         assert last[i] == (await store.delivery(i) or {}).get("status")
     await store.deliver_events(False)

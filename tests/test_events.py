@@ -19,7 +19,7 @@ from channels.base import verify_hmac
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.errors import ConfigError
-from gateway.events import RECORD_EVENTS, event_json, records
+from gateway.events import RECORD_EVENTS, records
 from gateway.models import Status
 from gateway.sandbox.process import SandboxProcess
 from gateway.store import Event
@@ -129,16 +129,15 @@ def test_events_go_out_as_records_of_one_advisory_version_each_in_order() -> Non
     order), split at RECORD_EVENTS so that no record outgrows the broker's limit."""
 
     def ev(seq: int, advisory_id: str) -> Event:
-        at = "2026-12-01T00:00:00+00:00"
-        return Event(seq, f"d{seq}", advisory_id, 1, "push", "kk", "sent", "queued", None, None, at)
+        return Event(seq, f"{advisory_id}@v1", json.dumps({"seq": seq, "delivery_id": f"d{seq}"}))
 
     events = [ev(i, "a" if i % 3 else "b") for i in range(RECORD_EVENTS * 2)]
-    out = records(events, [event_json(e) for e in events])
+    out = [(key, json.loads(part)["events"]) for key, part in records(events)]
     assert {k for k, _ in out} == {"a@v1", "b@v1"}
     assert all(len(part) <= RECORD_EVENTS for _, part in out)
     for key in ("a@v1", "b@v1"):
         seqs = [e["seq"] for k, part in out if k == key for e in part]
-        assert seqs == sorted(e.seq for e in events if f"{e.advisory_id}@v1" == key)
+        assert seqs == sorted(e.seq for e in events if e.key == key)
 
 
 async def _delivery_rows(gw: Gateway, advisory_id: str) -> list[Any]:
