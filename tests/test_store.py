@@ -132,18 +132,19 @@ async def test_an_urgent_writer_takes_the_next_write_turn_ahead_of_bulk_ones_wai
     writes that were waiting longer, and a writer cancelled while waiting holds nobody up."""
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'turns.db'}")
     order: list[str] = []
-    release = asyncio.Event()
+    entered, release = asyncio.Event(), asyncio.Event()
 
     async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
         with writing_for(priority):
             async with store.begin_write():
                 order.append(name)
                 if hold is not None:
+                    entered.set()
                     await hold.wait()
 
     try:
         holder = asyncio.create_task(write("holder", BULK, release))
-        await asyncio.sleep(0)  # a task switch: the holder takes the turn
+        await entered.wait()  # the holder has the turn
         bulk = [asyncio.create_task(write(f"bulk-{i}", BULK)) for i in range(3)]
         gone = asyncio.create_task(write("cancelled", URGENT))
         urgent = asyncio.create_task(write("urgent", URGENT))
@@ -166,18 +167,19 @@ async def test_receipts_are_written_after_urgent_work_and_before_bulk_work_waiti
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'turns.db'}")
     d1 = await _one_sent(store)
     seen: list[tuple[str, str]] = []  # (writer, the delivery's status when its turn came)
-    release = asyncio.Event()
+    entered, release = asyncio.Event(), asyncio.Event()
 
     async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
         with writing_for(priority):
             async with store.begin_write():
                 seen.append((name, str((await store.delivery(d1) or {}).get("status"))))
                 if hold is not None:
+                    entered.set()
                     await hold.wait()
 
     try:
         holder = asyncio.create_task(write("holder", BULK, release))
-        await asyncio.sleep(0)  # a task switch: the holder takes the turn
+        await entered.wait()  # the holder has the turn
         bulk = asyncio.create_task(write("bulk", BULK))
         await asyncio.sleep(0)
         receipts = asyncio.create_task(store.apply_receipts("smpp", [Outcome(d1, Status.DELIVERED)]))
