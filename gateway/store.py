@@ -197,8 +197,7 @@ class Count:
     n: int
 
 
-@dataclass(frozen=True, slots=True)
-class Planned:
+class Planned(NamedTuple):
     """A delivery to make: one recipient on one channel of an advisory version, in a status
     (queued, or skipped with the reason), in the language it will be rendered in."""
 
@@ -791,8 +790,7 @@ def _sqlite_held(
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     delivery_id: str
     status: Status
     partner_id: str | None = None

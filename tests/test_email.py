@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -206,11 +205,9 @@ async def test_a_message_that_cannot_be_built_fails_alone_and_the_rest_go_once(
     adapter: the whole chunk was retried every 2 s and the good messages re-sent each time."""
     handler, port = inbox
     good = _rendered_kazakh()
-    header_break = dataclasses.replace(
-        good, delivery_id="d-bad", parts={**good.parts, "subject": "Leave\nnow"}
-    )
-    bad_address = dataclasses.replace(good, delivery_id="d-addr", address="айгерим@мысал.kz")
-    second = dataclasses.replace(good, delivery_id="d0e2", address="aigerim2@example.kz")
+    header_break = good._replace(delivery_id="d-bad", parts={**good.parts, "subject": "Leave\nnow"})
+    bad_address = good._replace(delivery_id="d-addr", address="айгерим@мысал.kz")
+    second = good._replace(delivery_id="d0e2", address="aigerim2@example.kz")
     reported: list[str] = []
 
     async def on_result(results: Sequence[Result]) -> None:
@@ -244,9 +241,8 @@ async def test_recipients_of_one_rendering_share_a_message_and_each_keeps_their_
     relay's event naming the message and the address finds again."""
     handler, port = inbox
     kk = _rendered_kazakh()
-    batch = [dataclasses.replace(kk, delivery_id=f"k{i}", address=f"kk{i}@example.kz") for i in range(4)]
-    ru = dataclasses.replace(
-        kk,
+    batch = [kk._replace(delivery_id=f"k{i}", address=f"kk{i}@example.kz") for i in range(4)]
+    ru = kk._replace(
         delivery_id="r0",
         address="ru0@example.kz",
         language="ru",
@@ -292,7 +288,7 @@ async def test_recipients_of_one_rendering_share_a_message_and_each_keeps_their_
 async def test_one_recipient_per_message_when_configured(inbox: tuple[Inbox, int]) -> None:
     handler, port = inbox
     kk = _rendered_kazakh()
-    batch = [dataclasses.replace(kk, delivery_id=f"k{i}", address=f"kk{i}@example.kz") for i in range(3)]
+    batch = [kk._replace(delivery_id=f"k{i}", address=f"kk{i}@example.kz") for i in range(3)]
     settings = EmailSettings(adapter="email", port=port, secret="s", timeout_s=2.0, recipients_per_message=1)
     async with aiohttp.ClientSession() as session:
         adapter = EmailAdapter("email", settings, session)

@@ -4,10 +4,14 @@ find their delivery; only receipts that move a delivery count as moved."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from gateway.models import BULK, URGENT, Recipient, Status, now
 from gateway.store import _SQLITE_ROWS, AppliedReceipts, Outcome, Planned, Store, writing_for
@@ -212,3 +216,63 @@ async def test_recipients_read_back_as_stored_in_the_order_asked(store: Store) -
     assert [c.recipient() for c in first + rest] == by_id
     found = await store.recipients_by_id(["r007", "r100", "nobody"])
     assert sorted((c.recipient() for c in found), key=lambda r: r.id) == [by_id[6], by_id[99]]
+
+
+async def test_a_write_taken_back_before_its_turn_never_runs_and_one_under_way_ends_first(
+    tmp_path: Path,
+) -> None:
+    """SQLite's writer: a transaction whose caller is cancelled while it waits is never run; one
+    cancelled while it runs commits (or rolls back) whole before the cancel reaches the caller."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'writer.db'}")
+    entered, release = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+
+    async def holder() -> None:
+        async with store.begin_write():
+            entered.set()
+            await release.wait()
+
+    def insert(name: str) -> Callable[[sqlite3.Connection], None]:
+        def work(db: sqlite3.Connection) -> None:
+            ran.append(name)
+            db.execute(
+                "INSERT INTO withdrawals (advisory_id, state, by_id, at) VALUES (?, 'cancelled', 'x', '')",
+                [name],
+            )
+
+        return work
+
+    try:
+        held = asyncio.create_task(holder())
+        await entered.wait()
+        waiting = asyncio.create_task(store._write(insert("never")))
+        kept = asyncio.create_task(store._write(insert("kept")))
+        await asyncio.sleep(0)  # both are queued behind the holder
+        waiting.cancel()
+        release.set()
+        await asyncio.gather(held, kept)
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert ran == ["kept"]
+
+        started, go_on = threading.Event(), threading.Event()
+
+        def slow(db: sqlite3.Connection) -> None:
+            started.set()
+            go_on.wait(10)
+            insert("slow")(db)
+
+        under_way = asyncio.create_task(store._write(slow))
+        await asyncio.to_thread(started.wait, 10)
+        under_way.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)  # the cancel is taken in: the caller waits for the transaction
+        assert not under_way.done()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await under_way
+        async with store.engine.connect() as conn:
+            stored = (await conn.execute(sa.text("SELECT advisory_id FROM withdrawals"))).scalars().all()
+        assert sorted(stored) == ["kept", "slow"]
+    finally:
+        await store.close()
