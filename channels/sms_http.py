@@ -30,6 +30,7 @@ class SmsHttpAdapter(SmsAdapter, SignedHttpAdapter):
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
         messages = []
+        valid_until = {at: at.isoformat() for at in {m.expires_at for m in batch}}  # one advisory's, mostly
         for m in batch:
             sms = layout(m.parts["body"])
             messages.append(
@@ -43,7 +44,7 @@ class SmsHttpAdapter(SmsAdapter, SignedHttpAdapter):
                     "advisory_id": m.advisory_id,
                     "advisory_version": m.version,
                     "language": m.language,
-                    "validity_until": m.expires_at.isoformat(),
+                    "validity_until": valid_until[m.expires_at],
                 }
             )
         payload = await self.post_json(self._url, {"messages": messages})
