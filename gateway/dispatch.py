@@ -38,7 +38,7 @@ from gateway import lifecycle, metrics
 from gateway.errors import ContentError, RetryableError, Withdrawn
 from gateway.lifecycle import AdvisoryState, why_not_sent
 from gateway.logging import get_logger
-from gateway.models import URGENT, Advisory, Chunk, Status, instance_name, now
+from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, instance_name, now
 from gateway.rendering import Renderer
 from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
@@ -199,28 +199,49 @@ class Dispatcher:
         if why is not None:
             raise Withdrawn(Status.CANCELLED, f"advisory {why.value}")
 
-    def _message(self, adv: Advisory, adapter: Adapter, item: WorkItem) -> Message:
-        # the language chosen at planning (and counted by): the recipient's chain as it was then
-        lang = item.language or self.renderer.choose_language(
-            adv, item.recipient, adapter.kind, adapter.parts
-        )
-        if lang is None:
-            raise ContentError(f"no language to render for channel {adapter.channel!r}")
-        reads_recipient = self.renderer.uses_recipient(adv, lang, adapter.kind, adapter.parts)
-        parts = self.renderer.render(
-            adv,
-            lang,
-            adapter.kind,
-            adapter.parts,
-            item.recipient.recipient() if reads_recipient else None,
-            adapter.optional_parts,
-        )
-        address = item.recipient.address(adapter.kind)
-        if address is None:
-            raise ContentError(f"recipient has no {adapter.kind} address")
-        return Message(
-            item.delivery_id, address, parts, lang, adv.id, adv.version, adv.priority, adv.expires_at
-        )
+    def _messages(
+        self, adv: Advisory, adapter: Adapter, items: Sequence[WorkItem]
+    ) -> tuple[list[Message], list[Outcome]]:
+        """The chunk's messages, each rendered in the language chosen at planning (the one it is
+        counted by; chosen again only if planning did not know it); a rendering that does not read
+        the recipient is made once a language. A message that cannot be made fails alone."""
+        messages: list[Message] = []
+        failed: list[Outcome] = []
+        shared: dict[str, Mapping[str, str] | None] = {}  # language → its rendering (None: per recipient)
+        kind, parts = adapter.kind, adapter.parts
+        for item in items:
+            try:
+                lang = item.language or self.renderer.choose_language(adv, item.recipient, kind, parts)
+                if lang is None:
+                    raise ContentError(f"no language to render for channel {adapter.channel!r}")
+                if lang not in shared:
+                    reads = self.renderer.uses_recipient(adv, lang, kind, parts)
+                    shared[lang] = None if reads else self._render(adv, adapter, lang, None)
+                rendered = shared[lang] or self._render(adv, adapter, lang, item.recipient.recipient())
+                address = item.recipient.address(kind)
+                if address is None:
+                    raise ContentError(f"recipient has no {kind} address")
+            except ContentError as e:
+                failed.append(Outcome(item.delivery_id, Status.FAILED, reason=str(e)))
+                continue
+            messages.append(
+                Message(
+                    item.delivery_id,
+                    address,
+                    rendered,
+                    lang,
+                    adv.id,
+                    adv.version,
+                    adv.priority,
+                    adv.expires_at,
+                )
+            )
+        return messages, failed
+
+    def _render(
+        self, adv: Advisory, adapter: Adapter, lang: str, recipient: Recipient | None
+    ) -> Mapping[str, str]:
+        return self.renderer.render(adv, lang, adapter.kind, adapter.parts, recipient, adapter.optional_parts)
 
     async def _adapter(self, adv: Advisory, channel: str) -> tuple[Adapter | None, str]:
         """The adapter for ``channel``: for a training advisory, only ever a sandbox partner's
@@ -296,13 +317,7 @@ class Dispatcher:
 
     async def _send_items(self, adv: Advisory, adapter: Adapter, items: Sequence[WorkItem]) -> None:
         await self._bulk_steps_aside(adv)
-        messages: list[Message] = []
-        failed: list[Outcome] = []
-        for item in items:
-            try:
-                messages.append(self._message(adv, adapter, item))
-            except ContentError as e:
-                failed.append(Outcome(item.delivery_id, Status.FAILED, reason=str(e)))
+        messages, failed = self._messages(adv, adapter, items)
         if failed:
             await self.store.record(failed)
         for start in range(0, len(messages), adapter.batch_size):

@@ -61,7 +61,8 @@ def choose_channel(
 
 
 # the language a recipient's message on a channel is rendered in (Renderer.choose_language, as
-# dispatch will): counted per language from planning on. Without a renderer: "" (not known).
+# dispatch will): counted per language from planning on. Without a renderer: "" (not known). It
+# depends on the recipient's language chain only (plan_recipients asks once per chain and channel).
 LanguageOf = Callable[[Advisory, Reachable, str], str]
 
 
@@ -79,19 +80,26 @@ def plan_recipients(
     """The deliveries to make for a page of recipients: the chosen channel queued, unusable ones
     skipped (with the reason)."""
     out: list[Planned] = []
+    chosen: dict[tuple[str, tuple[str, ...]], str] = {}  # a language once per channel and language chain
+
+    def language_on(r: Reachable, channel: str) -> str:
+        key = (channel, r.languages)
+        if key not in chosen:
+            chosen[key] = language(adv, r, channel)
+        return chosen[key]
+
     for r in page:
         channel, unusable = choose_channel(adv, r, kinds, after)
         for passed_over, reason in unusable.items():
-            out.append(Planned(r.id, passed_over, Status.SKIPPED, language(adv, r, passed_over), reason))
+            out.append(Planned(r.id, passed_over, Status.SKIPPED, language_on(r, passed_over), reason))
         if channel is not None:
             # made queued: its chunk is published before the planner moves past the page (a crash in
             # between plans the page again), so no second write moves it from planned to queued
-            out.append(Planned(r.id, channel, Status.QUEUED, language(adv, r, channel)))
+            out.append(Planned(r.id, channel, Status.QUEUED, language_on(r, channel)))
         elif not unusable and after is None:
             reason = "no address on any channel of the advisory"
-            out.append(
-                Planned(r.id, adv.channels[0], Status.SKIPPED, language(adv, r, adv.channels[0]), reason)
-            )
+            first = adv.channels[0]
+            out.append(Planned(r.id, first, Status.SKIPPED, language_on(r, first), reason))
     return out
 
 
