@@ -42,7 +42,7 @@ from gateway.models import URGENT, Advisory, Chunk, Recipient, Status, instance_
 from gateway.rendering import Renderer
 from gateway.retry import Stopped, pause, until_done
 from gateway.settings import DispatchSettings
-from gateway.store import Outcome, Store, WorkItem, writing_for
+from gateway.store import Outcome, Store, WorkItem, working_for
 from gateway.training import Training
 from gateway.turns import UrgentFirst, take_turn
 
@@ -431,7 +431,7 @@ class Dispatcher:
 
     async def _run_job(self, job: Job) -> None:
         """One chunk to the end; an infrastructure failure (store down) is retried, not skipped."""
-        with writing_for(job.priority):  # an urgent chunk's writes go ahead of bulk ones
+        with working_for(job.priority):  # an urgent chunk's writes and reads go ahead of bulk ones
             await until_done(
                 lambda: self.handle_chunk(job.chunk),
                 "dispatch.retrying",

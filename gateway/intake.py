@@ -48,7 +48,7 @@ from gateway.rendering import Renderer, Target
 from gateway.retry import Stopped, until_done
 from gateway.settings import InputLimits, IntakeSettings, describe_validation_error
 from gateway.signing import SIGNATURE_HEADER, Verifier
-from gateway.store import Store, writing_for
+from gateway.store import Store, working_for
 from gateway.xmldsig import XmlDsig, has_signature
 
 SUBMITTED_BY_HEADER = "submitted-by"  # the API token that submitted a record (the API sets it)
@@ -209,7 +209,7 @@ class Intake:
     async def _store(self, adv: Advisory, record: dict[str, Any], headers: Mapping[str, bytes] | None) -> str:
         why = await approval.required(adv, self.approval.rules, self.audience_size)
         submitter = (headers or {}).get(SUBMITTED_BY_HEADER, b"").decode("utf-8", "replace")[:200] or None
-        with writing_for(adv.priority):
+        with working_for(adv.priority):
             accepted = await self.store.accept(adv, record, self.settings.authorities, submitter, why)
         if accepted.state is None:
             log.info("advisory.duplicate", advisory_id=adv.id, version=adv.version)

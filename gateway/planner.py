@@ -35,7 +35,7 @@ from gateway.logging import get_logger
 from gateway.models import URGENT, Advisory, Chunk, Reachable, Status, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
-from gateway.store import Planned, Store, writing_for
+from gateway.store import Planned, Store, working_for
 from gateway.turns import UrgentFirst, take_turn
 
 log = get_logger(__name__)
@@ -190,7 +190,7 @@ class Planner:
     async def run(self, stopping: asyncio.Event) -> None:
         """Plan page by page until ``stopping``: urgent advisories in a loop of their own, so an
         urgent advisory's first page never waits for a bulk page in hand (its writes take SQLite's
-        next write turn: gateway/store.py ``writing_for``). The store is the schedule: unfinished
+        next write turn: gateway/store.py ``working_for``). The store is the schedule: unfinished
         plans are resumed at start-up, and advisories stored by any intake (this process or another)
         are picked up within ``poll_s``."""
         watcher = asyncio.create_task(self._wake_when(stopping))
@@ -221,7 +221,7 @@ class Planner:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(wakeup.wait(), self.poll_s)
                     continue
-                with writing_for(plan.adv.priority):
+                with working_for(plan.adv.priority):
                     await until_done(
                         partial(self.plan_page, plan), "planner.retrying", stopping, advisory_id=plan.adv.id
                     )

@@ -918,8 +918,8 @@ def _sqlite_all(db: sqlite3.Connection, columns: str, rest: str, params: Sequenc
     return rows
 
 
-# the priority of the work the current task writes for (Advisory.priority): see writing_for()
-_WRITING_FOR: ContextVar[float] = ContextVar("writing_for", default=BULK)
+# the priority of the work the current task does (Advisory.priority): see working_for()
+_WORKING_FOR: ContextVar[float] = ContextVar("working_for", default=BULK)
 # receipts' write turns come after urgent work's and before bulk work's: a delivery's receipt finishes
 # work already sent, and a partner that posts its receipts one call at a time waited a whole round of
 # bulk writes for each call (a million deliveries: all delivered 37 s after all sent)
@@ -927,14 +927,14 @@ _RECEIPTS = (URGENT + BULK) / 2
 
 
 @contextlib.contextmanager
-def writing_for(priority: float) -> Iterator[None]:
-    """The store's writes made inside are for work of ``priority``: on SQLite an urgent advisory's
-    writes take the next write turn, ahead of bulk ones that were waiting."""
-    token = _WRITING_FOR.set(priority)
+def working_for(priority: float) -> Iterator[None]:
+    """The store's writes and reads made inside are for work of ``priority``: on SQLite an urgent
+    advisory's take the next turn of the writer (or a reader), ahead of bulk ones that were waiting."""
+    token = _WORKING_FOR.set(priority)
     try:
         yield
     finally:
-        _WRITING_FOR.reset(token)
+        _WORKING_FOR.reset(token)
 
 
 T = TypeVar("T")
@@ -973,12 +973,11 @@ class _Held:
 
 
 class _Job:
-    """One turn of SQLite's writer: a transaction to run (``work``), or a hold (``work`` None): the
-    turn handed to a transaction of the engine's, the writer waiting until it is released."""
+    """One turn of a store thread: ``work`` to run on its connection — or, for the writer, a hold
+    (``work`` None): the turn handed to a transaction of the engine's, the writer waiting until it is
+    released."""
 
-    def __init__(
-        self, work: Callable[[sqlite3.Connection], Any] | None, loop: asyncio.AbstractEventLoop
-    ) -> None:
+    def __init__(self, work: Callable[[Any], Any] | None, loop: asyncio.AbstractEventLoop) -> None:
         self.work = work
         self.loop = loop
         self.done: asyncio.Future[Any] = loop.create_future()
@@ -986,7 +985,7 @@ class _Job:
         self.released = threading.Event()  # a hold's end
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        """(In the writer's thread.) The outcome, to the event loop."""
+        """(In the store's thread.) The outcome, to the event loop."""
         self.loop.call_soon_threadsafe(_settle, self.done, result, error)
 
 
@@ -998,26 +997,92 @@ def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None)
             done.set_exception(error)
 
 
-class _SqliteWriter:
-    """SQLite's one writer in this process: a thread of its own and its own connection, taking every
-    write transaction in turn — urgent work's first (``writing_for``), then in order of arrival — and
-    running each whole: BEGIN, the statements, COMMIT in one hand-over from the event loop. Through
-    SQLAlchemy each statement was a hand-over of its own, and between them the transaction — SQLite's
-    only write lock — waited for a busy event loop to come round. The thread goes on to the next
-    turn as soon as one ends, without waiting for the loop to take the result: turns handed over by
-    the loop left the writer idle 3 ms between transactions (30 % of its time at 200,000 deliveries).
-    A transaction of the engine's (``_begin``) takes a turn too (``hold``): the writer waits while it
-    runs, so two connections never write at once. (Writers that collide in SQLite itself sleep in its
-    busy handler, 1 ms to 100 ms; and in plain arrival order an urgent advisory's writes each waited
-    behind every bulk batch.)"""
+class _Turns:
+    """Jobs for a few threads of the store's own, taken in turn: urgent work's first (``working_for``),
+    then receipts, then the rest in order of arrival. A thread goes on to the next job as soon as one
+    ends, without waiting for the event loop to take the result (turns handed over by a busy loop
+    had left SQLite's writer idle 3 ms between transactions: 30 % of its time at 200,000 deliveries).
+    Cancelled before its turn, a job never runs; cancelled while it runs, it ends first."""
 
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._turns: list[tuple[float, int, _Job]] = []
+    def __init__(self, name: str, threads: int, serve: Callable[[_Job], None]) -> None:
+        self._name = name
+        self._size = threads
+        self._serve_one = serve
+        self._jobs: list[tuple[float, int, _Job]] = []
         self._arrivals = itertools.count()
         self._lock = threading.Condition()
         self._closing = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, work: Callable[[Any], Any] | None) -> _Job:
+        job = _Job(work, asyncio.get_running_loop())
+        with self._lock:
+            if not self._threads:
+                self._threads = [
+                    threading.Thread(target=self._serve, name=f"{self._name}-{i}", daemon=True)
+                    for i in range(self._size)
+                ]
+                for thread in self._threads:
+                    thread.start()
+            heapq.heappush(self._jobs, (_WORKING_FOR.get(), next(self._arrivals), job))
+            self._lock.notify()
+        return job
+
+    def drop(self, job: _Job) -> bool:
+        """Take a job back that has not started: True if it will not run."""
+        with self._lock:
+            if job.state == "waiting":
+                job.state = "dropped"
+                return True
+            return False
+
+    async def run(self, work: Callable[[Any], T]) -> T:
+        """``work`` in its turn; its result."""
+        job = self.submit(work)
+        try:
+            result: T = await asyncio.shield(job.done)
+            return result
+        except asyncio.CancelledError:
+            if not self.drop(job):  # under way: it ends in its thread first
+                await asyncio.wait([job.done])
+            raise
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closing:
+                    self._lock.wait()
+                if not self._jobs:
+                    return
+                _, _, job = heapq.heappop(self._jobs)
+                if job.state == "dropped":
+                    continue
+                job.state = "started"
+            self._serve_one(job)
+
+    async def close(self) -> None:
+        """Every job already submitted runs; then the threads end."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            threads = list(self._threads)
+        for thread in threads:
+            await asyncio.to_thread(thread.join)
+
+
+class _SqliteWriter:
+    """SQLite's one writer in this process: a thread of its own and its own connection, taking every
+    write transaction in turn (``_Turns``) and running each whole: BEGIN, the statements, COMMIT in
+    one hand-over from the event loop. Through SQLAlchemy each statement was a hand-over of its own,
+    and between them the transaction — SQLite's only write lock — waited for a busy event loop to
+    come round. A transaction of the engine's (``_begin``) takes a turn too (``hold``): the writer
+    waits while it runs, so two connections never write at once. (Writers that collide in SQLite
+    itself sleep in its busy handler, 1 ms to 100 ms; and in plain arrival order an urgent advisory's
+    writes each waited behind every bulk batch.)"""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._turns = _Turns("sqlite-writer", 1, self._serve_one)
         self._db: sqlite3.Connection | None = None
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
         self._checkpoint_db: sqlite3.Connection | None = None
@@ -1028,44 +1093,19 @@ class _SqliteWriter:
             "sqlite://", creator=lambda: _Held(self._db), poolclass=sa.pool.StaticPool
         )
 
-    def _enqueue(self, work: Callable[[sqlite3.Connection], Any] | None) -> _Job:
-        job = _Job(work, asyncio.get_running_loop())
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="sqlite-writer", daemon=True)
-                self._thread.start()
-            heapq.heappush(self._turns, (_WRITING_FOR.get(), next(self._arrivals), job))
-            self._lock.notify()
-        return job
-
-    def _drop(self, job: _Job) -> bool:
-        """Take a job back that has not started: True if it will not run."""
-        with self._lock:
-            if job.state == "waiting":
-                job.state = "dropped"
-                return True
-            return False
-
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` as one transaction, in its turn. Cancelled while it runs: it ends first."""
-        job = self._enqueue(work)
-        try:
-            result: T = await asyncio.shield(job.done)
-            return result
-        except asyncio.CancelledError:
-            if not self._drop(job):  # under way: the transaction ends in its thread first
-                await asyncio.wait([job.done])
-            raise
+        return await self._turns.run(work)
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
         """The writer's turn, for a transaction on another connection (the engine's): the writer
         waits until the block ends."""
-        job = self._enqueue(None)
+        job = self._turns.submit(None)
         try:
             await asyncio.shield(job.done)
         except asyncio.CancelledError:
-            if not self._drop(job):  # handed the turn meanwhile: give it back
+            if not self._turns.drop(job):  # handed the turn meanwhile: give it back
                 job.released.set()
             raise
         try:
@@ -1073,27 +1113,17 @@ class _SqliteWriter:
         finally:
             job.released.set()
 
-    def _serve(self) -> None:
-        while True:
-            with self._lock:
-                while not self._turns and not self._closing:
-                    self._lock.wait()
-                if not self._turns:
-                    return
-                _, _, job = heapq.heappop(self._turns)
-                if job.state == "dropped":
-                    continue
-                job.state = "started"
-            if job.work is None:  # a hold: the turn is the engine's until it is released
-                job.settle()
-                job.released.wait()
-                continue
-            try:
-                result = self._transaction(job.work)
-            except BaseException as e:  # the caller's to handle
-                job.settle(error=e)
-            else:
-                job.settle(result)
+    def _serve_one(self, job: _Job) -> None:
+        if job.work is None:  # a hold: the turn is the engine's until it is released
+            job.settle()
+            job.released.wait()
+            return
+        try:
+            result = self._transaction(job.work)
+        except BaseException as e:  # the caller's to handle
+            job.settle(error=e)
+        else:
+            job.settle(result)
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
@@ -1134,12 +1164,7 @@ class _SqliteWriter:
 
     async def close(self) -> None:
         """Every turn already taken runs; then the connections close."""
-        with self._lock:
-            self._closing = True
-            self._lock.notify()
-            thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join)
+        await self._turns.close()
         self._core.dispose()
         await asyncio.to_thread(self._checkpointer.shutdown)  # a checkpoint under way ends first
         if self._checkpoint_db is not None:
@@ -1154,17 +1179,28 @@ class _SqliteReaders:
     """SQLite's reads, each whole in one of a few threads of their own, each thread with its own
     connection and SQLAlchemy over it: one hand-over from the event loop per read, where through
     aiosqlite a read was several (the connection taken from the pool, the statement, its rows, the
-    connection given back), each waiting for a busy loop to come round."""
+    connection given back), each waiting for a busy loop to come round. Reads take turns as writes do
+    (``_Turns``): an urgent advisory's reads go before the bulk reads waiting (a thread pool served
+    them in order of arrival)."""
 
     def __init__(self, path: str, threads: int = 4) -> None:
         self._path = path
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="sqlite-reader")
+        self._turns = _Turns("sqlite-reader", threads, self._serve_one)
         self._local = threading.local()
         self._engines: list[sa.Engine] = []
         self._lock = threading.Lock()
 
     async def run(self, work: Callable[[sa.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._read, work)
+        return await self._turns.run(work)
+
+    def _serve_one(self, job: _Job) -> None:
+        assert job.work is not None
+        try:
+            result = self._read(job.work)
+        except BaseException as e:  # the caller's to handle
+            job.settle(error=e)
+        else:
+            job.settle(result)
 
     def _read(self, work: Callable[[sa.Connection], T]) -> T:
         engine: sa.Engine | None = getattr(self._local, "engine", None)
@@ -1179,7 +1215,7 @@ class _SqliteReaders:
             return work(conn)
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
+        await self._turns.close()
         with self._lock:
             for engine in self._engines:
                 engine.dispose()
@@ -2103,7 +2139,7 @@ class Store:
             return AppliedReceipts([], [], 0)
         at = now()
         if self._writer is not None:
-            with writing_for(_RECEIPTS):
+            with working_for(_RECEIPTS):
                 work = partial(_sqlite_receipts_holding, channel=channel, items=items, at=at)
                 applied = await self._write(work)
         else:
@@ -2122,7 +2158,7 @@ class Store:
         unless it came before ``give_up_before`` (then it is given up: ``unknown``). Per channel."""
         at = now()
         if self._writer is not None:
-            with writing_for(_RECEIPTS):
+            with working_for(_RECEIPTS):
                 work = partial(_sqlite_held, at=at, give_up_before=give_up_before, limit=limit)
                 done = await self._write(work)
         else:

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.models import BULK, URGENT, Recipient, Status, now
-from gateway.store import _SQLITE_ROWS, AppliedReceipts, Outcome, Planned, Store, writing_for
+from gateway.store import _SQLITE_ROWS, AppliedReceipts, Outcome, Planned, Store, working_for
 
 
 async def _made(store: Store, recipients: list[str], status: Status = Status.QUEUED) -> list[str]:
@@ -139,7 +139,7 @@ async def test_an_urgent_writer_takes_the_next_write_turn_ahead_of_bulk_ones_wai
     entered, release = asyncio.Event(), asyncio.Event()
 
     async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
-        with writing_for(priority):
+        with working_for(priority):
             async with store.begin_write():
                 order.append(name)
                 if hold is not None:
@@ -174,7 +174,7 @@ async def test_receipts_are_written_after_urgent_work_and_before_bulk_work_waiti
     entered, release = asyncio.Event(), asyncio.Event()
 
     async def write(name: str, priority: int, hold: asyncio.Event | None = None) -> None:
-        with writing_for(priority):
+        with working_for(priority):
             async with store.begin_write():
                 seen.append((name, str((await store.delivery(d1) or {}).get("status"))))
                 if hold is not None:
