@@ -3,7 +3,7 @@ the gateway itself (aiohttp + Jinja2 + server-sent events; no build step).
 
 Every page is rendered on the server and reads without JavaScript (``<noscript>`` pages refresh
 every 5 s); with JavaScript, ``/console/stream`` (server-sent events) replaces the live part once a
-second. Numbers come from the store's counters (gateway/store.py: no scan of deliveries), circuit
+second. Numbers come from the store's counters (gateway/store/counts.py: no scan of deliveries), circuit
 states from this process's adapters, the dead-letter list from the audit log.
 
 Who may do what is the API's: the same tokens and roles (gateway/auth.py). A browser presents its

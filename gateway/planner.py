@@ -190,7 +190,7 @@ class Planner:
     async def run(self, stopping: asyncio.Event) -> None:
         """Plan page by page until ``stopping``: urgent advisories in a loop of their own, so an
         urgent advisory's first page never waits for a bulk page in hand (its writes take SQLite's
-        next write turn: gateway/store.py ``working_for``). The store is the schedule: unfinished
+        next write turn: gateway/store/sqlite.py ``working_for``). The store is the schedule: unfinished
         plans are resumed at start-up, and advisories stored by any intake (this process or another)
         are picked up within ``poll_s``."""
         watcher = asyncio.create_task(self._wake_when(stopping))

@@ -15,7 +15,7 @@ gateway holds (``api.signing_keys``, a secret). A submission that carries its ow
 signed by the gateway after the token is authorized. Intake verifies every record either way.
 
 Every write is in the audit log with the token that made it (``advisory.submitted`` here; approvals,
-rejections, returns and cancels in the same transaction as the move, gateway/store.py). Every error
+rejections, returns and cancels in the same transaction as the move, gateway/store/advisories.py). Every error
 is RFC 9457 problem+json naming the field.
 """
 

@@ -40,7 +40,7 @@ class Sweeper:
     async def sweep(self) -> tuple[int, int]:
         """One pass; returns (expired, unknown)."""
         at = self.clock()
-        await self.store.fold_counts()  # PostgreSQL: the counters' deltas (gateway/store.py)
+        await self.store.fold_counts()  # PostgreSQL: the counters' deltas (gateway/store/counts.py)
         expired = await self.store.expire_pending(at)
         unknown = await self.store.mark_unknown(at - timedelta(seconds=self.settings.receipt_timeout_s))
         if self.approval_timeout_s is not None:

@@ -31,7 +31,7 @@ def take_turn(by_priority: dict[int, OrderedDict[str, V]]) -> tuple[str, V] | No
 class UrgentFirst:
     """Bulk work steps aside while urgent work is in hand in this process.
 
-    The store's write turns already put urgent writes first (gateway/store.py ``working_for``), but
+    The store's write turns already put urgent writes first (gateway/store/sqlite.py ``working_for``), but
     the event loop has no priorities: under a bulk broadcast it ran bulk steps back to back, and each
     of an urgent advisory's dozen hand-overs (intake, planning, dispatch) waited 20-40 ms behind them.
     So urgent work *holds* this from the moment intake reads an urgent advisory, through its planning,

@@ -25,19 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.models import Status, now
-from gateway.store import (
-    _SQLITE_RECEIPT,
-    SQLITE_PRAGMAS,
-    Outcome,
-    Planned,
-    Store,
-    _by_status,
-    _hashes,
-    _sqlite_insert,
-    _sqlite_make,
-    _sqlite_record,
-    _sqlite_time,
-)
+from gateway.store import Outcome, Planned, Store
+from gateway.store.deliveries import _by_status, _hashes, _sqlite_make, _sqlite_record
+from gateway.store.receipts import _SQLITE_RECEIPT
+from gateway.store.sqlite import SQLITE_PRAGMAS, _sqlite_insert, _sqlite_time
 
 PAGE = 500
 

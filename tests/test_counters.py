@@ -1,4 +1,4 @@
-"""The delivery counters (gateway/store.py, migration 0005) on SQLite and PostgreSQL: whatever moves
+"""The delivery counters (gateway/store/counts.py, migration 0005) on SQLite and PostgreSQL: whatever moves
 the deliveries — planning, queueing, results, retries, receipts (in and out of order), expiry, the
 silent-receipt sweep, an operator's replay of failures, an operator's cancel — and however many
 writers at once, the counters agree with a full recount; and reading them never reads a delivery."""

@@ -288,7 +288,7 @@ async def test_an_update_supersedes_pending_deliveries_and_reaches_everyone(
 async def _version_counts(url: str, advisory_id: str) -> dict[int, dict[str, int]]:
     import sqlalchemy as sa
 
-    from gateway.store import deliveries
+    from gateway.schema import deliveries
 
     store = await Store.open(url)
     try:

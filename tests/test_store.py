@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.models import BULK, URGENT, Recipient, Status, now
-from gateway.store import _SQLITE_ROWS, AppliedReceipts, Outcome, Planned, Store, working_for
+from gateway.store import AppliedReceipts, Outcome, Planned, Store, working_for
+from gateway.store.sqlite import _SQLITE_ROWS
 
 
 async def _made(store: Store, recipients: list[str], status: Status = Status.QUEUED) -> list[str]:
