@@ -190,6 +190,17 @@ class _Job:
         """(In the store's thread.) The outcome, to the event loop."""
         self.loop.call_soon_threadsafe(_settle, self.done, result, error)
 
+    def complete(self, run: Callable[[Callable[[Any], Any]], Any]) -> None:
+        """(In the store's thread.) ``run(work)``, its result or its error to the event loop (the
+        caller's to handle)."""
+        assert self.work is not None
+        try:
+            result = run(self.work)
+        except BaseException as e:
+            self.settle(error=e)
+        else:
+            self.settle(result)
+
 
 def _settle(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if not done.done():
@@ -320,12 +331,7 @@ class _SqliteWriter:
             job.settle()
             job.released.wait()
             return
-        try:
-            result = self._transaction(job.work)
-        except BaseException as e:  # the caller's to handle
-            job.settle(error=e)
-        else:
-            job.settle(result)
+        job.complete(self._transaction)
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
@@ -396,13 +402,7 @@ class _SqliteReaders:
         return await self._turns.run(work)
 
     def _serve_one(self, job: _Job) -> None:
-        assert job.work is not None
-        try:
-            result = self._read(job.work)
-        except BaseException as e:  # the caller's to handle
-            job.settle(error=e)
-        else:
-            job.settle(result)
+        job.complete(self._read)
 
     def _read(self, work: Callable[[sa.Connection], T]) -> T:
         engine: sa.Engine | None = getattr(self._local, "engine", None)
