@@ -217,7 +217,9 @@ class Dispatcher:
                 if lang not in shared:
                     reads = self.renderer.uses_recipient(adv, lang, kind, parts)
                     shared[lang] = None if reads else self._render(adv, adapter, lang, None)
-                rendered = shared[lang] or self._render(adv, adapter, lang, item.recipient.recipient())
+                rendered = shared[lang]
+                if rendered is None:  # the template reads the recipient: rendered for each
+                    rendered = self._render(adv, adapter, lang, item.recipient.recipient())
                 address = item.recipient.address(kind)
                 if address is None:
                     raise ContentError(f"recipient has no {kind} address")
