@@ -1,13 +1,21 @@
-"""Dispatch's own parts: the fair priority queue of each lane and out-of-order offset commits."""
+"""Dispatch's own parts: the fair priority queue of each lane, out-of-order offset commits, and a
+chunk's messages made from its work."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import cast
 
 from aiokafka import TopicPartition
 
-from gateway.dispatch import FairQueue, Job, Offsets
-from gateway.models import BULK, URGENT, Chunk
+from channels.push import PushAdapter, PushSettings
+from gateway.dispatch import Dispatcher, FairQueue, Job, Offsets
+from gateway.models import BULK, URGENT, Advisory, Chunk, Contact, Status
+from gateway.rendering import Renderer
+from gateway.settings import DispatchSettings
+from gateway.store import Outcome, Store, WorkItem
+from tests.conftest import advisory
 
 TP = TopicPartition("deliveries", 0)
 
@@ -67,3 +75,46 @@ async def test_an_urgent_only_taker_gets_the_urgent_job_and_leaves_the_bulk_ones
     assert len(q) == 3  # the bulk jobs are still there for the other workers
     q.close()
     assert await q.get(urgent_only=True) is None
+
+
+def test_a_chunk_is_rendered_a_language_at_a_time_in_the_language_chosen_at_planning(tmp_path: Path) -> None:
+    """Each message in the language its delivery was planned (and is counted) in, whatever the
+    recipient's chain says now; a rendering that does not read the recipient made once a language
+    and shared; one that does, made for each recipient; a recipient without an address fails alone."""
+    for lang, title, body in (
+        ("en", "Leave now", "You are registered in {{ recipient.region }}."),
+        ("kk", "Кетіңіз", "Елден кетіңіз."),
+    ):
+        folder = tmp_path / "personal" / lang
+        folder.mkdir(parents=True)
+        (folder / "push.title.j2").write_text(title, encoding="utf-8")
+        (folder / "push.body.j2").write_text(body, encoding="utf-8")
+    dispatcher = Dispatcher(cast(Store, None), Renderer(tmp_path, "en"), {}, DispatchSettings(), {})
+    adapter = PushAdapter("push", PushSettings(adapter="push", secret="x"), None)  # type: ignore[arg-type]
+    adv = Advisory.model_validate(advisory(template="personal", data={}))
+
+    def work(delivery: str, planned: str, app_user: str | None, region: str) -> WorkItem:
+        return WorkItem(
+            delivery, "push", 0, planned, Contact(delivery, "en", None, None, app_user, "XA", region, "", "")
+        )
+
+    items = [
+        work("d1", "kk", "u1", "north"),  # the chain says en now; planned in kk
+        work("d2", "kk", "u2", "north"),
+        work("d3", "en", "u3", "south"),
+        work("d4", "en", None, "south"),  # no super-app user any more
+        work("d5", "en", "u5", "east"),
+    ]
+    messages, failed = dispatcher._messages(adv, adapter, items)
+    assert [(m.delivery_id, m.language, m.address) for m in messages] == [
+        ("d1", "kk", "u1"),
+        ("d2", "kk", "u2"),
+        ("d3", "en", "u3"),
+        ("d5", "en", "u5"),
+    ]
+    assert messages[0].parts is messages[1].parts  # one rendering for the language
+    assert [m.parts["body"] for m in messages[2:]] == [
+        "You are registered in south.",
+        "You are registered in east.",
+    ]
+    assert failed == [Outcome("d4", Status.FAILED, reason="recipient has no push address")]
