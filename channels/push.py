@@ -17,6 +17,7 @@ from channels.base import (
     SegmentMessage,
     SignedChannelSettings,
     SignedHttpAdapter,
+    expiry_times,
     partner_result,
 )
 from gateway.errors import PermanentError, SchemaError
@@ -87,7 +88,7 @@ class PushAdapter(SignedHttpAdapter):
             raise SchemaError(f"segment_receipts: malformed receipt: {e}") from e
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
-        expires = {at: at.isoformat() for at in {m.expires_at for m in batch}}  # one advisory's, mostly
+        expires = expiry_times(batch)
         payload = await self.post_json(
             self._url,
             {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from channels.base import Message, Receipt, Result, SignedHttpAdapter, partner_result
+from channels.base import Message, Receipt, Result, SignedHttpAdapter, expiry_times, partner_result
 from channels.sms import DLR_STATUS, SmsAdapter, SmsSettings, layout
 from gateway.errors import SchemaError
 
@@ -30,7 +30,7 @@ class SmsHttpAdapter(SmsAdapter, SignedHttpAdapter):
 
     async def _send(self, batch: Sequence[Message]) -> list[Result]:
         messages = []
-        valid_until = {at: at.isoformat() for at in {m.expires_at for m in batch}}  # one advisory's, mostly
+        valid_until = expiry_times(batch)
         for m in batch:
             sms = layout(m.parts["body"])
             messages.append(
