@@ -36,13 +36,21 @@ from tests.conftest import advisory, eventually, running_gateway, self_signed, s
 
 
 class Inbox:
-    """An aiosmtpd handler that keeps what it receives, and can answer with a chosen code."""
+    """An aiosmtpd handler that keeps what it receives, and can answer with a chosen code; with
+    ``pipelining`` it announces PIPELINING (aiosmtpd reads grouped commands but does not say so)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipelining: bool = False) -> None:
+        self.pipelining = pipelining
         self.messages: asyncio.Queue[EmailMessage] = asyncio.Queue()
         self.envelopes: list[list[str]] = []  # each message's envelope recipients, in order
         self.answer = "250 OK"
         self.rcpt_answers: dict[str, str] = {}  # an address -> the relay's answer to its RCPT
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]] if self.pipelining else responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -60,9 +68,10 @@ class Inbox:
         return self.answer
 
 
-@pytest_asyncio.fixture
-async def inbox() -> AsyncIterator[tuple[Inbox, int]]:
-    handler = Inbox()
+@pytest_asyncio.fixture(params=["pipelined", "a command at a time"])
+async def inbox(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Inbox, int]]:
+    """A relay announcing PIPELINING, and one that does not: the adapter must work with both."""
+    handler = Inbox(pipelining=request.param == "pipelined")
     port = free_port()
     server = await asyncio.get_running_loop().create_server(
         lambda: SMTP(handler, enable_SMTPUTF8=True), "127.0.0.1", port

@@ -33,6 +33,7 @@ class EmailSink(SandboxPartner):
         self.messages = 0  # DATA taken (a message may have several recipients)
         self.multipart = 0
         self.resent = 0  # messages whose Message-ID was taken before
+        self.pipelining = True  # announced in EHLO (false: a relay without it, as tests need)
         self._server: asyncio.base_events.Server | None = None
 
     async def start_smtp(self, host: str, port: int) -> None:
@@ -66,7 +67,17 @@ class EmailSink(SandboxPartner):
     def receipt_body(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         return {"events": batch}
 
-    # aiosmtpd handler hook
+    # aiosmtpd handler hooks
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Announce PIPELINING (RFC 2920), as real relays do: aiosmtpd reads pipelined commands in
+        order and answers each in turn, but does not say so."""
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.requests += 1
         fault = self.faults.take()
