@@ -5,7 +5,7 @@ a SQLite store in a temporary folder, N recipients all on one channel — and me
 
 1. **the floor**: a minimal client posting the same messages to the same sandbox partner, in the
    partner's largest batches (push, sms-http: signed JSON batches; e-mail: SMTP over as many
-   connections as the gateway's pool), as many requests open at once as the gateway's adapter
+   connections as the gateway's pool, envelopes pipelined as the adapter sends them), as many requests open at once as the gateway's adapter
    allows. Nothing is stored, rendered or retried: what the partner and the loopback cost.
 2. **Apprise** (when installed; ``--apprise 0`` leaves it out): the same per-message notifications
    through its ``json://`` plugin to the same partner (its ``/apprise/<channel>`` sink), up to
@@ -51,6 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from channels.base import hmac_headers
 from channels.email import UNDISCLOSED, EmailSettings, mime
+from channels.smtp_pipelining import Relay, make_envelope
 from gateway import logging as gw_logging
 from gateway.auth import Tokens
 from gateway.broker import EmbeddedBroker, free_port
@@ -227,12 +228,12 @@ async def _floor_http(sandbox: SandboxProcess, channel: str, advisory: str, n: i
 
 async def _floor_smtp(sandbox: SandboxProcess, advisory: str, n: int) -> None:
     # as the adapter sends (channels/email.py): one message for up to RECIPIENTS_PER_MESSAGE of one
-    # rendering, To undisclosed, each recipient an RCPT of the same transaction
+    # rendering, To undisclosed, each recipient an RCPT of the same transaction, the envelope
+    # pipelined (the sandbox relay announces PIPELINING) through the adapter's own connection
     starts = iter(range(0, n, RECIPIENTS_PER_MESSAGE))
 
     async def connection() -> None:
-        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sandbox.smtp_port)
-        await smtp.connect()
+        relay = Relay(aiosmtplib.SMTP(hostname="127.0.0.1", port=sandbox.smtp_port), None, None, 60.0)
         try:
             for start in starts:
                 numbers = range(start, min(start + RECIPIENTS_PER_MESSAGE, n))
@@ -245,10 +246,10 @@ async def _floor_smtp(sandbox: SandboxProcess, advisory: str, n: int) -> None:
                     "Message-ID": f"<{advisory}.{start}@bench.invalid>",
                 }
                 raw = flatten_message(mime(headers, BODY))  # built as the adapter builds it
-                await smtp.sendmail(headers["From"], [_user("email", i)["email"] for i in numbers], raw)
+                addresses = [_user("email", i)["email"] for i in numbers]
+                await relay.send(make_envelope(headers["From"], addresses, raw))
         finally:
-            with contextlib.suppress(aiosmtplib.SMTPException):
-                await smtp.quit()
+            await relay.quit()
 
     await asyncio.gather(*(connection() for _ in range(IN_FLIGHT)))
 
