@@ -173,7 +173,7 @@ class Relay:
     async def send(self, e: Envelope) -> dict[str, aiosmtplib.SMTPResponse]:
         """One transaction (module docstring): the recipients refused, by address."""
         if not self.connected:
-            self._replies = None
+            self.close()  # aiosmtplib holds its connect lock until closed, and never saw ours drop
             await self.connect()
         if self._replies is None:
             refused, _ = await self.smtp.sendmail(e.sender, e.recipients, e.raw)

@@ -119,15 +119,27 @@ async def test_every_recipient_refused_sends_no_message_even_when_the_relay_take
 
 
 async def test_a_relay_lost_in_the_middle_or_silent_ends_the_transaction_with_an_error(peer: Peer) -> None:
+    """Each is an error the adapter retries; a connection lost is made again on its next use."""
+
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await peer.until(reader, b"DATA\r\n")
         writer.write(b"250 ok\r\n")  # then the connection drops
+
+    async def fine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await peer.until(reader, b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n354 go on\r\n")
+        await peer.until(reader, b"\r\n.\r\n")
+        writer.write(b"250 queued\r\n")
+        await reader.read()
 
     peer.script = hang_up
     relay = _relay(peer.port)
     with pytest.raises(aiosmtplib.SMTPServerDisconnected):
         await relay.send(make_envelope("alerts@mfa.example", ["a@example.kz"], MESSAGE))
     assert not relay.connected
+    peer.script = fine  # the same connection object connects again for the next message
+    assert await relay.send(make_envelope("alerts@mfa.example", ["a@example.kz"], MESSAGE)) == {}
+    relay.close()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await peer.until(reader, b"DATA\r\n")
