@@ -310,6 +310,35 @@ async def test_one_recipient_per_message_when_configured(inbox: tuple[Inbox, int
     assert EmailAdapter.unrecorded_bound(settings) == settings.pool_size
 
 
+async def test_messages_of_one_rendering_are_flattened_once_and_each_carries_its_own_message_id(
+    inbox: tuple[Inbox, int],
+) -> None:
+    """Two shared messages of one rendering (one batch each): the same body, each with its own
+    Message-ID, the one its recipients' partner ids name; a second rendering gets its own body."""
+    handler, port = inbox
+    kk = _rendered_kazakh()
+    first = [kk._replace(delivery_id=f"a{i}", address=f"a{i}@example.kz") for i in range(2)]
+    second = [kk._replace(delivery_id=f"b{i}", address=f"b{i}@example.kz") for i in range(2)]
+    other = {**kk.parts, "subject": "Шекара жабық"}
+    third = [
+        m._replace(delivery_id=f"c{i}", address=f"c{i}@example.kz", parts=other) for i, m in enumerate(first)
+    ]
+    async with aiohttp.ClientSession() as session:
+        adapter = _adapter(session, port)
+        try:
+            results = [r for b in (first, second, third) for r in await adapter.send(b)]
+        finally:
+            await adapter.close()
+    received = [handler.messages.get_nowait() for _ in range(3)]
+    ids = [str(m["Message-ID"]) for m in received]
+    assert len(set(ids)) == 3
+    assert all(str(r.partner_id).split("/")[0] in ids for r in results)
+    assert {str(r.partner_id).split("/")[0] for r in results[:2]} == {ids[0]}
+    bodies = [str(m.get_body(("plain",)).get_content()) for m in received]  # type: ignore[union-attr]
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert [str(m["Subject"]) for m in received][1:] == [str(received[0]["Subject"]), "Шекара жабық"]
+
+
 async def _queued_emails(gw: Gateway, tmp_path: Path, local: str) -> tuple[dict[str, Any], list[str]]:
     """40 e-mail recipients and an advisory to them, planned and queued (for a gateway that does not
     dispatch); the advisory record and its delivery ids, sorted."""
