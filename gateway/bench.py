@@ -6,7 +6,8 @@ a SQLite store in a temporary folder, N recipients all on one channel — and me
 1. **the floor**: a minimal client posting the same messages to the same sandbox partner, in the
    partner's largest batches (push, sms-http: signed JSON batches; e-mail: SMTP over as many
    connections as the gateway's pool, envelopes pipelined as the adapter sends them), as many
-   requests open at once as the gateway's adapter allows. Nothing is stored, rendered or retried: what the partner and the loopback cost.
+   requests open at once as the gateway's adapter allows. Nothing is stored, rendered or retried:
+   what the partner and the loopback cost.
 2. **Apprise** (when installed; ``--apprise 0`` leaves it out): the same per-message notifications
    through its ``json://`` plugin to the same partner (its ``/apprise/<channel>`` sink), up to
    ``--apprise`` messages (Apprise sends one HTTP request per message; its rate is projected to N).
