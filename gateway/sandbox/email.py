@@ -5,6 +5,7 @@ what it accepted and sends delivery events — or bounces — to the gateway's w
 from __future__ import annotations
 
 import asyncio
+import re
 from email import message_from_bytes
 from typing import Any
 
@@ -24,6 +25,24 @@ def smtp_answer(status: int) -> str:
     return f"550 5.0.0 injected fault ({status})"
 
 
+# "<local@domain>" and the rest of a MAIL or RCPT command: what a relay is sent nearly always
+_ATOMS = r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*"  # dot-atoms of plain characters
+_PLAIN_ARG = re.compile(rf"\s*<({_ATOMS}@{_ATOMS})>\s*(.*)", re.DOTALL)
+
+
+class _Relay(SMTP):
+    """aiosmtpd's SMTP with a quick reading of a plain ``<local@domain>`` address. Its own reading
+    (the email package's header parser, and a ``Protocol`` class made on every call) was half of the
+    sandbox relay's time at 20,000 recipients, and the relay bounded the e-mail bench. Anything else
+    is read by aiosmtpd as before."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = _PLAIN_ARG.fullmatch(arg)
+        if plain is None or (self.local_part_limit and plain[1].find("@") > self.local_part_limit):
+            return super()._getaddr(arg)
+        return plain[1], plain[2]
+
+
 class EmailSink(SandboxPartner):
     channel = "email"
 
@@ -39,7 +58,7 @@ class EmailSink(SandboxPartner):
     async def start_smtp(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: SMTP(self, hostname="sandbox-relay", enable_SMTPUTF8=True), host, port
+            lambda: _Relay(self, hostname="sandbox-relay", enable_SMTPUTF8=True), host, port
         )
         self.smtp_port = int(self._server.sockets[0].getsockname()[1])
 
