@@ -177,8 +177,10 @@ def _self_signed(tmp_path: Path) -> ssl.SSLContext:
     return context
 
 
-async def test_starttls_is_used_when_the_relay_requires_it(tmp_path: Path) -> None:
-    handler = Inbox()
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "a command at a time"])
+async def test_starttls_is_used_when_the_relay_requires_it(tmp_path: Path, pipelining: bool) -> None:
+    """Pipelined, the connection is taken over after the upgrade: the envelope travels encrypted."""
+    handler = Inbox(pipelining=pipelining)
     port = free_port()
     context = _self_signed(tmp_path)
     server = await asyncio.get_running_loop().create_server(
