@@ -3,6 +3,10 @@ what aiosmtpd's own reading says, for plain addresses and for anything else."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,9 +19,16 @@ _REST = st.sampled_from(["", " SIZE=1234", "  BODY=8BITMIME", "SIZE=1", " x y"])
 _ODD = st.text(st.characters(codec="ascii", exclude_characters="\r\n"), max_size=30)
 
 
-def _readers() -> tuple[SMTP, _Relay]:
+@contextmanager
+def _readers() -> Iterator[tuple[SMTP, _Relay]]:
+    """aiosmtpd's reader and the sandbox's, on a loop of their own that is closed after (without
+    one, aiosmtpd makes a new event loop for each and leaves it open)."""
+    loop = asyncio.new_event_loop()
     sink = EmailSink("s", None)
-    return SMTP(sink), _Relay(sink)
+    try:
+        yield SMTP(sink, loop=loop), _Relay(sink, loop=loop)
+    finally:
+        loop.close()
 
 
 def _read(reader: SMTP, arg: str) -> object:
@@ -31,12 +42,12 @@ def _read(reader: SMTP, arg: str) -> object:
 
 @given(local=_LOCAL, domain=_DOMAIN, rest=_REST, space=st.sampled_from(["", " ", "  "]))
 def test_a_plain_address_is_read_as_aiosmtpd_reads_it(local: str, domain: str, rest: str, space: str) -> None:
-    aiosmtpd, relay = _readers()
     arg = f"{space}<{local}@{domain}>{rest}"
-    assert _read(relay, arg) == _read(aiosmtpd, arg)
+    with _readers() as (aiosmtpd, relay):
+        assert _read(relay, arg) == _read(aiosmtpd, arg)
 
 
 @given(arg=_ODD)
 def test_any_other_argument_is_read_as_aiosmtpd_reads_it(arg: str) -> None:
-    aiosmtpd, relay = _readers()
-    assert _read(relay, arg) == _read(aiosmtpd, arg)
+    with _readers() as (aiosmtpd, relay):
+        assert _read(relay, arg) == _read(aiosmtpd, arg)
