@@ -78,7 +78,9 @@ class _Replies(asyncio.Protocol):
 
     @property
     def open(self) -> bool:
-        return self.lost is None and not self.transport.is_closing()
+        """Connected, and nothing said that no command asked for (a relay's 421 before it hangs up:
+        read as the next command's reply, it would shift every reply after it by one)."""
+        return self.lost is None and not self.transport.is_closing() and not self._replies
 
     def data_received(self, data: bytes) -> None:
         self._buffer.extend(data)
@@ -119,7 +121,7 @@ class _Replies(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def write(self, data: bytes) -> None:
-        if not self.open:
+        if self.lost is not None or self.transport.is_closing():
             raise self.lost or aiosmtplib.SMTPServerDisconnected("connection lost")
         self.transport.write(data)
 

@@ -152,6 +152,31 @@ async def test_a_relay_lost_in_the_middle_or_silent_ends_the_transaction_with_an
     assert not relay.connected
 
 
+async def test_a_reply_no_command_asked_for_ends_the_connection_before_the_next_message(peer: Peer) -> None:
+    """A relay's 421 between two messages would be read as the next MAIL's reply and shift every
+    reply after it: the next message goes over a new connection instead."""
+    connections = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await peer.until(reader, b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n354 go on\r\n")
+        await peer.until(reader, b"\r\n.\r\n")
+        # the first time, a 421 in the same write as the message's reply; the connection stays open
+        writer.write(b"250 queued\r\n" + (b"421 4.3.2 shutting down\r\n" if connections == 1 else b""))
+        await reader.read()
+
+    peer.script = script
+    relay = _relay(peer.port)
+    envelope = make_envelope("alerts@mfa.example", ["a@example.kz"], MESSAGE)
+    assert await relay.send(envelope) == {}
+    assert not relay.connected
+    assert await relay.send(envelope) == {}
+    assert connections == 2
+    relay.close()
+
+
 def test_an_address_that_is_not_one_plain_mailbox_is_set_aside_without_being_named() -> None:
     """``parseaddr`` would read ``a,b@example.kz`` and ``a>b@example.kz`` as ``a``: never sent."""
     odd = [
