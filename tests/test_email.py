@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from aiosmtplib.email import flatten_message
 from cryptography.hazmat.primitives.asymmetric import ec
+from structlog.testing import capture_logs
 
 from channels.base import Message, Result, hmac_headers
 from channels.email import EmailAdapter, EmailSettings, mime
@@ -198,12 +199,15 @@ async def test_starttls_is_used_when_the_relay_requires_it(tmp_path: Path, pipel
                 EmailSettings(adapter="email", port=port, secret="s", start_tls=True, validate_certs=False),
                 session,
             )
-            (sent,) = await secured.send([_rendered_kazakh()])
+            with capture_logs() as logs:
+                (sent,) = await secured.send([_rendered_kazakh()])
             await secured.close()
         assert refused.outcome == "rejected"
         assert "530" in (refused.reason or ""), "the relay demands STARTTLS first"
         assert sent.outcome == "accepted"
         assert (await handler.messages.get())["Message-ID"] == "<d0e1@gateway.mfa.example>"
+        connected = [e for e in logs if e["event"] == "email.relay_connected"]
+        assert [(e["tls"], e["pipelining"]) for e in connected] == [(True, pipelining)]
     finally:
         server.close()
         await server.wait_closed()
