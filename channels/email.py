@@ -1,4 +1,5 @@
-"""E-mail over SMTP (aiosmtplib): a pool of connections, STARTTLS / implicit TLS, multipart
+"""E-mail over SMTP (aiosmtplib): a pool of connections, STARTTLS / implicit TLS, each message's
+envelope pipelined where the relay announces PIPELINING (channels/smtp_pipelining.py), multipart
 text + HTML, the subject in the recipient's language. Recipients of one batch who get the same
 rendered e-mail (advisory version, language, priority) share one SMTP transaction of up to
 ``recipients_per_message`` envelope recipients (``To: undisclosed-recipients:;``: no one sees

@@ -11,7 +11,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.sandbox.email import EmailSink, _Relay
+from gateway.sandbox.email import EmailSink, _SinkSMTP
 
 _LOCAL = st.text("abcXYZ019._%+-", min_size=1, max_size=20)
 _DOMAIN = st.text("abcxyz019.-", min_size=1, max_size=20)
@@ -20,13 +20,13 @@ _ODD = st.text(st.characters(codec="ascii", exclude_characters="\r\n"), max_size
 
 
 @contextmanager
-def _readers() -> Iterator[tuple[SMTP, _Relay]]:
+def _readers() -> Iterator[tuple[SMTP, _SinkSMTP]]:
     """aiosmtpd's reader and the sandbox's, on a loop of their own that is closed after (without
     one, aiosmtpd makes a new event loop for each and leaves it open)."""
     loop = asyncio.new_event_loop()
     sink = EmailSink("s", None)
     try:
-        yield SMTP(sink, loop=loop), _Relay(sink, loop=loop)
+        yield SMTP(sink, loop=loop), _SinkSMTP(sink, loop=loop)
     finally:
         loop.close()
 

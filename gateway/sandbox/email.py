@@ -30,7 +30,7 @@ _ATOMS = r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*"  # dot-atoms of plain char
 _PLAIN_ARG = re.compile(rf"\s*<({_ATOMS}@{_ATOMS})>\s*(.*)", re.DOTALL)
 
 
-class _Relay(SMTP):
+class _SinkSMTP(SMTP):
     """aiosmtpd's SMTP with a quick reading of a plain ``<local@domain>`` address. Its own reading
     (the email package's header parser, and a ``Protocol`` class made on every call) was half of the
     sandbox relay's time at 20,000 recipients, and the relay bounded the e-mail bench. Anything else
@@ -58,7 +58,7 @@ class EmailSink(SandboxPartner):
     async def start_smtp(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Relay(self, hostname="sandbox-relay", enable_SMTPUTF8=True), host, port
+            lambda: _SinkSMTP(self, hostname="sandbox-relay", enable_SMTPUTF8=True), host, port
         )
         self.smtp_port = int(self._server.sockets[0].getsockname()[1])
 
