@@ -33,9 +33,14 @@ def mask_email(text: str) -> str:
     return _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
 
 
+def mask_pii_text(text: str) -> str:
+    """Phone numbers and e-mail addresses in ``text`` masked (the logs' masking, and a stored reason's)."""
+    return mask_email(mask_phone(text))
+
+
 def mask(value: Any) -> Any:
     if isinstance(value, str):
-        return mask_email(mask_phone(value))
+        return mask_pii_text(value)
     if isinstance(value, Mapping):
         return {k: mask(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

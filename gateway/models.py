@@ -268,10 +268,12 @@ def address_on(channel: str, app_user: str | None, phone: str | None, email: str
 
 
 def phone_problem(phone: str | None) -> str | None:
-    """Why ``phone`` cannot take an SMS, or None."""
+    """Why ``phone`` cannot take an SMS, or None. It names no number: it is stored as a skipped
+    delivery's reason, which the delivery events and the status API carry (the recipient's row says
+    which number; ``report`` shows it to those who may see it)."""
     if phone is None or e164(phone) == phone:
         return None
-    return f"invalid phone number {phone!r}: not a valid international (E.164) number"
+    return "invalid phone number: not a valid international (E.164) number"
 
 
 def e164(raw: str) -> str | None:

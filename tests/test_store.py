@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -103,6 +104,32 @@ async def test_a_receipt_that_overtakes_its_send_result_after_a_withdrawal_is_no
     # a withdrawn delivery that never went out stays withdrawn: only the partner's word moves it
     assert await store.record([Outcome(d2, Status.FAILED, reason="attempts exhausted")]) == 0
     assert (await store.delivery(d2) or {}).get("status") == "cancelled"
+
+
+async def test_a_partners_words_are_stored_with_addresses_and_numbers_masked(store: Store) -> None:
+    """A relay's or an aggregator's refusal often quotes the address it refused. The reason stored,
+    and the delivery event made of it, name no recipient (docs/delivery-events.md): the address and
+    the number are masked as the logs mask them; the rest of the partner's words are kept."""
+    await store.deliver_events(True)
+    d1, d2 = await _made(store, ["r1", "r2"])
+    refusal = "550 5.1.1 <aigerim.nurlanovna@example.kz>: Recipient address rejected"
+    await store.record([Outcome(d1, Status.FAILED, reason=refusal)], attempted=True)
+    await store.record([Outcome(d2, Status.SENT, partner_id="p2")], attempted=True)
+    await store.apply_receipts("smpp", [Outcome(d2, Status.FAILED, reason="undeliverable to +77011234567")])
+    assert (await store.delivery(d1) or {}).get("reason") == (
+        "550 5.1.1 <a***@example.kz>: Recipient address rejected"
+    )
+    assert (await store.delivery(d2) or {}).get("reason") == "undeliverable to +770*****567"
+    published: list[str] = []
+
+    async def publish(events: list[Any]) -> None:
+        published.extend(e.doc for e in events)
+
+    while await store.take_events(64, publish):
+        pass
+    failed = [e for e in published if '"failed"' in e]
+    assert len(failed) == 2
+    assert not any("nurlanovna" in e or "1234567" in e for e in published), failed
 
 
 async def test_a_batch_larger_than_one_statement_moves_every_delivery_once(store: Store) -> None:

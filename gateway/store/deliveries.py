@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.lifecycle import A
+from gateway.logging import mask_pii_text
 from gateway.models import PENDING, Contact, Status, aware, delivery_hash, delivery_id, now
 from gateway.schema import (
     FAILED_ROWS,
@@ -237,9 +238,13 @@ Moves = dict[Status, list[tuple[str, str | None, str | None]]]  # (delivery id, 
 
 
 def _by_status(outcomes: Iterable[Outcome]) -> Moves:
+    """The moves of ``outcomes`` by their status. A reason is stored with phone numbers and e-mail
+    addresses masked as the logs have them: it is often a partner's own words ("550 5.1.1
+    <aigerim@example.kz>: no such mailbox"), and it goes on to the delivery events, the status API and
+    the console, which name no recipient (docs/delivery-events.md)."""
     by_status: Moves = defaultdict(list)
     for o in outcomes:
-        by_status[o.status].append((o.delivery_id, o.partner_id, o.reason))
+        by_status[o.status].append((o.delivery_id, o.partner_id, o.reason and mask_pii_text(o.reason)))
     return by_status
 
 
