@@ -11,7 +11,8 @@ With several instances, an advisory is planned by one at a time (a lease in the 
 page): the others plan other advisories, and take it over from its stored cursor if its planner dies.
 
 Progress is durable: after each page the cursor (last recipient id) is stored, and at start-up the
-planner resumes every stored advisory whose planning had not finished. Planning is idempotent:
+planner resumes every stored advisory whose planning had not finished. The next page is read while
+one is made and published. Planning is idempotent:
 delivery ids are deterministic and inserts of existing rows do nothing, so a page replayed after a
 crash re-publishes the same chunks and dispatch sends only what is still pending. Before each page
 the advisory's state is read again: a cancelled or superseded advisory stops being planned.
@@ -32,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from gateway import kafka, lifecycle, metrics
 from gateway.lifecycle import may_plan
 from gateway.logging import get_logger
-from gateway.models import URGENT, Advisory, Chunk, Reachable, Status, instance_name
+from gateway.models import URGENT, Advisory, Chunk, Contact, Reachable, Status, instance_name
 from gateway.retry import Stopped, until_done
 from gateway.settings import KafkaSettings
 from gateway.store import Planned, Store, working_for
@@ -118,6 +119,20 @@ class _Plan:
     adv: Advisory
     cursor: str
     planned: int = 0
+    # the next page, being read while this one is made and published: (the cursor it is read after,
+    # its read)
+    ahead: tuple[str, asyncio.Future[list[Contact]]] | None = None
+
+    def forget_ahead(self) -> None:
+        if self.ahead is not None:
+            self.ahead[1].cancel()
+            self.ahead = None
+
+
+def _retrieved(read: asyncio.Future[Any]) -> None:
+    """A read ahead's failure is seen when the page is asked for (and not reported as lost)."""
+    if not read.cancelled():
+        read.exception()
 
 
 # an advisory version's partner-side segment deliveries (gateway/segments.py: segment_rows)
@@ -179,7 +194,7 @@ class Planner:
                 for k, p in plans.items()
                 if p.adv.id == advisory_id and (below_version is None or p.adv.version < below_version)
             ]:
-                del plans[key]
+                plans.pop(key).forget_ahead()
                 self._release(key)
 
     def _next(self, urgent: bool) -> _Plan | None:
@@ -206,6 +221,9 @@ class Planner:
             watcher.cancel()
             for loop in loops:
                 loop.cancel()
+            for plans in self._plans.values():
+                for plan in plans.values():
+                    plan.forget_ahead()
             with contextlib.suppress(Exception):  # the store is down: the leases run out by themselves
                 await self.store.release_planning(self.me)
 
@@ -246,6 +264,7 @@ class Planner:
             wakeup.set()
 
     def _done(self, plan: _Plan) -> None:
+        plan.forget_ahead()
         self._plans.get(plan.adv.priority, OrderedDict()).pop(plan.adv.key, None)
         self._release(plan.adv.key)
 
@@ -278,16 +297,15 @@ class Planner:
             await self.store.plan_segments(self.segments(adv))
             if self.segments_planned is not None:
                 self.segments_planned()
-        page = (
-            await self.store.audience_page(aud.countries, aud.regions, aud.tags, plan.cursor, self.page_size)
-            if aud.in_directory
-            else []
-        )
+        page = await self._page(plan) if aud.in_directory else []
         if not page:
             await self.store.mark_planned(adv.id, adv.version)
             self._done(plan)
             log.info("advisory.planned", advisory_id=adv.id, version=adv.version, count=plan.planned)
             return
+        read = asyncio.ensure_future(self._audience_after(adv, page[-1].id))
+        read.add_done_callback(_retrieved)  # a failed read ahead is read again in its turn
+        plan.ahead = (page[-1].id, read)
         await self._bulk_steps_aside(adv)
         planned = plan_recipients(adv, page, self.kinds, language=self.language)
         # the lease is taken with the page's rows: one write, and none if another instance took over
@@ -298,6 +316,20 @@ class Planner:
         await self.store.page_published(adv.id, adv.version, page[-1].id)
         plan.cursor = page[-1].id
         plan.planned += len(planned)
+
+    async def _page(self, plan: _Plan) -> list[Contact]:
+        """The page after ``plan.cursor``: the one read ahead if it was read after the same cursor."""
+        ahead, plan.ahead = plan.ahead, None
+        if ahead is not None:
+            after, read = ahead
+            if after == plan.cursor:
+                return await read
+            read.cancel()
+        return await self._audience_after(plan.adv, plan.cursor)
+
+    async def _audience_after(self, adv: Advisory, cursor: str) -> list[Contact]:
+        aud = adv.audience
+        return await self.store.audience_page(aud.countries, aud.regions, aud.tags, cursor, self.page_size)
 
     async def publish(self, adv: Advisory, by_channel: Mapping[str, list[str]], key: str) -> None:
         """Chunks of queued deliveries onto the advisory's lane, each acknowledged by the broker."""

@@ -5,11 +5,16 @@ several instances one plans an advisory at a time, and another takes over where 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+import pytest
+import sqlalchemy as sa
 
 from gateway import metrics
 from gateway.app import Gateway
 from gateway.lifecycle import AdvisoryState
-from gateway.models import Advisory, Recipient
+from gateway.models import Advisory, Contact, Recipient
 from gateway.planner import Planner, _Plan
 from gateway.sandbox.process import SandboxProcess
 from gateway.store import Store
@@ -81,3 +86,50 @@ async def test_a_released_lease_is_taken_at_once_and_a_held_one_is_not(store: St
     assert await store.planning_cursor(adv.id, 1, "b") == "r0042"
     assert await store.insert_planned(adv.id, 1, [], "b", 60, after="r0042") == []
     assert await store.planning_cursor(adv.id, 1, "a") is None
+
+
+async def test_the_next_page_is_read_while_one_is_made_and_a_failed_read_is_read_again(
+    store: Store, kafka_bootstrap: str
+) -> None:
+    """Each page is read while the one before is written and published (a page's steps were one
+    after another: the read, then the write's turn, then the broker's acknowledgement). A read ahead
+    that fails is read again in the next turn: every recipient is planned, once."""
+    people = [Recipient(id=f"r{i:04d}", app_user=f"app-{i}", country="XA") for i in range(25)]
+    await store.upsert_recipients(people)
+    adv = Advisory.model_validate(advisory())
+    await store.accept(adv, adv.model_dump(mode="json"), {})
+    steps: list[str] = []
+    read, insert = store.audience_page, store.insert_planned
+    failing = {"r0019"}  # the read after this cursor fails once
+
+    async def audience_page(*args: Any) -> list[Contact]:
+        cursor = args[3]
+        steps.append(f"read after {cursor or 'start'}")
+        if cursor in failing:
+            failing.discard(cursor)
+            raise sa.exc.OperationalError("SELECT …", None, Exception("the store is away"))
+        return await read(*args)
+
+    async def insert_planned(*args: Any, **kwargs: Any) -> list[str] | None:
+        ids = await insert(*args, **kwargs)
+        steps.append(f"{len(args[2])} made")
+        return ids
+
+    with (
+        patch.object(store, "audience_page", audience_page),
+        patch.object(store, "insert_planned", insert_planned),
+    ):
+        async with own_topics(kafka_bootstrap) as (topics, producer):
+            planner = Planner(store, producer, topics, 10, {"push": "push"}, page_size=10)
+            plan = _Plan(adv, "")
+            await planner.plan_page(plan)
+            assert steps == ["read after start", "read after r0009", "10 made"]
+            await planner.plan_page(plan)  # the page read ahead: no read of its own
+            assert steps[3:] == ["read after r0019", "10 made"]
+            with pytest.raises(sa.exc.OperationalError):
+                await planner.plan_page(plan)  # the read ahead failed: this turn fails, as a read would
+            await planner.plan_page(plan)
+            await planner.plan_page(plan)  # nothing after r0024 (read ahead): planning is finished
+    assert steps[5:] == ["read after r0019", "read after r0024", "5 made"]
+    assert await store.plan_finished(adv.id, 1)
+    assert {c.status: c.n for c in await store.progress() if c.n} == {"queued": 25}
