@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
-import time
 from collections.abc import Mapping, Sequence
 from email.header import Header
 from email.mime.base import MIMEBase
@@ -94,10 +93,11 @@ class EmailSettings(SignedChannelSettings):
 
 
 UNDISCLOSED = "undisclosed-recipients:;"
-# a shared message is flattened once per rendering and minute (its Date as old), then its own
-# Message-ID is written over this one: building and flattening MIME took ~1 ms a message
+# a shared message is flattened once per rendering, then its own Message-ID and the time it is sent
+# are written over these (formatdate's text is always this long): building and flattening MIME took
+# ~1 ms a message
 _TEMPLATE_ID = "<shared@template.invalid>"
-TEMPLATE_S = 60
+_TEMPLATE_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
 TEMPLATES = 64  # renderings kept at most (advisory version × language × priority)
 
 
@@ -131,7 +131,7 @@ class EmailAdapter(SignedHttpAdapter):
         raw = s.password.get_secret_value() if s.password else None
         self._password = read_secret(f"channels.{self.channel}.password", raw, s.password_file)
         self._pool: asyncio.Queue[Relay] = asyncio.Queue()
-        self._templates: dict[tuple[Any, ...], tuple[int, bytes]] = {}
+        self._templates: dict[tuple[Any, ...], bytes] = {}
         for _ in range(s.pool_size):
             self._pool.put_nowait(self._client())
 
@@ -173,14 +173,16 @@ class EmailAdapter(SignedHttpAdapter):
         retried recipient travels in another message, which must not reuse the Message-ID)."""
         return f"<{first.delivery_id[:20]}.{secrets.token_hex(4)}@{self.email_settings.message_id_domain}>"
 
-    def build(self, m: Message, to: str | None = None, message_id: str | None = None) -> MIMEBase:
-        """The e-mail for ``m``; ``to`` and ``message_id`` for a message shared with others."""
+    def build(
+        self, m: Message, to: str | None = None, message_id: str | None = None, date: str | None = None
+    ) -> MIMEBase:
+        """The e-mail for ``m``; ``to``, ``message_id`` and ``date`` for a message shared with others."""
         s = self.email_settings  # a non-ASCII address never gets here: ``unbuildable`` refused it
         headers = {
             "From": formataddr((s.from_name, s.from_address), charset="utf-8"),
             "To": to or m.address,
             "Subject": m.parts["subject"],
-            "Date": formatdate(usegmt=True),
+            "Date": date or formatdate(usegmt=True),
             "Message-ID": message_id or self.message_id(m.delivery_id),
             "X-Advisory": key(m.advisory_id, m.version),
             "Auto-Submitted": "auto-generated",
@@ -190,17 +192,19 @@ class EmailAdapter(SignedHttpAdapter):
         headers["Content-Language"] = m.language
         return mime(headers, m.parts["text"], m.parts.get("html"))
 
-    def _shared(self, first: Message) -> bytes:
-        """The shared message of ``first``'s rendering, flattened with ``_TEMPLATE_ID`` (once per
-        rendering and ``TEMPLATE_S``; worker threads may build one twice, and keep either)."""
-        rendering, minute = _rendering(first), int(time.time() // TEMPLATE_S)
+    def _shared(self, first: Message, message_id: str) -> bytes:
+        """The shared message of ``first``'s rendering with ``message_id`` and the time now: flattened
+        once per rendering with placeholders (worker threads may build one twice, and keep either)."""
+        rendering = _rendering(first)
         made = self._templates.get(rendering)
-        if made is None or made[0] != minute:
+        if made is None:
             if len(self._templates) >= TEMPLATES:
                 self._templates.clear()
-            made = (minute, flatten_message(self.build(first, UNDISCLOSED, _TEMPLATE_ID)))
+            made = flatten_message(self.build(first, UNDISCLOSED, _TEMPLATE_ID, _TEMPLATE_DATE))
             self._templates[rendering] = made
-        return made[1]
+        date = b"\nDate: " + formatdate(usegmt=True).encode()
+        made = made.replace(b"\nDate: " + _TEMPLATE_DATE.encode(), date, 1)
+        return made.replace(_TEMPLATE_ID.encode(), message_id.encode(), 1)
 
     def envelopes(self, batch: Sequence[Message]) -> list[list[Message]]:
         """The batch as messages to send: recipients of the same rendering (the renderer's one
@@ -236,7 +240,7 @@ class EmailAdapter(SignedHttpAdapter):
                 raw = flatten_message(self.build(first))
             else:
                 message_id = self.shared_message_id(first)
-                raw = self._shared(first).replace(_TEMPLATE_ID.encode(), message_id.encode(), 1)
+                raw = self._shared(first, message_id)
             made = make_envelope(self.email_settings.from_address, [m.address for m in envelope], raw)
         except Exception as e:  # a header with a line break, a non-ASCII address: this message only
             reason = f"cannot build the e-mail: {type(e).__name__}: {e}"[:300]

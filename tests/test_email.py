@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -317,11 +318,14 @@ async def test_one_recipient_per_message_when_configured(inbox: tuple[Inbox, int
 
 
 async def test_messages_of_one_rendering_are_flattened_once_and_each_carries_its_own_message_id(
-    inbox: tuple[Inbox, int],
+    inbox: tuple[Inbox, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two shared messages of one rendering (one batch each): the same body, each with its own
-    Message-ID, the one its recipients' partner ids name; a second rendering gets its own body."""
+    Message-ID, the one its recipients' partner ids name, and the time it was sent as its Date (the
+    body was flattened once); a second rendering gets its own body."""
     handler, port = inbox
+    clock = iter(f"Sun, 06 Dec 2026 08:0{minute}:00 GMT" for minute in range(10))
+    monkeypatch.setattr("channels.email.formatdate", lambda usegmt: next(clock))
     kk = _rendered_kazakh()
     first = [kk._replace(delivery_id=f"a{i}", address=f"a{i}@example.kz") for i in range(2)]
     second = [kk._replace(delivery_id=f"b{i}", address=f"b{i}@example.kz") for i in range(2)]
@@ -343,6 +347,8 @@ async def test_messages_of_one_rendering_are_flattened_once_and_each_carries_its
     bodies = [str(m.get_body(("plain",)).get_content()) for m in received]  # type: ignore[union-attr]
     assert bodies[0] == bodies[1] == bodies[2]
     assert [str(m["Subject"]) for m in received][1:] == [str(received[0]["Subject"]), "Шекара жабық"]
+    sent_at = [parsedate_to_datetime(f"Sun, 06 Dec 2026 08:0{minute}:00 GMT") for minute in range(3)]
+    assert [parsedate_to_datetime(str(m["Date"])) for m in received] == sent_at
 
 
 async def _queued_emails(gw: Gateway, tmp_path: Path, local: str) -> tuple[dict[str, Any], list[str]]:
