@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from gateway.models import BULK, URGENT, Recipient, Status, now
+from gateway.schema import deliveries
 from gateway.store import AppliedReceipts, Outcome, Planned, Store, working_for
 from gateway.store.sqlite import _SQLITE_ROWS
 
@@ -130,6 +131,24 @@ async def test_a_partners_words_are_stored_with_addresses_and_numbers_masked(sto
     failed = [e for e in published if '"failed"' in e]
     assert len(failed) == 2
     assert not any("nurlanovna" in e or "1234567" in e for e in published), failed
+
+
+async def test_a_receipt_reports_how_long_after_its_send_the_message_reached_the_person(store: Store) -> None:
+    """The delivery latency (gateway_delivery_latency_seconds): the seconds from a delivery's send
+    to its first receipt that says it reached the person; a later ``read`` is not a second one."""
+    d1, d2 = await _made(store, ["r1", "r2"])
+    await store.record([Outcome(d, Status.SENT, partner_id=f"p-{d}") for d in (d1, d2)], attempted=True)
+    async with store.engine.begin() as conn:  # sent 90 s and 3 s ago
+        for d, ago in ((d1, 90), (d2, 3)):
+            await conn.execute(
+                sa.update(deliveries)
+                .where(deliveries.c.id == d)
+                .values(sent_at=now() - timedelta(seconds=ago))
+            )
+    applied = await store.apply_receipts("smpp", [Outcome(d1, Status.DELIVERED), Outcome(d2, Status.READ)])
+    assert sorted(round(s) for s in applied.reached_after_s) == [3, 90]
+    applied = await store.apply_receipts("smpp", [Outcome(d1, Status.READ)])
+    assert ([o.delivery_id for o in applied.moved], applied.reached_after_s) == ([d1], [])
 
 
 async def test_a_batch_larger_than_one_statement_moves_every_delivery_once(store: Store) -> None:
