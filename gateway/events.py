@@ -136,8 +136,9 @@ class Publisher:
         ]
         await asyncio.gather(*sends)
         metrics.events_published_total.inc(len(events))
-        if self.webhooks:
-            batch = body([e.doc for e in events])
+        size = self.settings.batch
+        for start in range(0, len(events) if self.webhooks else 0, size):
+            batch = body([e.doc for e in events[start : start + size]])
             for hook in self.webhooks:
                 await hook.queue.put(batch)
 
@@ -149,11 +150,11 @@ class Publisher:
         try:
             while not stopping.is_set():
                 taken = await until_done(
-                    lambda: self.store.take_events(self.settings.batch, self.publish),
+                    lambda: self.store.take_events(self.settings.take, self.publish),
                     "events.retrying",
                     stopping,
                 )
-                if taken < self.settings.batch:
+                if taken < self.settings.take:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), self.settings.poll_s)
         except Stopped:

@@ -45,6 +45,7 @@ class Receiver:
         self.calls = 0
         self.bad_signatures = 0
         self.events: list[dict[str, Any]] = []
+        self.sizes: list[int] = []  # events in each call taken
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -59,7 +60,9 @@ class Receiver:
             return web.Response(status=self.always)
         if self.calls <= self.fail:
             return web.Response(status=500)
-        self.events += json.loads(body)["events"]
+        events = json.loads(body)["events"]
+        self.events += events
+        self.sizes.append(len(events))
         return web.Response(status=204)
 
     def statuses(self, delivery_id: str) -> list[str]:
@@ -82,21 +85,25 @@ async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
         await runner.cleanup()
 
 
-def _settings(tmp_path: Path, kafka: str, sandbox: SandboxProcess, url: str) -> Any:
+def _settings(tmp_path: Path, kafka: str, sandbox: SandboxProcess, url: str, **env: str) -> Any:
     return make_settings(
         tmp_path,
         kafka,
         sandbox,
         GATEWAY__EVENTS__WEBHOOKS=json.dumps({"ops": {"url": url, "max_attempts": 6}}),
         GATEWAY__EVENTS__WEBHOOK_SECRETS=json.dumps({"ops": SECRET}),
+        **env,
     )
 
 
 async def test_every_status_change_reaches_the_webhook_signed_and_in_order_per_delivery(
     kafka_bootstrap: str, sandbox: SandboxProcess, tmp_path: Path
 ) -> None:
+    """Events are taken from the outbox many at a time (``events.take``) and reach a webhook in calls
+    of at most ``events.batch``."""
     async with receiving(Receiver(fail=2)) as receiver:  # two 500s first: retried with backoff
-        settings = _settings(tmp_path, kafka_bootstrap, sandbox, receiver.url)
+        batch = {"GATEWAY__EVENTS__BATCH": "7", "GATEWAY__EVENTS__TAKE": "50"}
+        settings = _settings(tmp_path, kafka_bootstrap, sandbox, receiver.url, **batch)
         async with running_gateway(settings, sandbox) as gw:
             await load_recipients(gw, tmp_path, 40)
             record = signed(advisory())
@@ -111,6 +118,7 @@ async def test_every_status_change_reaches_the_webhook_signed_and_in_order_per_d
             await eventually(all_delivered_events, what="every delivered event at the webhook")
     assert receiver.bad_signatures == 0
     assert receiver.calls > 2
+    assert max(receiver.sizes) == 7, receiver.sizes  # 120 events: takes of up to 50, calls of up to 7
     for i in ids:
         statuses = receiver.statuses(i)
         assert statuses[0] == "queued", statuses  # created queued (the planner)
