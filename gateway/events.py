@@ -21,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 
 import aiohttp
+import orjson
 from aiokafka import AIOKafkaProducer
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from channels.base import hmac_headers
 from gateway import metrics
 from gateway.logging import get_logger
+from gateway.models import now
 from gateway.retry import Stopped, until_done
 from gateway.settings import EventsSettings, WebhookSettings
 from gateway.store import Event, Store
@@ -129,8 +132,18 @@ class Publisher:
             for name, hook in settings.webhooks.items()
         ]
 
+    async def publish_oldest(self) -> int:
+        """The oldest events out of the outbox, published; how many. Records how long the oldest had
+        waited (``gateway_delivery_events_lag_seconds``: an operator sees the events fall behind)."""
+        taken = await self.store.take_events(self.settings.take, self.publish)
+        if not taken:
+            metrics.events_lag_seconds.set(0)
+        return taken
+
     async def publish(self, events: Sequence[Event]) -> None:
         """On the topic (each record acknowledged), then queued for every webhook."""
+        oldest = datetime.fromisoformat(orjson.loads(events[0].doc)["at"])
+        metrics.events_lag_seconds.set(max(0.0, (now() - oldest).total_seconds()))
         sends = [
             await self.producer.send(self.topic, part, key=key.encode()) for key, part in records(events)
         ]
@@ -149,11 +162,7 @@ class Publisher:
         ]
         try:
             while not stopping.is_set():
-                taken = await until_done(
-                    lambda: self.store.take_events(self.settings.take, self.publish),
-                    "events.retrying",
-                    stopping,
-                )
+                taken = await until_done(self.publish_oldest, "events.retrying", stopping)
                 if taken < self.settings.take:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), self.settings.poll_s)

@@ -169,6 +169,12 @@ events_published_total = Counter(
     "Delivery status changes published to the delivery-events topic",
     registry=REGISTRY,
 )
+events_lag_seconds = Gauge(
+    "gateway_delivery_events_lag_seconds",
+    "How long the oldest delivery event in the outbox had waited when this instance's publisher last "
+    "took events (0: it found the outbox empty)",
+    registry=REGISTRY,
+)
 webhook_deliveries_total = Counter(
     "gateway_event_webhook_batches_total",
     "Event batches posted to a configured webhook, by webhook name and outcome",

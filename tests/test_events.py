@@ -12,22 +12,28 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import sqlalchemy as sa
 from aiohttp import web
 
 from channels.base import verify_hmac
 from gateway.app import Gateway
 from gateway.cli import publish
 from gateway.errors import ConfigError
-from gateway.events import RECORD_EVENTS, records
-from gateway.models import Status
+from gateway.events import RECORD_EVENTS, Publisher, records
+from gateway.metrics import REGISTRY
+from gateway.models import Recipient, Status, now
 from gateway.sandbox.process import SandboxProcess
-from gateway.store import Event
+from gateway.schema import delivery_events
+from gateway.settings import EventsSettings
+from gateway.store import Event, Planned, Store
 from tests.conftest import (
     advisory,
     eventually,
     load_recipients,
     make_settings,
+    own_topics,
     reached,
     running_gateway,
     signed,
@@ -191,3 +197,27 @@ async def test_a_webhook_without_its_secret_stops_start_up(
     with pytest.raises(ConfigError, match="no secret for webhook 'ops'"):
         async with running_gateway(settings, sandbox):
             await asyncio.sleep(0)  # never reached: start-up refuses
+
+
+async def test_the_publisher_reports_how_long_the_oldest_event_waited(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """``gateway_delivery_events_lag_seconds``: how far behind the events are, as of the publisher's
+    last take; 0 once it finds the outbox empty."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    try:
+        await store.deliver_events(True)
+        await store.upsert_recipients(
+            [Recipient(id=f"r{i}", app_user=f"u{i}", country="XA") for i in range(3)]
+        )
+        await store.insert_deliveries("a", 1, [Planned(f"r{i}", "push", Status.QUEUED) for i in range(3)])
+        async with store.engine.begin() as conn:  # the events were made 90 s ago
+            await conn.execute(sa.update(delivery_events).values(at=now() - timedelta(seconds=90)))
+        async with own_topics(kafka_bootstrap) as (topics, producer), aiohttp.ClientSession() as session:
+            publisher = Publisher(store, producer, topics.topic_events, EventsSettings(), {}, session)
+            assert await publisher.publish_oldest() == 3
+            assert 90 <= (REGISTRY.get_sample_value("gateway_delivery_events_lag_seconds") or 0) < 120
+            assert await publisher.publish_oldest() == 0
+            assert REGISTRY.get_sample_value("gateway_delivery_events_lag_seconds") == 0
+    finally:
+        await store.close()
