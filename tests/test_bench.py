@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bench import run_bench
+from gateway.bench import URGENT_AUDIENCE, run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,8 @@ async def test_bench_reports_the_gateway_beside_the_floor_and_apprise(tmp_path: 
     assert gateway["store"] == {"delivered": 2000}
     assert gateway["urgent"]["published"] == gateway["urgent"]["reached_partner"] == 2
     assert gateway["all_delivered_s"] >= gateway["all_sent_s"] > 0
+    # events not yet published when all were final, of the three each delivery makes (bulk, urgent)
+    assert 0 <= gateway["events_waiting_at_all_delivered"] <= 3 * (2000 + 2 * URGENT_AUDIENCE)
     assert report["counters_agree"] is True
     latency = gateway["dispatch_latency"]  # interpolated inside a histogram bucket, which is reported
     low, high = latency["p99_bucket_s"]
