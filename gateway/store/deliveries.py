@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, NamedTuple
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -275,6 +276,34 @@ class Outcome(NamedTuple):
     reason: str | None = None
 
 
+def _pending_work() -> sa.Select[Any]:
+    """The pending deliveries (of ids given by a ``where``) with their recipients: ``WorkItem``'s columns."""
+    t = deliveries.c
+    return (
+        sa.select(t.id, t.channel, t.attempts, t.language, *_CONTACT)
+        .join(recipients, recipients.c.id == t.recipient_id)
+        .where(_IS_PENDING)
+    )
+
+
+@functools.cache
+def _sqlite_pending_text() -> str:
+    """``_pending_work`` for any number of ids, as SQLite text once (as one row of JSON: _lists); the
+    ids' marks go where ``__[POSTCOMPILE_ids]`` is."""
+    sub = _pending_work().where(deliveries.c.id.in_(sa.bindparam("ids", expanding=True))).subquery()
+    statement = sa.select(sa.func.json_group_array(sa.func.json_array(*sub.c)))
+    return str(statement.compile(dialect=sqlite.dialect()))
+
+
+def _sqlite_pending_work(conn: sa.Connection, ids: list[str]) -> list[list[Any]]:
+    """``_pending_work`` of ``ids`` on a SQLite reader, as text made once: through SQLAlchemy's
+    statement, expanded for 500 ids each time, a chunk's read took 1.6 ms of Python instead of 0.8 ms
+    — the interpreter's lock, which the writer's thread waits for."""
+    text = _sqlite_pending_text().replace("__[POSTCOMPILE_ids]", _marks(len(ids)))
+    rows: list[list[Any]] = orjson.loads(conn.exec_driver_sql(text, tuple(ids)).scalar_one())
+    return rows
+
+
 class DeliveriesStore(StoreBase):
     """Deliveries: made, sent, moved forward, claimed, swept and cascaded."""
 
@@ -407,11 +436,10 @@ class DeliveriesStore(StoreBase):
         ``claim`` (an instance's name): only those it could claim for ``lease_s`` — none another
         instance holds now — so that two instances never send one delivery at once."""
         t = deliveries.c
-        q = (
-            sa.select(t.id, t.channel, t.attempts, t.language, *_CONTACT)
-            .join(recipients, recipients.c.id == t.recipient_id)
-            .where(t.id.in_(list(ids)), _IS_PENDING)
-        )
+        if claim is None and self._readers is not None:  # every chunk of a broadcast: _sqlite_pending_work
+            rows = await self._read(partial(_sqlite_pending_work, ids=list(ids)))
+            return [WorkItem(r[0], r[1], r[2], r[3], Contact(*r[4:])) for r in rows]
+        q = _pending_work().where(t.id.in_(list(ids)))
         if claim is not None:
             at = now()
             async with self._begin() as conn:
