@@ -149,11 +149,12 @@ class Publisher:
         ]
         await asyncio.gather(*sends)
         metrics.events_published_total.inc(len(events))
-        size = self.settings.batch
-        for start in range(0, len(events) if self.webhooks else 0, size):
-            batch = body([e.doc for e in events[start : start + size]])
-            for hook in self.webhooks:
-                await hook.queue.put(batch)
+        if self.webhooks:  # in calls of up to events.batch
+            size = self.settings.batch
+            for start in range(0, len(events), size):
+                batch = body([e.doc for e in events[start : start + size]])
+                for hook in self.webhooks:
+                    await hook.queue.put(batch)
 
     async def run(self, stopping: asyncio.Event) -> None:
         workers = [

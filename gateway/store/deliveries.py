@@ -438,9 +438,9 @@ class DeliveriesStore(StoreBase):
         t = deliveries.c
         if claim is None and self._readers is not None:  # every chunk of a broadcast: _sqlite_pending_work
             rows = await self._read(partial(_sqlite_pending_work, ids=list(ids)))
-            return [WorkItem(r[0], r[1], r[2], r[3], Contact(*r[4:])) for r in rows]
-        q = _pending_work().where(t.id.in_(list(ids)))
-        if claim is not None:
+        elif claim is None:
+            rows = await self._read(partial(_lists, q=_pending_work().where(t.id.in_(list(ids)))))
+        else:
             at = now()
             async with self._begin() as conn:
                 await self._lock(conn, ids)
@@ -453,9 +453,8 @@ class DeliveriesStore(StoreBase):
                     )
                     .values(claimed_by=claim, claimed_until=at + timedelta(seconds=lease_s))
                 )
-                rows = await conn.run_sync(_lists, q.where(t.claimed_by == claim))
-        else:
-            rows = await self._read(partial(_lists, q=q))
+                mine = _pending_work().where(t.id.in_(list(ids)), t.claimed_by == claim)
+                rows = await conn.run_sync(_lists, mine)
         return [WorkItem(r[0], r[1], r[2], r[3], Contact(*r[4:])) for r in rows]
 
     async def renew_claims(self, ids: Sequence[str], claim: str, lease_s: float) -> None:
