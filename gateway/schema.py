@@ -41,6 +41,10 @@ recipients = sa.Table(
     sa.Column("id", sa.String(128), primary_key=True),
     sa.Column("languages", sa.String(100), nullable=False, server_default=""),
     sa.Column("phone", sa.String(32)),
+    # whether ``phone`` could take an SMS (valid E.164) when the row was stored (migration 0012):
+    # planning reads it instead of parsing a million numbers again; NULL: not known (rows stored
+    # before 0012), and planning checks the number itself
+    sa.Column("phone_valid", sa.Boolean),
     sa.Column("email", sa.String(320)),
     sa.Column("app_user", sa.String(256)),
     sa.Column("country", sa.String(2)),

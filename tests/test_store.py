@@ -10,12 +10,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
+import phonenumbers
 import pytest
 import sqlalchemy as sa
 
-from gateway.models import BULK, URGENT, Recipient, Status, now
-from gateway.schema import deliveries
+from gateway.models import BULK, INVALID_PHONE, URGENT, Recipient, Status, now
+from gateway.schema import deliveries, recipients
 from gateway.store import AppliedReceipts, Outcome, Planned, Store, working_for
 from gateway.store.sqlite import _SQLITE_ROWS
 
@@ -263,6 +265,29 @@ async def test_recipients_read_back_as_stored_in_the_order_asked(store: Store) -
     assert [c.recipient() for c in first + rest] == by_id
     found = await store.recipients_by_id(["r007", "r100", "nobody"])
     assert sorted((c.recipient() for c in found), key=lambda r: r.id) == [by_id[6], by_id[99]]
+
+
+async def test_a_phone_is_checked_when_stored_and_planning_reads_that_check(store: Store) -> None:
+    """Planning reads the verdict the directory stored with the number instead of parsing it again
+    (a million numbers); a row stored before that verdict existed is checked when it is read."""
+    await store.upsert_recipients(
+        [
+            Recipient(id="ok", phone="+77011234567", country="XA"),
+            Recipient(id="typo", phone="12345", country="XA"),
+            Recipient(id="app", app_user="u1", country="XA"),
+        ]
+    )
+    async with store.engine.begin() as conn:  # as migration 0012 leaves a row stored before it
+        await conn.execute(sa.update(recipients).where(recipients.c.id == "typo").values(phone_valid=None))
+    await store.upsert_recipients([Recipient(id="old", phone="+77011234568", country="XA")])
+    async with store.engine.begin() as conn:
+        await conn.execute(sa.update(recipients).where(recipients.c.id == "old").values(phone_valid=None))
+    await store.upsert_recipients([Recipient(id="bad", phone="+7 701 12", country="XA")])
+    page = await store.audience_page(["XA"], [], [], after="", limit=10)
+    with patch("gateway.models.phonenumbers.parse", wraps=phonenumbers.parse) as parsed:
+        problems = {c.id: c.phone_problem for c in page}
+    assert problems == {"app": None, "bad": INVALID_PHONE, "ok": None, "old": None, "typo": INVALID_PHONE}
+    assert sorted(call.args[0] for call in parsed.call_args_list) == ["+77011234568", "12345"]
 
 
 async def test_a_write_taken_back_before_its_turn_never_runs_and_one_under_way_ends_first(

@@ -36,6 +36,7 @@ def _recipient_row(r: Recipient, at: datetime) -> dict[str, Any]:
         "id": r.id,
         "languages": "|".join(r.languages),
         "phone": r.phone,
+        "phone_valid": None if r.phone is None else r.phone_problem is None,
         "email": r.email,
         "app_user": r.app_user,
         "country": r.country,
@@ -57,6 +58,7 @@ _CONTACT = (
     recipients.c.region,
     recipients.c.tags,
     recipients.c.opt_outs,
+    recipients.c.phone_valid,
 )
 
 
