@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import os
@@ -186,9 +187,9 @@ class Recipient(_Model):
             return None
         return e164(v) or v.strip()
 
-    @property
+    @functools.cached_property
     def phone_problem(self) -> str | None:
-        """Why ``phone`` cannot take an SMS, or None."""
+        """Why ``phone`` cannot take an SMS, or None (worked out once: an import asks twice)."""
         return phone_problem(self.phone)
 
     @field_validator("email", "app_user", "region", mode="before")
