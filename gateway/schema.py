@@ -10,6 +10,10 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
+# the numbers of append-only logs and queues that a big deployment fills by the billion (delivery
+# events, receipts): 64-bit on PostgreSQL (migration 0013); on SQLite an INTEGER PRIMARY KEY is 64-bit
+BIG_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 advisories = sa.Table(
     "advisories",
     metadata,
@@ -186,7 +190,7 @@ delivery_counts = sa.Table(
 delivery_count_deltas = sa.Table(
     "delivery_count_deltas",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BIG_SEQ, primary_key=True, autoincrement=True),
     *(sa.Column(c.name, c.type, nullable=False) for c in _COUNT_KEY),
     sa.Column("n", sa.BigInteger, nullable=False),
     sa.Index("ix_delivery_count_deltas_advisory", "advisory_id", "version"),
@@ -197,7 +201,7 @@ delivery_count_deltas = sa.Table(
 delivery_events = sa.Table(
     "delivery_events",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BIG_SEQ, primary_key=True, autoincrement=True),
     sa.Column("delivery_id", sa.String(32), nullable=False),
     sa.Column("advisory_id", sa.String(128), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
@@ -208,6 +212,8 @@ delivery_events = sa.Table(
     sa.Column("reason", sa.String(500)),
     sa.Column("partner_id", sa.String(128)),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    # SQLite: never a number twice, even once the outbox is empty (migration 0013)
+    sqlite_autoincrement=True,
 )
 
 # advisories withdrawn by a cancel or superseded by an update naming them, even before they arrive:
@@ -226,7 +232,7 @@ withdrawals = sa.Table(
 receipts = sa.Table(
     "receipts",
     metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seq", BIG_SEQ, primary_key=True, autoincrement=True),
     sa.Column("delivery_id", sa.String(32), nullable=False),  # not indexed: nothing reads it by delivery
     sa.Column("channel", sa.String(32), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),

@@ -221,3 +221,24 @@ async def test_the_publisher_reports_how_long_the_oldest_event_waited(
             assert REGISTRY.get_sample_value("gateway_delivery_events_lag_seconds") == 0
     finally:
         await store.close()
+
+
+async def test_an_event_number_is_never_given_again_once_the_outbox_is_empty(store: Store) -> None:
+    """``seq`` only grows: a consumer never sees it go back, and an event made after the outbox was
+    emptied can never be taken for one published before (migration 0013; on SQLite the numbers began
+    again at 1)."""
+    await store.deliver_events(True)
+    await store.upsert_recipients([Recipient(id=f"r{i}", app_user=f"u{i}", country="XA") for i in range(6)])
+    taken: list[Event] = []
+
+    async def publish(events: list[Event]) -> None:
+        taken.extend(events)
+
+    await store.insert_deliveries("a", 1, [Planned(f"r{i}", "push", Status.QUEUED) for i in range(3)])
+    assert await store.take_events(100, publish) == 3
+    assert await store.take_events(100, publish) == 0  # the outbox is empty
+    await store.insert_deliveries("a", 1, [Planned(f"r{i}", "push", Status.QUEUED) for i in range(3, 6)])
+    assert await store.take_events(100, publish) == 3
+    seqs = [e.seq for e in taken]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 6

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from gateway import migrate
 from gateway.errors import ConfigError
 from gateway.lifecycle import AdvisoryState
-from gateway.models import Advisory
-from gateway.store import Store, metadata
+from gateway.models import Advisory, Recipient, Status
+from gateway.store import Event, Outcome, Planned, Store, metadata
 from tests.conftest import advisory, fresh_postgres_database
 
 RELEASE_0_1_0 = Path(__file__).parent / "fixtures" / "gateway-0.1.0.db"
@@ -104,3 +104,79 @@ async def test_the_history_builds_the_declared_schema_on_postgresql() -> None:
             assert await migrate.current(store.engine) == migrate.head()
         finally:
             await store.close()
+
+
+async def test_event_and_receipt_numbers_go_past_two_to_the_31_on_postgresql() -> None:
+    """A busy deployment makes billions of delivery events and receipts: their numbers (and
+    sequences) are 64-bit, so the outbox and the receipts log never stop taking rows (migration
+    0013)."""
+    async with fresh_postgres_database() as url:
+        store = await Store.open(url)
+        try:
+            await store.deliver_events(True)
+            async with store.engine.begin() as conn:
+                for table in ("delivery_events", "receipts", "delivery_count_deltas"):
+                    await conn.execute(
+                        sa.text(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), {2**31})")
+                    )
+            await store.upsert_recipients([Recipient(id="r1", app_user="u1", country="XA")])
+            [d1] = await store.insert_deliveries("a", 1, [Planned("r1", "push", Status.QUEUED)])
+            await store.apply_receipts("push", [Outcome(d1, Status.DELIVERED)])
+            async with store.engine.connect() as conn:
+                events = (
+                    (await conn.execute(sa.text("SELECT seq FROM delivery_events ORDER BY seq")))
+                    .scalars()
+                    .all()
+                )
+                receipts = (await conn.execute(sa.text("SELECT seq FROM receipts"))).scalars().all()
+            assert events == [2**31 + 1, 2**31 + 2]
+            assert receipts == [2**31 + 1]
+            assert await store.counts("a") == {"push": {"delivered": 1}}  # the deltas past 2**31 folded in
+        finally:
+            await store.close()
+
+
+async def test_a_store_with_events_waiting_keeps_them_through_the_upgrade_to_0013(tmp_path: Path) -> None:
+    """SQLite's outbox is copied to number its rows AUTOINCREMENT: the events waiting stay, in order,
+    and the events' triggers on the deliveries go on writing to it."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    store = await Store.open(url)
+    await store.deliver_events(True)
+    await store.upsert_recipients([Recipient(id=f"r{i}", app_user=f"u{i}", country="XA") for i in range(4)])
+    await store.close()
+    made_at_0012 = sa.text(
+        "INSERT INTO deliveries (id, advisory_id, version, recipient_id, channel, status, rank, updated_at) "
+        "VALUES (:id, 'a', 1, :r, 'push', 'queued', 1, '2026-01-01 00:00:00')"
+    )
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(migrate._run, "downgrade", "0012")  # type: ignore[arg-type]
+        async with engine.begin() as conn:  # deliveries made while the store was at 0012: 3 events
+            for i in range(3):
+                await conn.execute(made_at_0012, {"id": f"d{i}", "r": f"r{i}"})
+    finally:
+        await engine.dispose()
+    store = await Store.open(url)  # upgrades to the head
+    try:
+        async with store.engine.connect() as conn:
+            ddl = (
+                await conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE name = 'delivery_events'"))
+            ).scalar()
+            waiting = (
+                (await conn.execute(sa.text("SELECT delivery_id FROM delivery_events ORDER BY seq")))
+                .scalars()
+                .all()
+            )
+        assert "AUTOINCREMENT" in str(ddl)
+        assert waiting == ["d0", "d1", "d2"]
+        await store.insert_deliveries("a", 1, [Planned("r3", "push", Status.QUEUED)])
+        taken: list[Event] = []
+
+        async def publish(events: list[Event]) -> None:
+            taken.extend(events)
+
+        assert await store.take_events(100, publish) == 4
+        assert [e.seq for e in taken] == sorted({e.seq for e in taken})
+    finally:
+        await store.close()
