@@ -135,6 +135,23 @@ async def test_a_partners_words_are_stored_with_addresses_and_numbers_masked(sto
     assert not any("nurlanovna" in e or "1234567" in e for e in published), failed
 
 
+async def test_a_segment_requests_reason_is_stored_with_addresses_and_numbers_masked(store: Store) -> None:
+    """A segment request's reason is often the partner's own words; the status API and the console
+    show it, so it is stored masked as a delivery's is."""
+    row = {
+        "id": "seg1", "advisory_id": "a", "version": 1, "channel": "push", "segment": "geo:XA",
+        "language": "en", "is_default": True, "languages": "en",
+    }  # fmt: skip
+    await store.plan_segments([row, {**row, "id": "seg2", "language": "kk"}])
+    await store.segment_retry("seg1", "429 from relay: quota of ops@example.org reached, call +77011234567")
+    await store.segment_ended("seg2", Status.FAILED, "400: segment owner aigerim@example.kz unknown")
+    reasons = {seg.id: seg.reason for seg in await store.segments("a")}
+    assert reasons == {
+        "seg1": "429 from relay: quota of o***@example.org reached, call +770*****567",
+        "seg2": "400: segment owner a***@example.kz unknown",
+    }
+
+
 async def test_a_receipt_reports_how_long_after_its_send_the_message_reached_the_person(store: Store) -> None:
     """The delivery latency (gateway_delivery_latency_seconds): the seconds from a delivery's send
     to its first receipt that says it reached the person; a later ``read`` is not a second one."""

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.lifecycle import A
+from gateway.logging import mask_pii_text
 from gateway.models import SEGMENT_COUNTS, SegmentReceipt, Status, aware, now
 from gateway.schema import advisories, segment_deliveries
 from gateway.store.base import StoreBase
@@ -82,6 +83,13 @@ def _segment(r: sa.RowMapping) -> SegmentDelivery:
 def _grown(column: sa.Column[Any], value: int) -> sa.ColumnElement[Any]:
     """``column`` or ``value``, whichever is larger: counts reported later never shrink."""
     return sa.case((column < value, value), else_=column)
+
+
+def _stored(reason: str) -> str:
+    """A segment request's reason as stored: often the partner's own words, shown by the status API
+    and the console, so masked as the logs and the deliveries' reasons are (no phone number or
+    e-mail address), and cut to the column."""
+    return mask_pii_text(reason)[:500]
 
 
 class SegmentsStore(StoreBase):
@@ -179,7 +187,7 @@ class SegmentsStore(StoreBase):
             await conn.execute(
                 sa.update(segment_deliveries)
                 .where(t.id == seg_id, t.status == Status.PLANNED.value)
-                .values(status=status.value, reason=reason[:500], updated_at=now())
+                .values(status=status.value, reason=_stored(reason), updated_at=now())
             )
 
     async def segment_retry(self, seg_id: str, reason: str) -> int:
@@ -189,7 +197,7 @@ class SegmentsStore(StoreBase):
             await conn.execute(
                 sa.update(segment_deliveries)
                 .where(t.id == seg_id, t.status == Status.PLANNED.value)
-                .values(attempts=t.attempts + 1, reason=reason[:500], updated_at=now())
+                .values(attempts=t.attempts + 1, reason=_stored(reason), updated_at=now())
             )
             return int((await conn.execute(sa.select(t.attempts).where(t.id == seg_id))).scalar() or 0)
 
@@ -234,7 +242,7 @@ class SegmentsStore(StoreBase):
                 .values(
                     status=Status.CANCELLED.value,
                     cancel="done",
-                    reason=reason,
+                    reason=_stored(reason),
                     cancelled=_grown(t.cancelled, cancelled),
                     updated_at=now(),
                 )
