@@ -29,7 +29,7 @@ from gateway.schema import (
     partner_refs,
     recipients,
 )
-from gateway.store.base import StoreBase
+from gateway.store.base import StoreBase, among
 from gateway.store.leases import _SQLITE_CLAIM, _claimed
 from gateway.store.recipients import _CONTACT
 from gateway.store.sqlite import (
@@ -235,6 +235,34 @@ def _sqlite_move(status: Status, attempted: bool, receipt: bool = False) -> tupl
     return head, where
 
 
+_PG_DIALECT: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+@functools.cache
+def _pg_move(status: Status, attempted: bool, receipt: bool = False) -> sa.TextClause:
+    """``_moved`` for a batch on PostgreSQL, as text once: the batch comes as three arrays (ids,
+    partner ids, reasons) and the time, so every batch runs the same statement, prepared once.
+    Built as a VALUES list of 500 rows, it was compiled by SQLAlchemy for each batch: a fifth of the
+    event loop in a broadcast on PostgreSQL."""
+    column = sa.literal_column
+    statement = _moved(
+        status,
+        attempted,
+        column("moved.b_id"),
+        column("moved.b_partner"),
+        column("moved.b_reason"),
+        column(_AT),
+        receipt,
+    )
+    text = str(statement.compile(dialect=_PG_DIALECT, compile_kwargs={"literal_binds": True}))
+    head, where = text.split(" WHERE ", 1)
+    batch = (
+        "unnest(CAST(:ids AS varchar[]), CAST(:partners AS varchar[]), CAST(:reasons AS varchar[])) "
+        "AS moved(b_id, b_partner, b_reason)"
+    )
+    return sa.text(f"{head.replace(_AT, 'CAST(:at AS timestamptz)')} FROM {batch} WHERE {where}")
+
+
 Moves = dict[Status, list[tuple[str, str | None, str | None]]]  # (delivery id, partner id, reason)
 
 
@@ -417,7 +445,7 @@ class DeliveriesStore(StoreBase):
         the order it finds them. Every writer of several deliveries locks in id order, so two
         transactions never wait on each other in a circle (PostgreSQL aborts one as a deadlock)."""
         if self._dialect == "postgresql":
-            q = sa.select(deliveries.c.id).where(deliveries.c.id.in_(sorted(ids)))
+            q = sa.select(deliveries.c.id).where(among(deliveries.c.id, ids, self._dialect))
             await conn.execute(q.order_by(deliveries.c.id).with_for_update())
 
     async def mark_queued(self, ids: Sequence[str]) -> None:
@@ -439,7 +467,7 @@ class DeliveriesStore(StoreBase):
         if claim is None and self._readers is not None:  # every chunk of a broadcast: _sqlite_pending_work
             rows = await self._read(partial(_sqlite_pending_work, ids=list(ids)))
         elif claim is None:
-            rows = await self._read(partial(_lists, q=_pending_work().where(t.id.in_(list(ids)))))
+            rows = await self._read(partial(_lists, q=_pending_work().where(among(t.id, ids, self._dialect))))
         else:
             at = now()
             async with self._begin() as conn:
@@ -447,13 +475,13 @@ class DeliveriesStore(StoreBase):
                 await conn.execute(
                     sa.update(deliveries)
                     .where(
-                        t.id.in_(list(ids)),
+                        among(t.id, ids, self._dialect),
                         _IS_PENDING,
                         sa.or_(t.claimed_by.is_(None), t.claimed_by == claim, t.claimed_until < at),
                     )
                     .values(claimed_by=claim, claimed_until=at + timedelta(seconds=lease_s))
                 )
-                mine = _pending_work().where(t.id.in_(list(ids)), t.claimed_by == claim)
+                mine = _pending_work().where(among(t.id, ids, self._dialect), t.claimed_by == claim)
                 rows = await conn.run_sync(_lists, mine)
         return [WorkItem(r[0], r[1], r[2], r[3], Contact(*r[4:])) for r in rows]
 
@@ -464,7 +492,7 @@ class DeliveriesStore(StoreBase):
             await self._lock(conn, ids)  # in id order, as every writer of several deliveries
             await conn.execute(
                 sa.update(deliveries)
-                .where(t.id.in_(list(ids)), t.claimed_by == claim, _IS_PENDING)
+                .where(among(t.id, ids, self._dialect), t.claimed_by == claim, _IS_PENDING)
                 .values(claimed_until=now() + timedelta(seconds=lease_s))
             )
 
@@ -523,22 +551,14 @@ class DeliveriesStore(StoreBase):
     ) -> int:
         """PostgreSQL: one statement for the batch (not one per row, as executemany is there): its
         statement triggers (the counters, the events) run once per batch."""
-        rows = sa.values(
-            sa.column("b_id", sa.String),
-            sa.column("b_partner", sa.String),
-            sa.column("b_reason", sa.String),
-            name="moved",
-        ).data(params)
-        batch = _moved(
-            status,
-            attempted,
-            rows.c.b_id,
-            rows.c.b_partner,
-            rows.c.b_reason,
-            sa.literal(at, deliveries.c.updated_at.type),
-            receipt,
+        ids, partners, reasons = (
+            (list(column) for column in zip(*params, strict=True)) if params else ([], [], [])
         )
-        return int((await conn.execute(batch)).rowcount)
+        moved = await conn.execute(
+            _pg_move(status, attempted, receipt),
+            {"ids": ids, "partners": partners, "reasons": reasons, "at": at},
+        )
+        return int(moved.rowcount)
 
     async def note_retry(self, ids: Sequence[str], reason: str) -> None:
         """Count an attempt that will be retried; the status stays pending."""

@@ -16,12 +16,20 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.models import Status, aware, now
-from gateway.schema import deliveries, held_receipts, partner_refs, receipts
+from gateway.schema import deliveries, held_receipts, partner_refs
+from gateway.store.base import among
 from gateway.store.deliveries import WENT_OUT, WITHDRAWN, DeliveriesStore, Outcome, _by_status, _sqlite_record
 from gateway.store.sqlite import _RECEIPTS, _marks, _sqlite_all, _sqlite_insert, _sqlite_time, working_for
 
 _RECEIPT_COLUMNS = ("delivery_id", "channel", "status", "partner_id", "received_at")
 _SQLITE_RECEIPT = (f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)})", "")
+# PostgreSQL: a batch of receipts logged by one statement from arrays (executemany is a statement a
+# row there, and a many-VALUES insert is compiled for each batch)
+_PG_RECEIPTS = sa.text(
+    f"INSERT INTO receipts ({', '.join(_RECEIPT_COLUMNS)}) "  # noqa: S608 -- constant column names only
+    "SELECT r.d, CAST(:channel AS varchar), r.s, r.p, CAST(:at AS timestamptz) FROM unnest("
+    "CAST(:ids AS varchar[]), CAST(:statuses AS varchar[]), CAST(:partners AS varchar[])) AS r(d, s, p)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,12 +269,14 @@ class ReceiptsStore(DeliveriesStore):
         unmatched = [o.partner_id for o in items if not o.delivery_id and o.partner_id]
         if unmatched:
             q = sa.select(partner_refs.c.partner_id, partner_refs.c.delivery_id).where(
-                partner_refs.c.channel == channel, partner_refs.c.partner_id.in_(unmatched)
+                partner_refs.c.channel == channel, among(partner_refs.c.partner_id, unmatched, self._dialect)
             )
             items = _matched(items, {str(p): str(i) for p, i in (await conn.execute(q)).all()})
         ranks_q = (
             sa.select(deliveries.c.id, deliveries.c.rank, deliveries.c.sent_at, deliveries.c.status)
-            .where(deliveries.c.id.in_(sorted({o.delivery_id for o in items if o.delivery_id})))
+            .where(
+                among(deliveries.c.id, sorted({o.delivery_id for o in items if o.delivery_id}), self._dialect)
+            )
             .order_by(deliveries.c.id)
             .with_for_update()  # PostgreSQL: concurrent batches for one delivery take turns
         )
@@ -278,8 +288,15 @@ class ReceiptsStore(DeliveriesStore):
         by_status = _by_status(_last_per_delivery(applied.moved))
         await self._record_in(conn, by_status, at, attempted=False, locked=True, receipt=True)
         if applied.known:
-            rows = [(o.delivery_id, channel, o.status.value, o.partner_id, at) for o in applied.known]
+            known = applied.known
             await conn.execute(
-                sa.insert(receipts), [dict(zip(_RECEIPT_COLUMNS, r, strict=True)) for r in rows]
+                _PG_RECEIPTS,
+                {
+                    "ids": [o.delivery_id for o in known],
+                    "statuses": [o.status.value for o in known],
+                    "partners": [o.partner_id for o in known],
+                    "channel": channel,
+                    "at": at,
+                },
             )
         return applied
