@@ -10,7 +10,7 @@ import orjson
 import sqlalchemy as sa
 
 from gateway.schema import delivery_events
-from gateway.store.base import StoreBase
+from gateway.store.base import StoreBase, among
 
 _EVENT_INTO = (
     "INSERT INTO delivery_events (delivery_id, advisory_id, version, channel, language, status, "
@@ -123,7 +123,10 @@ class OutboxStore(StoreBase):
                 if events:
                     await publish(events)
                     seqs = [e.seq for e in events]
-                    await conn.execute(sa.delete(delivery_events).where(delivery_events.c.seq.in_(seqs)))
+                    # by number, not a range: a transaction that took a smaller number may commit
+                    # after the take, and a DELETE sees what committed since (read committed)
+                    taken = among(delivery_events.c.seq, seqs, self._dialect)
+                    await conn.execute(sa.delete(delivery_events).where(taken))
             return len(events)
 
         # SQLite: the write lock is not held while publishing
