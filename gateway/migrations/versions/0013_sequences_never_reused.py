@@ -5,6 +5,9 @@
   some thirty million events and twenty million receipts, so a busy deployment would run out within
   years; the next insert would then fail, and with it (the events' triggers are in the same
   transaction) every status change of every delivery. They are now ``bigint``, their sequences too.
+  Changing a column's type rewrites its table under an exclusive lock: on a deployment whose
+  receipts log holds many millions of rows this takes minutes, with every receipt waiting. Upgrade
+  such a store in a quiet hour (``store.migrate: refuse``, then ``broadcast-gateway db upgrade``).
 - SQLite: ``delivery_events.seq`` is ``AUTOINCREMENT``. Without it SQLite numbered a new row after the
   greatest one left, so once the publisher had emptied the outbox the numbers began again at 1: a
   consumer saw ``seq`` go backwards, and a second publisher on the same file, deleting "every event up
