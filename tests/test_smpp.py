@@ -93,6 +93,75 @@ async def test_kazakh_in_udh_parts_and_english_in_gsm7_are_accepted_and_receipte
     }, "the last part's receipt speaks for the message"
 
 
+class HeldSink:
+    """A store that takes receipts only once let: what it was given, a call at a time."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Receipt]] = []
+        self.let = asyncio.Event()
+
+    async def __call__(self, found: Sequence[Receipt]) -> None:
+        self.calls.append(list(found))
+        await self.let.wait()
+
+
+async def _receipts_waiting(sandbox: SandboxProcess, n: int) -> None:
+    async def waiting() -> bool:
+        stats = await _stats(sandbox)
+        return stats["receipts_sent"] == n and stats["receipts_unanswered"] == n
+
+    await eventually(waiting, within=10, what=f"{n} receipts sent and not answered")
+
+
+async def test_a_receipt_is_answered_once_stored_and_those_that_came_meanwhile_are_stored_together(
+    smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
+) -> None:
+    """The SMSC keeps a receipt until it is answered, so the answer waits for the store; the
+    session reads on meanwhile, and what came during one write is stored by the next, at once."""
+    adapter, _ = smpp
+    sink = HeldSink()
+    adapter.receipt_sink = sink
+    results = await adapter.send([_sms(f"r{i}", f"+7701000000{i}", "Leave now") for i in range(5)])
+    assert {r.outcome for r in results} == {"accepted"}
+    await _receipts_waiting(sandbox, 5)  # all five read by the session while the first is stored
+    assert (await _stats(sandbox))["receipts_answered"] == 0
+    sink.let.set()
+
+    async def answered() -> bool:
+        return (await _stats(sandbox))["receipts_answered"] == 5
+
+    await eventually(answered, within=10, what="every receipt answered once stored")
+    assert len(sink.calls) == 2  # the first write, then all that came while it waited, at once
+    assert sorted(r.delivery_id for call in sink.calls for r in call) == [f"r{i}" for i in range(5)]
+
+
+async def test_receipts_not_answered_when_the_link_drops_come_again_after_the_next_bind(
+    smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
+) -> None:
+    """A crash or a cut link between a deliver_sm and its storing loses nothing: unanswered, it is
+    delivered again at the next bind, and stored (twice is harmless: a receipt moves a delivery
+    forward once)."""
+    adapter, _ = smpp
+    sink = HeldSink()
+    adapter.receipt_sink = sink
+    results = await adapter.send([_sms(f"d{i}", f"+7701000000{i}", "x") for i in range(3)])
+    assert {r.outcome for r in results} == {"accepted"}
+    await _receipts_waiting(sandbox, 3)
+    async with aiohttp.ClientSession() as http, http.post(f"{sandbox.url}/control/smpp/drop") as resp:
+        assert (await resp.json())["dropped"] == 1
+    sink.let.set()
+
+    async def again() -> bool:
+        stats = await _stats(sandbox)
+        return stats["binds"] == 2 and stats["receipts_answered"] == 3 and stats["receipts_unanswered"] == 0
+
+    await eventually(again, within=15, what="the three receipts delivered again and answered")
+    # the first time with our id; again on the new session with the SMSC's id alone (the store
+    # finds the delivery by it)
+    stored = sorted(r.partner_id or "" for call in sink.calls for r in call)
+    assert stored == sorted(2 * [r.partner_id or "" for r in results])
+
+
 async def test_no_more_than_the_window_of_submit_sm_awaits_its_response(
     smpp: tuple[SmppAdapter, Receipts], sandbox: SandboxProcess
 ) -> None:

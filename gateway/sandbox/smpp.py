@@ -1,7 +1,9 @@
 """A sandbox SMSC speaking SMPP 3.4 over TCP (PDUs from aiosmpplib): binds transceivers, answers
 enquire_link, takes submit_sm (reassembling UDH parts), answers submit_sm_resp, and after a delay
-sends a deliver_sm receipt for every part. SMPP has no idempotency key, so every submission counts:
-the same text to the same number twice is a duplicate in /stats."""
+sends a deliver_sm receipt for every part. As an SMSC does, it keeps a receipt until the ESME answers
+it (deliver_sm_resp) and delivers the unanswered ones again at the account's next bind. SMPP has no
+idempotency key, so every submission counts: the same text to the same number twice is a duplicate
+in /stats."""
 
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ class Smsc(SandboxPartner):
         self._sessions: set[asyncio.StreamWriter] = set()
         self._bound: list[asyncio.StreamWriter] = []  # sessions that bound, oldest first
         self._held: list[DeliverSm] = []  # receipts waiting for a bind (their session had closed)
+        # receipts sent on a session and not answered yet, by sequence number: held again if it closes
+        self._unanswered: dict[asyncio.StreamWriter, dict[int, DeliverSm]] = {}
+        self.receipts_answered = 0
         self._scheduled = 0
         self._partial: dict[tuple[str, int, int], dict[int, str]] = {}
         self._sequence = itertools.count(1)
@@ -68,6 +73,8 @@ class Smsc(SandboxPartner):
             "parts": self.parts_received,
             "encodings": dict(sorted(self.encodings.items())),
             "receipts_held": len(self._held),
+            "receipts_answered": self.receipts_answered,  # deliver_sm_resp taken
+            "receipts_unanswered": sum(len(u) for u in self._unanswered.values()),
             "receipts_pending": self._scheduled,  # receipts whose delay has not run out yet
         }
 
@@ -103,6 +110,7 @@ class Smsc(SandboxPartner):
             self._sessions.discard(writer)
             if writer in self._bound:
                 self._bound.remove(writer)
+            self._held += self._unanswered.pop(writer, {}).values()  # for the next bind
             writer.close()
 
     @staticmethod
@@ -124,6 +132,9 @@ class Smsc(SandboxPartner):
                 held, self._held = self._held, []
                 for dlr in held:  # as an SMSC does: receipts kept for the account's next bind
                     await self._deliver(writer, dlr)
+        elif command == SmppCommand.DELIVER_SM_RESP:
+            if self._unanswered.get(writer, {}).pop(header.sequence_num, None) is not None:
+                self.receipts_answered += 1
         elif command == SmppCommand.ENQUIRE_LINK:
             self.enquire_links += 1
             await self._write(writer, EnquireLinkResp(header.sequence_num))
@@ -211,8 +222,11 @@ class Smsc(SandboxPartner):
         if not open_:
             self._held.append(dlr)
             return
+        session = open_[0]
+        self._unanswered.setdefault(session, {})[dlr.sequence_num] = dlr
         try:
-            await self._write(open_[0], dlr)
+            await self._write(session, dlr)
             self.receipts_sent += 1
         except ConnectionError:
+            self._unanswered.get(session, {}).pop(dlr.sequence_num, None)
             self._held.append(dlr)
