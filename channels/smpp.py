@@ -72,6 +72,7 @@ RETRY_STATUSES = frozenset(
     }
 )
 UDHI = 0b01000000
+MESSAGE_ID_MAX = 65  # SMPP 3.4's message_id: a C-Octet String of at most 65 octets
 
 
 class SmppSettings(SmsSettings):
@@ -360,6 +361,10 @@ class SmppAdapter(SmsAdapter):
             raise SchemaError(f"deliver_sm: malformed receipt text: {type(e).__name__}: {e}") from e
         stat = str(receipt.get("stat", "")).upper()
         message_id = str(receipt.get("id", ""))
+        if len(message_id) > MESSAGE_ID_MAX:  # stored as the partner id: a store would refuse it
+            raise SchemaError(
+                f"deliver_sm: message id of {len(message_id)} characters (at most {MESSAGE_ID_MAX})"
+            )
         delivery_id, _, part = dlr.log_id.partition("#")
         seq, _, total = part.partition("/")
         status = DLR_STATUS.get(stat)
