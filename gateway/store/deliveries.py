@@ -212,14 +212,18 @@ def _moved(
     return sa.update(deliveries).where(t.id == id_, forward).values(**values)
 
 
-_AT = "'__at__'"  # where a move's time goes in _sqlite_move's text
+_AT = "'__at__'"  # where a move's time goes in _move_parts' text
+_DIALECTS: dict[str, sa.Dialect] = {
+    "sqlite": sqlite.dialect(),
+    "postgresql": postgresql.dialect(),  # type: ignore[no-untyped-call]
+}
 
 
 @functools.cache
-def _sqlite_move(status: Status, attempted: bool, receipt: bool = False) -> tuple[str, str]:
-    """``_moved`` for a batch on SQLite, as text once, in two parts: ``FROM (VALUES …) AS moved``
-    goes between them (its columns: id, partner id, reason); the constants are written in, the time
-    replaces ``_AT``."""
+def _move_parts(dialect: str, status: Status, attempted: bool, receipt: bool = False) -> tuple[str, str]:
+    """``_moved`` for a batch, as the dialect's text once, in two parts: the batch's rows, named
+    ``moved`` with columns ``column1`` (id), ``column2`` (partner id) and ``column3`` (reason), go
+    between them; the constants are written in, the time replaces ``_AT``."""
     column = sa.literal_column
     statement = _moved(
         status,
@@ -230,12 +234,9 @@ def _sqlite_move(status: Status, attempted: bool, receipt: bool = False) -> tupl
         column(_AT),
         receipt,
     )
-    text = str(statement.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True}))
+    text = str(statement.compile(dialect=_DIALECTS[dialect], compile_kwargs={"literal_binds": True}))
     head, where = text.split(" WHERE ", 1)
     return head, where
-
-
-_PG_DIALECT: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
 @functools.cache
@@ -244,21 +245,10 @@ def _pg_move(status: Status, attempted: bool, receipt: bool = False) -> sa.TextC
     partner ids, reasons) and the time, so every batch runs the same statement, prepared once.
     Built as a VALUES list of 500 rows, it was compiled by SQLAlchemy for each batch: a fifth of the
     event loop in a broadcast on PostgreSQL."""
-    column = sa.literal_column
-    statement = _moved(
-        status,
-        attempted,
-        column("moved.b_id"),
-        column("moved.b_partner"),
-        column("moved.b_reason"),
-        column(_AT),
-        receipt,
-    )
-    text = str(statement.compile(dialect=_PG_DIALECT, compile_kwargs={"literal_binds": True}))
-    head, where = text.split(" WHERE ", 1)
+    head, where = _move_parts("postgresql", status, attempted, receipt)
     batch = (
         "unnest(CAST(:ids AS varchar[]), CAST(:partners AS varchar[]), CAST(:reasons AS varchar[])) "
-        "AS moved(b_id, b_partner, b_reason)"
+        "AS moved(column1, column2, column3)"
     )
     return sa.text(f"{head.replace(_AT, 'CAST(:at AS timestamptz)')} FROM {batch} WHERE {where}")
 
@@ -285,7 +275,7 @@ def _sqlite_record(
     stamp = f"'{_sqlite_time(at)}'"  # digits and separators only
     moved = 0
     for status, params in by_status.items():
-        head, where = _sqlite_move(status, attempted, receipt)
+        head, where = _move_parts("sqlite", status, attempted, receipt)  # FROM (VALUES …) AS moved
         head = head.replace(_AT, stamp)
         for start in range(0, len(params), _SQLITE_ROWS):
             part = params[start : start + _SQLITE_ROWS]
