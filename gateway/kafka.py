@@ -92,12 +92,14 @@ async def ensure_topics(bootstrap_servers: str, settings: KafkaSettings, channel
 
 def producer(bootstrap_servers: str, settings: KafkaSettings | None = None) -> AIOKafkaProducer:
     # acks=all for durability; no idempotent producer (Tansu does not support it): the
-    # consumers dedupe by key instead.
+    # consumers dedupe by key instead. Batches compressed as ``kafka.compression`` says.
+    codec = settings.compression if settings is not None else KafkaSettings().compression
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         acks="all",
         enable_idempotence=False,
         linger_ms=5,
+        compression_type=None if codec == "none" else codec,
         **client_options(settings),
     )
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.consumer import fetcher
+from aiokafka.record.default_records import DefaultRecordBatch
 
 from channels.base import hmac_headers
 from gateway import kafka
 from gateway.app import Gateway
-from gateway.cli import publish
+from gateway.cli import publish, record_key
 from gateway.directory import import_file
 from gateway.sandbox.process import SandboxProcess
 from tests.conftest import (
@@ -138,6 +143,53 @@ async def test_malformed_records_go_to_the_dead_letter_topic_and_the_service_kee
     await eventually(
         lambda: reached(gateway, good["id"], "delivered", 10), what="the good advisory after the bad"
     )
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_an_advisory_compressed_by_its_producer_is_read_and_the_gateways_own_records_are_compressed(
+    gateway: Gateway, tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A press office's producer may compress its batches with any codec Kafka defines: intake reads
+    them all (without the codecs' library, aiokafka refuses such a batch and intake could not read
+    on). The gateway compresses what it produces (``kafka.compression``, zstd), and a consumer
+    reads it back."""
+    await load_recipients(gateway, tmp_path, 10)
+    outside = AIOKafkaProducer(
+        bootstrap_servers=gateway.bootstrap_servers, enable_idempotence=False, compression_type=codec
+    )
+    await outside.start()
+    try:
+        record = signed(advisory())
+        raw = json.dumps(record).encode()
+        await outside.send_and_wait(gateway.settings.kafka.topic_advisories, raw, key=record_key(record))
+    finally:
+        await outside.stop()
+    await eventually(lambda: reached(gateway, record["id"], "delivered", 10), what="10 delivered")
+
+    # the delivery events as a consumer fetches them, with each fetched batch's codec noted
+    codecs: list[int] = []
+    real = fetcher.MemoryRecords
+
+    class Noted:
+        def __init__(self, data: bytes) -> None:
+            self._records = real(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._records, name)
+
+        def next_batch(self) -> Any:
+            batch = self._records.next_batch()
+            if batch is not None:
+                codecs.append(batch.compression_type)
+            return batch
+
+    monkeypatch.setattr(fetcher, "MemoryRecords", Noted)
+    topic = gateway.settings.kafka.topic_events
+    events = await read_topic(gateway.bootstrap_servers, topic, 30, items=events_in)
+    mine = [e["status"] for e in events if e["advisory_id"] == record["id"]]
+    assert sorted(mine) == ["delivered"] * 10 + ["queued"] * 10 + ["sent"] * 10
+    assert gateway.settings.kafka.compression == "zstd"  # the default
+    assert set(codecs) == {DefaultRecordBatch.CODEC_ZSTD}  # one batch at least, each zstd
 
 
 async def test_receipt_with_a_bad_signature_is_refused_and_changes_nothing(

@@ -201,6 +201,7 @@ async def test_mutual_tls_needs_the_clients_certificate(pki: dict[str, Path]) ->
         ({"SECURITY_PROTOCOL": "SSL", "SSL_CAFILE": "/nonexistent/ca.pem"}, "is not a readable file"),
         ({"SECURITY_PROTOCOL": "SSL", "SSL_CERTFILE": "/etc/hostname"}, "go together"),
         ({"SECURITY_PROTOCOL": "TLS"}, "security_protocol"),
+        ({"COMPRESSION": "brotli"}, "compression"),  # not a codec Kafka defines
     ],
 )
 def test_managed_kafka_settings_are_checked_at_start_up(env: dict[str, str], names: str) -> None:
