@@ -75,7 +75,7 @@ class KafkaSettings(_Section):
     # what the gateway's producers compress each batch with. A broadcast's delivery events are ~1 kB
     # of JSON a delivery: zstd keeps them at a fifth on the broker and the wire (measured at 200,000:
     # the embedded broker's memory 180 → 36 MB) for about the CPU the broker saves; Kafka clients
-    # from 2.1 (2018) on read it. lz4 (aiokafka's level 9) cost the gateway more CPU for less
+    # from 2.1 (2018) on read it. lz4 (aiokafka's level 9) cost the gateway more CPU and saved less
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
 
     @model_validator(mode="after")

@@ -150,9 +150,9 @@ async def test_an_advisory_compressed_by_its_producer_is_read_and_the_gateways_o
     gateway: Gateway, tmp_path: Path, codec: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A press office's producer may compress its batches with any codec Kafka defines: intake reads
-    them all (without the codecs' library, aiokafka refuses such a batch and intake could not read
-    on). The gateway compresses what it produces (``kafka.compression``, zstd), and a consumer
-    reads it back."""
+    them all (without the codecs' library aiokafka refused such a batch, which ended intake's loop
+    and with it the gateway, again at each restart). The gateway compresses what it produces
+    (``kafka.compression``, zstd), and a consumer reads it back."""
     await load_recipients(gateway, tmp_path, 10)
     outside = AIOKafkaProducer(
         bootstrap_servers=gateway.bootstrap_servers, enable_idempotence=False, compression_type=codec
