@@ -64,6 +64,14 @@ class ContentError(InputError):
     kind = "content"
 
 
+class UnreadableError(InputError):
+    """A record the Kafka client cannot read at all: its batch fails its CRC check (damaged between
+    producer and broker; the embedded broker stores what it is sent) or needs a codec the client
+    lacks. Dead-lettered by its place, with no bytes."""
+
+    kind = "unreadable"
+
+
 class AuthorityError(InputError):
     kind = "authority"
 

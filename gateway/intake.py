@@ -32,13 +32,26 @@ from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import (
+    CommitFailedError,
+    CorruptRecordException,
+    IllegalStateError,
+    UnsupportedCodecError,
+)
 from pydantic import ValidationError
 
 from gateway import approval, audit, metrics
 from gateway.approval import ApprovalSettings
 from gateway.cap import is_cap, parse_cap
-from gateway.errors import ContentError, DecodeError, ExpiredError, InputError, SchemaError, SignatureError
+from gateway.errors import (
+    ContentError,
+    DecodeError,
+    ExpiredError,
+    InputError,
+    SchemaError,
+    SignatureError,
+    UnreadableError,
+)
 from gateway.lifecycle import Reference, may_plan, withdrawal_by
 from gateway.limits import load_json
 from gateway.logging import get_logger
@@ -54,6 +67,10 @@ from gateway.xmldsig import XmlDsig, has_signature
 SUBMITTED_BY_HEADER = "submitted-by"  # the API token that submitted a record (the API sets it)
 
 log = get_logger(__name__)
+
+# what the Kafka client raises for a batch it cannot read: raised again at every fetch of it
+UNREADABLE = (CorruptRecordException, UnsupportedCodecError)
+FIND_UNREADABLE_MS = 250  # how long each partition is asked for its next record when finding it
 
 
 class Stage:
@@ -265,25 +282,70 @@ class Intake:
     async def run(self, consumer: AIOKafkaConsumer, stopping: asyncio.Event) -> None:
         """Consume until ``stopping``; every record is stored or dead-lettered, then committed.
         Records of a partition revoked meanwhile are left to its new owner."""
-        while not stopping.is_set():
-            batches = await consumer.getmany(timeout_ms=500, max_records=16)
-            for tp, records in batches.items():
-                for msg in records:
-                    if tp not in consumer.assignment():
-                        log.info("intake.partition_revoked", partition=tp.partition, left=len(records))
-                        break
-                    try:
-                        await until_done(
-                            partial(self.process, msg), "intake.retrying", stopping, offset=msg.offset
-                        )
-                        await until_done(
-                            partial(self._commit, consumer, tp, msg.offset + 1),
-                            "intake.commit_retrying",
-                            stopping,
-                            offset=msg.offset,
-                        )
-                    except Stopped:
-                        return
+        try:
+            while not stopping.is_set():
+                try:
+                    batches = await consumer.getmany(timeout_ms=500, max_records=16)
+                except UNREADABLE as e:
+                    await self._past_unreadable(consumer, e, stopping)
+                    continue
+                await self._take(consumer, batches, stopping)
+        except Stopped:
+            return
+
+    async def _take(
+        self,
+        consumer: AIOKafkaConsumer,
+        batches: Mapping[TopicPartition, list[ConsumerRecord]],
+        stopping: asyncio.Event,
+    ) -> None:
+        for tp, records in batches.items():
+            for msg in records:
+                if tp not in consumer.assignment():
+                    log.info("intake.partition_revoked", partition=tp.partition, left=len(records))
+                    break
+                await until_done(partial(self.process, msg), "intake.retrying", stopping, offset=msg.offset)
+                await until_done(
+                    partial(self._commit, consumer, tp, msg.offset + 1),
+                    "intake.commit_retrying",
+                    stopping,
+                    offset=msg.offset,
+                )
+
+    async def _past_unreadable(
+        self, consumer: AIOKafkaConsumer, error: Exception, stopping: asyncio.Event
+    ) -> None:
+        """A batch the client cannot read (``UNREADABLE``) is refused at every fetch, and the error
+        does not say whose partition it is in. Ask each partition for its records one at a time
+        (taking those it has, as ever) until one raises: that partition's position is the first
+        offset it cannot read. Dead-letter that offset by its place and go past it; a damaged batch
+        of several records is passed one offset at a time, each dead-lettered."""
+        log.warning("intake.unreadable_batch", error=type(error).__name__, reason=str(error)[:300])
+        for tp in sorted(consumer.assignment()):
+            while not stopping.is_set():
+                try:
+                    got = await consumer.getmany(tp, timeout_ms=FIND_UNREADABLE_MS, max_records=1)
+                except UNREADABLE as e:
+                    offset = await consumer.position(tp)
+                    place = ConsumerRecord(tp.topic, tp.partition, offset, -1, 0, None, b"", None, 0, 0, ())
+                    unreadable = UnreadableError(f"{type(e).__name__}: {e}")
+                    await until_done(
+                        partial(self.dead_letter, place, unreadable),
+                        "intake.retrying",
+                        stopping,
+                        offset=offset,
+                    )
+                    consumer.seek(tp, offset + 1)
+                    await until_done(
+                        partial(self._commit, consumer, tp, offset + 1),
+                        "intake.commit_retrying",
+                        stopping,
+                        offset=offset,
+                    )
+                    return
+                if not got:
+                    break  # nothing more in this partition now: not the one
+                await self._take(consumer, got, stopping)
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         """Commit ``offset``; for a partition this consumer no longer owns (a rebalance moved it)

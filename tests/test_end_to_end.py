@@ -3,6 +3,7 @@ HTTP → signed receipts back → delivered."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.consumer import fetcher
+from aiokafka.producer import message_accumulator
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from channels.base import hmac_headers
@@ -143,6 +145,59 @@ async def test_malformed_records_go_to_the_dead_letter_topic_and_the_service_kee
     await eventually(
         lambda: reached(gateway, good["id"], "delivered", 10), what="the good advisory after the bad"
     )
+
+
+async def test_a_batch_that_fails_its_crc_is_dead_lettered_by_its_place_and_intake_reads_on(
+    gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch damaged between its producer and the broker: the embedded broker (Tansu) stores it
+    without checking its CRC, and the Kafka client refuses it on every fetch. Intake used to stop
+    there (its loop raised, the gateway exited, and met the same batch at each restart); now each
+    offset it cannot read goes to the dead-letter topic with no bytes, its place and the reason, and
+    the advisory behind it is read."""
+    await load_recipients(gateway, tmp_path, 10)
+    topic = gateway.settings.kafka.topic_advisories
+    real = message_accumulator.MessageBatch.get_data_buffer
+
+    def damaged(batch: message_accumulator.MessageBatch) -> Any:
+        data = real(batch)
+        if batch.tp.topic != topic:
+            return data
+        raw = bytearray(data.getvalue() if hasattr(data, "getvalue") else data)
+        raw[-3] ^= 0xFF  # a byte of the last record's value: the batch's CRC no longer matches
+        return io.BytesIO(bytes(raw)) if hasattr(data, "getvalue") else bytes(raw)
+
+    # in the last partition: the error names none, and the others are asked first
+    last = gateway.settings.kafka.partitions - 1
+    outside = AIOKafkaProducer(
+        bootstrap_servers=gateway.bootstrap_servers, enable_idempotence=False, linger_ms=50
+    )
+    await outside.start()
+    try:
+        lost = [signed(advisory()), signed(advisory())]  # two records in the one damaged batch
+        with monkeypatch.context() as m:
+            m.setattr(message_accumulator.MessageBatch, "get_data_buffer", damaged)
+            sending = [
+                await outside.send(topic, json.dumps(a).encode(), key=b"k", partition=last) for a in lost
+            ]
+            offsets = [(await s).offset for s in sending]
+        good = signed(advisory())
+        await outside.send_and_wait(topic, json.dumps(good).encode(), key=b"k", partition=last)
+    finally:
+        await outside.stop()
+
+    await eventually(lambda: reached(gateway, good["id"], "delivered", 10), what="the advisory after it")
+    dead = await read_topic(gateway.bootstrap_servers, gateway.settings.kafka.topic_dlq, 2)
+    # (the dead-letter topic's partitions are read in no set order)
+    assert sorted(dict(d.headers)["source"] for d in dead) == [
+        f"{topic}/{last}/{o}".encode() for o in offsets
+    ]
+    for d in dead:
+        assert dict(d.headers)["error"] == b"unreadable"
+        assert b"CorruptRecord" in dict(d.headers)["reason"]
+        assert d.value == b""  # the client could not read its bytes
+    for a in lost:
+        assert await gateway.store.advisory(a["id"], 1) is None  # never read, so never sent
 
 
 @pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
