@@ -322,12 +322,24 @@ class Intake:
         of several records is passed one offset at a time, each dead-lettered."""
         log.warning("intake.unreadable_batch", error=type(error).__name__, reason=str(error)[:300])
         for tp in sorted(consumer.assignment()):
-            while not stopping.is_set():
+            while not stopping.is_set() and tp in consumer.assignment():  # not one a rebalance took
                 try:
                     got = await consumer.getmany(tp, timeout_ms=FIND_UNREADABLE_MS, max_records=1)
                 except UNREADABLE as e:
                     offset = await consumer.position(tp)
-                    place = ConsumerRecord(tp.topic, tp.partition, offset, -1, 0, None, b"", None, 0, 0, ())
+                    place = ConsumerRecord(
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=offset,
+                        timestamp=-1,
+                        timestamp_type=0,
+                        key=None,
+                        value=b"",  # unreadable: the dead letter says where it is
+                        checksum=None,
+                        serialized_key_size=0,
+                        serialized_value_size=0,
+                        headers=(),
+                    )
                     unreadable = UnreadableError(f"{type(e).__name__}: {e}")
                     await until_done(
                         partial(self.dead_letter, place, unreadable),
