@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
-# the numbers of append-only logs and queues that a big deployment fills by the billion (delivery
-# events, receipts): 64-bit on PostgreSQL (migration 0013); on SQLite an INTEGER PRIMARY KEY is 64-bit
+# the numbers of tables a big deployment fills by the billion (deliveries, delivery events, receipts):
+# 64-bit on PostgreSQL (migrations 0011, 0013); on SQLite an INTEGER PRIMARY KEY (the rowid) is 64-bit
 BIG_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 advisories = sa.Table(
@@ -74,7 +74,7 @@ deliveries = sa.Table(
     # the row's place in planning order (migration 0011). A new delivery's id starts with it, so the
     # table and each index a broadcast writes grow at their ends: with ids that were hashes alone,
     # every delivery was written into a random place of a million-entry index
-    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("seq", BIG_SEQ, primary_key=True),
     sa.Column("id", sa.String(32), nullable=False),  # also the idempotency key sent to the partner
     sa.Column("advisory_id", sa.String(128), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
