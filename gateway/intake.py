@@ -27,7 +27,7 @@ before a submission reaches the topic, so what it accepts is what intake accepts
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -304,13 +304,21 @@ class Intake:
                 if tp not in consumer.assignment():
                     log.info("intake.partition_revoked", partition=tp.partition, left=len(records))
                     break
-                await until_done(partial(self.process, msg), "intake.retrying", stopping, offset=msg.offset)
-                await until_done(
-                    partial(self._commit, consumer, tp, msg.offset + 1),
-                    "intake.commit_retrying",
-                    stopping,
-                    offset=msg.offset,
-                )
+                await self._settle(consumer, tp, msg.offset, partial(self.process, msg), stopping)
+
+    async def _settle(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        offset: int,
+        handle: Callable[[], Awaitable[None]],
+        stopping: asyncio.Event,
+    ) -> None:
+        """The record at ``offset`` handled (stored, or dead-lettered) until done, then committed."""
+        await until_done(handle, "intake.retrying", stopping, offset=offset)
+        await until_done(
+            partial(self._commit, consumer, tp, offset + 1), "intake.commit_retrying", stopping, offset=offset
+        )
 
     async def _past_unreadable(
         self, consumer: AIOKafkaConsumer, error: Exception, stopping: asyncio.Event
@@ -341,18 +349,9 @@ class Intake:
                         headers=(),
                     )
                     unreadable = UnreadableError(f"{type(e).__name__}: {e}")
-                    await until_done(
-                        partial(self.dead_letter, place, unreadable),
-                        "intake.retrying",
-                        stopping,
-                        offset=offset,
-                    )
-                    consumer.seek(tp, offset + 1)
-                    await until_done(
-                        partial(self._commit, consumer, tp, offset + 1),
-                        "intake.commit_retrying",
-                        stopping,
-                        offset=offset,
+                    consumer.seek(tp, offset + 1)  # committed only once dead-lettered
+                    await self._settle(
+                        consumer, tp, offset, partial(self.dead_letter, place, unreadable), stopping
                     )
                     return
                 if not got:
